@@ -1,0 +1,32 @@
+"""Typed detector results shared with the guard: scores in [0, 1], never bare booleans."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EvidenceKind = Literal["entity", "embedding", "classifier"]
+
+
+class Evidence(BaseModel):
+    """One reason a prompt or an output matched a forget target."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: EvidenceKind
+    target_id: str
+    score: float = Field(ge=0.0, le=1.0)
+    detail: str = ""
+
+
+class Detection(BaseModel):
+    """The detector's verdict on one prompt: ``score`` in [0, 1] is compared with ``threshold``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    flagged: bool
+    score: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(ge=0.0, le=1.0)
+    target_ids: list[str] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)
