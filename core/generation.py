@@ -56,3 +56,34 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_toke
         bar.update(len(idx))
     bar.close()
     return out
+
+
+def encode_qa(tokenizer: Any, question: Prompt, answer: str, system: str | None = None,
+              max_length: int = 256) -> dict[str, list[int]]:
+    """Token ids of a chat-formatted QA pair with labels on the answer only (-100 on the prompt).
+
+    The prompt and the answer are tokenized separately and concatenated, so the ids are exactly
+    what the model sees when it generates the answer after the prompt.
+    """
+    prompt_ids = tokenizer(chat_text(tokenizer, question, system), add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token or ""
+    answer_ids = tokenizer(answer + eos, add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_batch(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad encoded examples into tensors with an attention mask (for teacher forcing)."""
+    import torch
+
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e.get("labels", e["input_ids"]))
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,1 @@
+"""Evaluation metrics, each a small tested function returning a typed result."""
