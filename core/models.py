@@ -324,3 +324,8 @@ def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str = "cpu") -> An
         return SentenceTransformer(src, device=device, local_files_only=not (src == name_or_path and "/" in src))
     except OSError as e:
         raise ModelNotFoundError(f"could not load encoder {name_or_path!r}: {e}") from e
+
+
+def run_dir(task_name: str, what: str) -> Path:
+    """Where a model produced for a task (fine-tuned, unlearned) is kept, so later runs reuse it."""
+    return cache_dir() / "runs" / task_name / what

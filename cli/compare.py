@@ -1,0 +1,44 @@
+"""The comparison commands: `compare` (any config) and `demo` (the main job on the embedded defaults)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+
+def _run(cfg_obj) -> None:  # noqa: ANN001 - eval.compare.CompareConfig
+    """Run a comparison, print the table and say where the report is."""
+    from eval.compare import run_comparison
+
+    t0 = time.perf_counter()
+    report, paths = run_comparison(cfg_obj)
+    typer.echo(paths["report.md"].read_text().split("## Sample answers")[0])
+    typer.echo(f"wall time: {time.perf_counter() - t0:.0f} s")
+    typer.echo("report: " + ", ".join(str(p) for p in paths.values()))
+
+
+def compare(config: Path | None = typer.Option(None, help="YAML CompareConfig."),
+            set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set methods=[rmu,tru]."),
+            out: Path | None = typer.Option(None, help="Report directory (default runs/compare).")) -> None:
+    """Compare the guard, unlearned weights and both on one task under one attack suite; write the report."""
+    from core.config import load_config
+    from eval.compare import CompareConfig
+
+    cfg = load_config(CompareConfig, config, set_ + ([f"out={out}"] if out else []))
+    _run(cfg)
+
+
+def demo(full: bool = typer.Option(False, "--full", help="Every method and more items (about 45 min)."),
+         out: Path = typer.Option(Path("runs/demo"), help="Report directory.")) -> None:
+    """The main job: fine-tune (or reuse), detector, RMU + NPO, guard, attacks, report, on the embedded defaults."""
+    from eval.compare import CompareConfig
+
+    _run(CompareConfig(profile="full" if full else "default", out=str(out)))
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `compare` and `demo` to the root app."""
+    app.command("compare")(compare)
+    app.command("demo")(demo)

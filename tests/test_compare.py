@@ -1,0 +1,57 @@
+"""The comparison pipeline end to end on tiny models: every stage runs and the report adds up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.models import tiny_llm
+from eval.compare import CompareConfig, run_comparison
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, seed in (("target", 0), ("retain", 1)):
+        llm = tiny_llm(seed)
+        llm.model.save_pretrained(root / name)
+        llm.tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.mark.slow
+def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNLEARN_GUARD_CACHE", str(tmp_path / "cache"))
+    steps = {"train": {"max_steps": 2, "batch_size": 2}}
+    cfg = CompareConfig(
+        task="offline", target_model=tiny_dirs["target"], retain_model=tiny_dirs["retain"],
+        methods=["rmu", "npo"], method_params={"rmu": steps, "npo": steps}, guard_with=["rmu"],
+        guard={"guard_mode": "template"},
+        attacks=["paraphrase", "split-turn", "quantize-4bit", "relearn", "linear-probe"],
+        attack_params={"relearn": {"steps": 2, "num_examples": 2}, "linear-probe": {"max_items": 20}},
+        max_forget=6, max_retain=4, max_neighbour=4, max_benign=4, max_attack_items=3, max_new_tokens=4,
+        out=str(tmp_path / "report"))
+    report, paths = run_comparison(cfg)
+    assert report.systems == ["original", "guard", "rmu", "npo", "guard+rmu", "retain (reference)"]
+    v = report.values
+    # The detector flags the forget questions, so the guard refuses them; the bare tiny model never does.
+    assert v["guard"]["forget_refusal_rate"] >= 0.8
+    assert v["original"]["forget_refusal_rate"] == 0.0
+    # White-box metrics exist for weight systems only.
+    assert "forget_truth_ratio" in v["rmu"] and "forget_truth_ratio" not in v["guard"]
+    assert 0.0 <= v["rmu"]["forget_quality"] <= 1.0
+    assert 0.0 <= v["original"]["probe_accuracy"] <= 1.0
+    # Weight attacks apply to weights (and quantization to the original), never to guarded systems.
+    assert "relearn" in report.attack_values["rmu"] and "relearn" not in report.attack_values["guard"]
+    assert "quantize-4bit" in report.attack_values["original"]
+    assert "split-turn" in report.attack_values["guard+rmu"]
+    data = json.loads(paths["report.json"].read_text())
+    assert data["timings"]["total"] > 0 and "unlearn rmu" in data["timings"]
+    md = paths["report.md"].read_text()
+    assert "| guard |" in md and "Sample answers" in md
+    assert (tmp_path / "report" / "compare_config.yaml").exists()
+    # Unlearned models are cached under the runs dir and reused on a second call.
+    assert (tmp_path / "cache" / "runs" / "offline-seed0" / "unlearn-rmu" / "train_result.json").exists()
