@@ -19,10 +19,11 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DE
 
 def _register() -> None:
     """Attach the sub-apps (imported here so that `--help` stays cheap)."""
-    from cli import compare, core_cmds
+    from cli import compare, core_cmds, serve
 
     core_cmds.register(app)
     compare.register(app)
+    app.command("serve")(serve.serve)
 
 
 _register()

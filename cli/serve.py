@@ -1,0 +1,95 @@
+"""``unlearn-guard serve``: run the OpenAI-compatible guard proxy (local model, or in front of an upstream)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Serve a guarded LLM behind an OpenAI-compatible HTTP API.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+log = logging.getLogger(__name__)
+
+
+def load_detector(path: Path, oracle: bool = False) -> Any:
+    """Load a saved detector directory (``detectors.detector``), or an oracle detector from a task file."""
+    if oracle:
+        from core.schema import load_task
+        from guard.testing import OracleDetector
+
+        log.warning("using the ORACLE detector (names and questions of %s): for demos and tests only", path)
+        return OracleDetector(load_task(path))
+    try:
+        from detectors import detector as det_mod
+    except ImportError as e:
+        raise typer.BadParameter(f"the detector package is not available ({e}); use --oracle with a task file") from e
+    for name in ("load_detector", "load"):
+        fn = getattr(det_mod, name, None)
+        if callable(fn):
+            return fn(path)
+    for cls_name in ("Detector", "ForgetDetector"):
+        cls = getattr(det_mod, cls_name, None)
+        if cls is not None and callable(getattr(cls, "load", None)):
+            return cls.load(path)
+    raise typer.BadParameter("detectors.detector offers no loader (load_detector / Detector.load)")
+
+
+@app.command()
+def serve(
+    detector: Annotated[Path, typer.Option("--detector", help="Saved detector directory (or a task file with --oracle).")],
+    upstream: str | None = typer.Option(None, "--upstream", help="OpenAI-compatible base URL to guard, e.g. "
+                                        "http://127.0.0.1:8001/v1; default: the local model in this process."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Local model (embedded name or HF dir), or "
+                              "the model name sent upstream."),
+    guard_model: str | None = typer.Option(None, "--guard-model", help="Guard LLM (default: the target model)."),
+    backend: str = typer.Option("transformers", "--backend", help="Local backend: transformers or vllm."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+    port: int = typer.Option(8000, "--port"),
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Client key (repeatable); also $UNLEARN_GUARD_API_KEY.")] = None,
+    admin_key: str | None = typer.Option(None, "--admin-key", help="Admin key; also $UNLEARN_GUARD_ADMIN_KEY."),
+    upstream_key: str | None = typer.Option(None, "--upstream-key", help="Key sent upstream; also $UNLEARN_GUARD_UPSTREAM_KEY."),
+    fail_open: bool = typer.Option(False, "--fail-open", help="Let requests through when the detector or the guard "
+                                   "model fails (logged at WARNING each time). Default: fail closed."),
+    output_check: str = typer.Option("block", "--output-check", help="off, log or block."),
+    guard_mode: str = typer.Option("llm", "--guard-mode", help="llm (guard LLM writes the instruction) or template."),
+    oracle: bool = typer.Option(False, "--oracle", help="--detector is a task file; use the oracle detector (demo)."),
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with 'guard:' and 'server:' sections.")] = None,
+    expose_trace: bool = typer.Option(False, "--expose-trace", help="Add the guard trace to responses."),
+) -> None:
+    """Start the guard proxy; it serves until interrupted."""
+    import uvicorn
+    import yaml
+
+    from core.config import load_config
+    from guard.api import GuardedLLM
+    from guard.config import BackendConfig, GuardConfig, ServerConfig
+    from guard.server import create_app
+
+    sections: dict[str, Any] = {}
+    if config is not None:
+        sections = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    keys = list(api_key or []) or ([os.environ["UNLEARN_GUARD_API_KEY"]] if os.environ.get("UNLEARN_GUARD_API_KEY") else [])
+    admin = admin_key or os.environ.get("UNLEARN_GUARD_ADMIN_KEY")
+    gcfg = load_config(GuardConfig, base={**sections.get("guard", {}), "fail_open": fail_open,
+                                          "output_check": output_check, "guard_mode": guard_mode})
+    scfg = load_config(ServerConfig, base={**sections.get("server", {}), "host": host, "port": port,
+                                           "api_keys": keys, "admin_key": admin, "expose_trace": expose_trace})
+    if host not in {"127.0.0.1", "localhost", "::1"} and not keys:
+        log.warning("serving on %s without client API keys: anyone who can reach it can use it", host)
+    if upstream:
+        target = BackendConfig(kind="openai", base_url=upstream, model=model,
+                               api_key=upstream_key or os.environ.get("UNLEARN_GUARD_UPSTREAM_KEY"))
+    else:
+        target = BackendConfig(kind=backend, model=model)  # type: ignore[arg-type]
+    guard_cfg = BackendConfig(kind=backend if not upstream else "transformers", model=guard_model) if guard_model else None
+    guarded = GuardedLLM(target, load_detector(detector, oracle), guard=guard_cfg, config=gcfg)
+    api = create_app(guarded, scfg)
+    log.info("guard proxy on http://%s:%d (upstream: %s, fail_open=%s)", host, port, upstream or f"local {model}", fail_open)
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+if __name__ == "__main__":
+    app()

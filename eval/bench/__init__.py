@@ -1,0 +1,1 @@
+"""Benchmarks that run whole components (guard, detector) on the offline benchmark."""

@@ -1,0 +1,483 @@
+"""``GuardedLLM``: detector -> CoT guard -> prompt assembly -> target model -> output check.
+
+Unflagged prompts go to the target exactly as the client sent them (after neutralising role markers,
+a no-op on ordinary text), so their answers are the unguarded model's. Flagged prompts get the guard's
+instruction in the system turn, or the policy's refusal when the guard says so.
+
+Failure policy (fail closed by default):
+* detector error or timeout (prompt check or output check): ``GuardUnavailableError`` (HTTP 503 with
+  an OpenAI-style error body), since the guard cannot tell whether the prompt is safe;
+* guard-model error or timeout on a flagged prompt: the policy's refusal (finish_reason
+  'content_filter'); invalid guard output is not a failure, it falls back to the template instruction;
+* ``fail_open=True``: a failed detector lets the request through unguarded and a failed guard model
+  uses the template instruction without refusing; each use is logged at WARNING and marked in the trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from core.generation import Message, Prompt
+from core.schema import ForgetTarget, ForgetTask
+from detectors.types import Detection
+from guard.backends import Backend, GenParams, aiter_thread, make_backend
+from guard.config import BackendConfig, GuardConfig
+from guard.cot import CoTDecision, CoTGuard, refusal_text
+from guard.output_check import LeakCheckError, StreamChecker, check_text
+from guard.prompt import assemble, neutralise, sanitise_messages, special_tokens_of, user_text
+from guard.types import (
+    AdminError,
+    DetectorProtocol,
+    GuardResult,
+    GuardTrace,
+    GuardUnavailableError,
+    TargetBook,
+)
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+def redact(text: str) -> str:
+    """A log-safe stand-in for a prompt: its length and a short hash, never its words."""
+    return f"<redacted {len(text)} chars sha256:{hashlib.sha256(text.encode()).hexdigest()[:10]}>"
+
+
+@dataclass
+class _Plan:
+    """What to do for one request once the prompt is judged."""
+
+    trace: GuardTrace
+    t0: float
+    targets: list[ForgetTarget] = field(default_factory=list)
+    messages: list[Message] | None = None
+    raw_text: str | None = None
+    refusal: str | None = None
+
+
+class GuardStream:
+    """An iterator of answer deltas; ``trace`` and ``finish_reason`` are final once it is exhausted."""
+
+    def __init__(self, gen: Iterator[str], trace: GuardTrace) -> None:
+        """Wrap the guarded delta generator."""
+        self._gen = gen
+        self.trace = trace
+        self.finish_reason: str = "stop"
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop generation early."""
+        close = getattr(self._gen, "close", None)
+        if callable(close):
+            close()
+
+
+class GuardedLLM:
+    """A target LLM behind the forget guard: ``generate``/``agenerate``/``generate_batch``/``stream``/``astream``."""
+
+    def __init__(self, target: Backend | BackendConfig | str | None = None, detector: DetectorProtocol | None = None,
+                 guard: Backend | BackendConfig | CoTGuard | str | None = None, config: GuardConfig | None = None,
+                 targets: ForgetTask | Sequence[ForgetTarget] | None = None) -> None:
+        """Build from backends or their configs; ``guard`` None reuses the target model (loaded once)."""
+        if detector is None:
+            raise ValueError("GuardedLLM needs a detector (e.g. detectors.detector built from a ForgetTask)")
+        for meth in ("detect", "detect_batch", "detect_leak"):
+            if not callable(getattr(detector, meth, None)):
+                raise TypeError(f"detector {type(detector).__name__} lacks {meth}(); see guard.types.DetectorProtocol")
+        self.config = config or GuardConfig()
+        self.detector = detector
+        self.target = _as_backend(target)
+        if isinstance(guard, CoTGuard):
+            self.cot = guard
+        else:
+            guard_backend = self.target if guard is None else _as_backend(guard)
+            self.cot = CoTGuard(None if self.config.guard_mode == "template" else guard_backend, self.config)
+        tlist = targets.targets if isinstance(targets, ForgetTask) else list(targets or [])
+        self.book = TargetBook(detector, tlist)
+        self._markers = special_tokens_of(self.target.tokenizer)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="guard-detector")
+        if self.config.fail_open:
+            log.warning("guard configured with fail_open=True: detector/guard failures will let requests through")
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _params(self, params: GenParams | None, overrides: dict[str, Any]) -> GenParams:
+        base = params or GenParams(max_new_tokens=self.config.max_new_tokens)
+        clean = {k: v for k, v in overrides.items() if v is not None}
+        return base.model_copy(update=clean) if clean else base
+
+    def _timed(self, fn: Callable[..., R], *args: Any, timeout: float) -> R:
+        """Run a detector call with a deadline (a late detector is a failed detector)."""
+        fut = self._pool.submit(fn, *args)
+        try:
+            return fut.result(timeout=timeout)
+        except concurrent.futures.TimeoutError as e:
+            fut.cancel()
+            raise TimeoutError(f"no answer within {timeout:.1f}s") from e
+
+    def _fail_open(self, trace: GuardTrace, stage: str, err: BaseException) -> None:
+        """Apply the failure policy: log and mark fail-open, or raise GuardUnavailableError."""
+        msg = f"{err.__class__.__name__}: {err}"
+        trace.errors.append(f"{stage}: {msg}")
+        if not self.config.fail_open:
+            log.error("guard stage %s failed (%s); failing closed", stage, msg)
+            raise GuardUnavailableError(stage, msg) from err
+        trace.fail_open_used = True
+        log.warning("FAIL-OPEN used: guard stage %s failed (%s); request continues unguarded at this stage", stage, msg)
+
+    def _resolve(self, ids: Sequence[str]) -> list[ForgetTarget]:
+        out = []
+        for tid in ids:
+            t = self.book.get(tid)
+            if t is None:
+                t = ForgetTarget(id=tid if tid else "unknown", kind="privacy", names=[tid or "unknown"],
+                                 policy="Do not reveal information covered by this forget target.",
+                                 meta={"unresolved": True})
+            out.append(t)
+        return out
+
+    def _detect_many(self, texts: list[str], traces: list[GuardTrace]) -> list[Detection | None]:
+        """Judge prompts with a deadline; None for each when failing open."""
+        t0 = time.perf_counter()
+        try:
+            if len(texts) == 1:
+                dets: list[Detection | None] = [self._timed(self.detector.detect, texts[0],
+                                                            timeout=self.config.detector_timeout_s)]
+            else:
+                dets = list(self._timed(self.detector.detect_batch, texts,
+                                        timeout=self.config.detector_timeout_s * max(1, len(texts) / 8)))
+            if len(dets) != len(texts):
+                raise RuntimeError(f"detect_batch returned {len(dets)} results for {len(texts)} prompts")
+        except GuardUnavailableError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any detector failure goes through the failure policy
+            for tr in traces:
+                self._fail_open(tr, "detector", e)
+            dets = [None] * len(texts)
+        dt = time.perf_counter() - t0
+        for tr in traces:
+            tr.add_time("detect", dt)
+        return dets
+
+    def _plan_batch(self, prompts: Sequence[Prompt], raw: bool = False) -> list[_Plan]:
+        """Judge the prompts and decide, for each, refusal or the messages to send."""
+        plans: list[_Plan] = []
+        texts: list[str] = []
+        msgs_list: list[list[Message]] = []
+        for p in prompts:
+            plans.append(_Plan(trace=GuardTrace(output_check_mode=self.config.output_check), t0=time.perf_counter()))
+            if raw:
+                if not isinstance(p, str):
+                    raise TypeError("raw completion prompts must be strings")
+                msgs = [{"role": "user", "content": neutralise(p, self._markers)}]
+                texts.append(p)
+            else:
+                msgs = sanitise_messages(p, self._markers)
+                texts.append(user_text(msgs))
+            msgs_list.append(msgs)
+        dets = self._detect_many(texts, [pl.trace for pl in plans])
+        flagged: list[int] = []
+        for i, (pl, det, msgs, prompt) in enumerate(zip(plans, dets, msgs_list, prompts, strict=True)):
+            if det is not None:
+                pl.trace.flagged, pl.trace.score, pl.trace.threshold = det.flagged, det.score, det.threshold
+                pl.trace.target_ids = list(det.target_ids)
+            if det is not None and det.flagged:
+                pl.targets = self._resolve(det.target_ids)
+                pl.messages = msgs
+                flagged.append(i)
+                log.info("prompt flagged (score=%.3f, targets=%s): %s", det.score, det.target_ids, redact(texts[i]))
+            elif raw:
+                pl.raw_text = str(prompt)
+            else:
+                pl.messages = msgs
+        if flagged:
+            self._guard(plans, flagged, [texts[i] for i in flagged])
+        return plans
+
+    def _guard(self, plans: list[_Plan], idx: list[int], texts: list[str]) -> None:
+        """Run the CoT guard on the flagged plans and apply each decision."""
+        t0 = time.perf_counter()
+        decisions: list[tuple[CoTDecision, str, str | None]]
+        try:
+            decisions = self.cot.decide_batch(texts, [plans[i].targets for i in idx])
+        except Exception as e:  # noqa: BLE001 - guard model failure: refusal (closed) or template (open)
+            msg = f"{e.__class__.__name__}: {e}"
+            decisions = []
+            for i in idx:
+                tr = plans[i].trace
+                tr.errors.append(f"guard: {msg}")
+                if self.config.fail_open:
+                    tr.fail_open_used = True
+                    log.warning("FAIL-OPEN used: guard model failed (%s); answering with the template instruction", msg)
+                    decisions.append((self.cot.fallback(plans[i].targets, False), "template", f"guard failed: {msg}"))
+                else:
+                    log.error("guard model failed (%s); refusing the flagged request", msg)
+                    decisions.append((self.cot.fallback(plans[i].targets, True), "template", f"guard failed: {msg}"))
+        dt = time.perf_counter() - t0
+        for i, (dec, source, reason) in zip(idx, decisions, strict=True):
+            pl = plans[i]
+            tr = pl.trace
+            tr.add_time("guard", dt)
+            tr.requires_refusal = dec.requires_refusal
+            tr.cot_instruction = dec.cot_instruction
+            tr.instruction_source = source  # type: ignore[assignment]
+            tr.fallback_reason = reason
+            known = [t for t in pl.targets if not t.meta.get("unresolved")]
+            if dec.requires_refusal:
+                pl.refusal = refusal_text(known, self.config)
+                pl.messages = None
+            else:
+                pl.messages = assemble(pl.messages or [], dec.cot_instruction, pl.targets, self.config.system_prompt)
+
+    def _check(self, pl: _Plan, text: str) -> str | None:
+        """Output check of a finished answer: the refusal to substitute, or None to keep it."""
+        tr = pl.trace
+        try:
+            blocked = check_text(lambda t: self._timed(self.detector.detect_leak, t,
+                                                       timeout=self.config.detector_timeout_s),
+                                 text, self.config, tr)
+        except LeakCheckError as e:
+            self._fail_open(tr, "output_check", e)
+            return None
+        if blocked:
+            known = [t for t in self._resolve(tr.leak_target_ids) if not t.meta.get("unresolved")]
+            return refusal_text(known, self.config)
+        return None
+
+    # -- sync API ---------------------------------------------------------------------------------------
+    def generate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
+                       ) -> list[GuardResult]:
+        """Guard and answer many prompts: one detector batch, one guard batch, one target batch."""
+        return self._run(prompts, self._params(params, overrides), raw=False)
+
+    def generate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Guard and answer one prompt (a string or chat messages)."""
+        return self.generate_batch([prompt], params, **overrides)[0]
+
+    def complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Guard and continue a raw text prompt (``/v1/completions``); flagged ones are answered as chat."""
+        return self._run([text], self._params(params, overrides), raw=True)[0]
+
+    def _run(self, prompts: Sequence[Prompt], params: GenParams, raw: bool) -> list[GuardResult]:
+        plans = self._plan_batch(prompts, raw=raw)
+        results: list[GuardResult | None] = [None] * len(plans)
+        chat_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.messages is not None]
+        raw_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.raw_text is not None]
+        outs: dict[int, Any] = {}
+        t0 = time.perf_counter()
+        if chat_idx:
+            for i, o in zip(chat_idx, self.target.generate_batch([plans[i].messages or [] for i in chat_idx], params),
+                            strict=True):
+                outs[i] = o
+        if raw_idx:
+            for i, o in zip(raw_idx, self.target.complete_batch([plans[i].raw_text or "" for i in raw_idx], params),
+                            strict=True):
+                outs[i] = o
+        gen_dt = time.perf_counter() - t0
+        for i, pl in enumerate(plans):
+            if pl.refusal is not None:
+                results[i] = GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace)
+            else:
+                pl.trace.add_time("generate", gen_dt)
+                o = outs[i]
+                sub = self._check(pl, o.text)
+                if sub is not None:
+                    results[i] = GuardResult(text=sub, finish_reason="content_filter", trace=pl.trace,
+                                             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
+                else:
+                    fr = o.finish_reason if o.finish_reason in {"stop", "length"} else "stop"
+                    results[i] = GuardResult(text=o.text, finish_reason=fr, trace=pl.trace,  # type: ignore[arg-type]
+                                             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
+            pl.trace.add_time("total", time.perf_counter() - pl.t0)
+        return [r for r in results if r is not None]
+
+    def stream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardStream:
+        """Guard and stream one answer; the guard runs before the first delta, the output check as it streams."""
+        return self._stream(prompt, self._params(params, overrides), raw=False)
+
+    def stream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardStream:
+        """Guard and stream a raw completion."""
+        return self._stream(text, self._params(params, overrides), raw=True)
+
+    def _stream(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardStream:
+        holder: dict[str, GuardStream] = {}
+        trace_box = GuardTrace(output_check_mode=self.config.output_check)
+
+        def gen() -> Iterator[str]:
+            pl = self._plan_batch([prompt], raw=raw)[0]
+            gs = holder["s"]
+            gs.trace = pl.trace
+            try:
+                if pl.refusal is not None:
+                    gs.finish_reason = "content_filter"
+                    yield pl.refusal
+                    return
+                source = (self.target.stream_complete(pl.raw_text, params) if pl.raw_text is not None
+                          else self.target.stream(pl.messages or [], params))
+                checker = StreamChecker(lambda t: self._timed(self.detector.detect_leak, t,
+                                                              timeout=self.config.detector_timeout_s),
+                                        self.config, pl.trace)
+                released_any = False
+                t_gen = time.perf_counter()
+                n = 0
+                try:
+                    for delta in source:
+                        n += 1
+                        try:
+                            out = checker.feed(delta)
+                        except LeakCheckError as e:
+                            self._fail_open(pl.trace, "output_check", e)
+                            checker.mode = "off"
+                            out = checker.feed("")
+                        if out is None:
+                            gs.finish_reason = "content_filter"
+                            known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
+                            yield ("\n\n" if released_any else "") + refusal_text(known, self.config)
+                            return
+                        if out:
+                            released_any = True
+                            yield out
+                finally:
+                    close = getattr(source, "close", None)
+                    if callable(close):
+                        close()
+                    pl.trace.add_time("generate", time.perf_counter() - t_gen - pl.trace.timings_ms.get("output_check", 0) / 1000)
+                try:
+                    rest = checker.finish()
+                except LeakCheckError as e:
+                    self._fail_open(pl.trace, "output_check", e)
+                    rest = checker._release()
+                if rest is None:
+                    gs.finish_reason = "content_filter"
+                    known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
+                    yield ("\n\n" if released_any else "") + refusal_text(known, self.config)
+                    return
+                if rest:
+                    yield rest
+                gs.finish_reason = "length" if n >= params.max_new_tokens else "stop"
+            finally:
+                pl.trace.add_time("total", time.perf_counter() - pl.t0)
+
+        s = GuardStream(gen(), trace_box)
+        holder["s"] = s
+        return s
+
+    # -- async API --------------------------------------------------------------------------------------
+    async def agenerate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Async ``generate``: the blocking pipeline runs in a worker thread."""
+        return await asyncio.to_thread(self.generate, prompt, params, **overrides)
+
+    async def agenerate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
+                              ) -> list[GuardResult]:
+        """Async ``generate_batch``."""
+        return await asyncio.to_thread(self.generate_batch, prompts, params, **overrides)
+
+    async def acomplete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Async ``complete``."""
+        return await asyncio.to_thread(self.complete, text, params, **overrides)
+
+    def astream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
+        """Async ``stream``: deltas arrive without blocking the event loop."""
+        return AsyncGuardStream(self.stream(prompt, params, **overrides))
+
+    def astream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
+        """Async ``stream_complete``."""
+        return AsyncGuardStream(self.stream_complete(text, params, **overrides))
+
+    # -- run-time targets -------------------------------------------------------------------------------
+    def add_target(self, target: ForgetTarget) -> None:
+        """Add a forget target at run time (the detector must support ``add_target``)."""
+        fn = getattr(self.detector, "add_target", None)
+        if not callable(fn):
+            raise AdminError(f"detector {type(self.detector).__name__} does not support add_target")
+        fn(target)
+        self.book.add(target)
+        log.info("forget target %s added", target.id)
+
+    def remove_target(self, target_id: str) -> bool:
+        """Remove a forget target at run time; False when it was unknown."""
+        fn = getattr(self.detector, "remove_target", None)
+        if not callable(fn):
+            raise AdminError(f"detector {type(self.detector).__name__} does not support remove_target")
+        if target_id not in self.book.ids():
+            return False
+        try:
+            res = fn(target_id)
+        except (KeyError, LookupError, ValueError) as e:
+            log.info("remove_target %s: %s", target_id, e)
+            return False
+        self.book.remove(target_id)
+        log.info("forget target %s removed", target_id)
+        return res if isinstance(res, bool) else True
+
+    def target_ids(self) -> list[str]:
+        """The forget targets currently guarded."""
+        return self.book.ids()
+
+    def ready(self) -> bool:
+        """Whether the target backend answers (the detector is ready once constructed)."""
+        return self.target.ready()
+
+    def close(self) -> None:
+        """Release threads and backends."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.cot.close()
+        self.target.close()
+
+
+class AsyncGuardStream:
+    """Async iterator over a GuardStream's deltas; ``trace`` and ``finish_reason`` as in GuardStream."""
+
+    def __init__(self, sync: GuardStream) -> None:
+        """Wrap a sync stream; it is consumed in a worker thread."""
+        self._sync = sync
+        self._it: AsyncIterator[str] | None = None
+
+    @property
+    def trace(self) -> GuardTrace:
+        """The request's trace (final after the stream ends)."""
+        return self._sync.trace
+
+    @property
+    def finish_reason(self) -> str:
+        """'stop', 'length' or 'content_filter' (final after the stream ends)."""
+        return self._sync.finish_reason
+
+    def __aiter__(self) -> AsyncGuardStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._it is None:
+            self._it = aiter_thread(lambda: self._sync)
+        return await self._it.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop generation early."""
+        if self._it is not None:
+            await self._it.aclose()  # type: ignore[attr-defined]
+
+
+def _as_backend(spec: Backend | BackendConfig | str | None) -> Backend:
+    """Turn a backend, a config, a model name or None (the embedded default) into a backend."""
+    if isinstance(spec, Backend):
+        return spec
+    if spec is None:
+        return make_backend(BackendConfig())
+    if isinstance(spec, str):
+        if spec.startswith(("http://", "https://")):
+            return make_backend(BackendConfig(kind="openai", base_url=spec, model="default"))
+        return make_backend(BackendConfig(model=spec))
+    if isinstance(spec, BackendConfig):
+        return make_backend(spec)
+    raise TypeError(f"cannot build a backend from {type(spec).__name__}; pass a Backend, BackendConfig or model name")

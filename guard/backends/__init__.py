@@ -1,0 +1,20 @@
+"""Model backends behind one interface: local transformers (default), OpenAI-compatible HTTP, in-process vLLM."""
+
+from __future__ import annotations
+
+from guard.backends.base import BACKENDS, Backend, GenOutput, GenParams, Messages, aiter_thread
+from guard.config import BackendConfig
+
+__all__ = ["BACKENDS", "Backend", "GenOutput", "GenParams", "Messages", "aiter_thread", "make_backend"]
+
+
+def _load_builtin() -> None:
+    """Register the built-in backends (their modules import heavy deps lazily)."""
+    from guard.backends import openai_http, transformers, vllm  # noqa: F401
+
+
+def make_backend(cfg: BackendConfig) -> Backend:
+    """Build the backend a config names (e.g. kind='openai' with base_url for a proxy upstream)."""
+    _load_builtin()
+    cls = BACKENDS.get(cfg.kind)
+    return cls.from_config(cfg)  # type: ignore[attr-defined]

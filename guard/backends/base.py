@@ -1,0 +1,135 @@
+"""One interface for every model backend: sync and async generation, batches, and streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from core.generation import Message
+from core.registry import Registry
+
+Messages = Sequence[Message]
+BACKENDS: Registry[type[Backend]] = Registry("guard backend")
+
+
+class GenParams(BaseModel):
+    """Sampling parameters common to all backends (greedy by default)."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = Field(None, description="Constrain the output (backends that support it).")
+    assistant_prefix: str | None = Field(None, description="Force the answer to start with this text (not returned).")
+
+
+class GenOutput(BaseModel):
+    """One generated answer."""
+
+    text: str
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Backend(ABC):
+    """A model behind the guard. Subclasses implement the batch and stream methods; the rest derive."""
+
+    name: str = "backend"
+    supports_json_schema: bool = False
+    supports_prefix: bool = False
+    model_id: str = ""
+    tokenizer: Any = None
+
+    @abstractmethod
+    def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
+        """Answer many chat prompts, in order."""
+
+    @abstractmethod
+    def complete_batch(self, texts: Sequence[str], params: GenParams) -> list[GenOutput]:
+        """Continue many raw text prompts (no chat template), in order."""
+
+    @abstractmethod
+    def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
+        """Yield an answer's text deltas; closing the iterator stops generation."""
+
+    def stream_complete(self, text: str, params: GenParams) -> Iterator[str]:
+        """Yield a raw completion's deltas (default: one delta with the whole completion)."""
+        yield self.complete_batch([text], params)[0].text
+
+    def generate(self, messages: Messages, params: GenParams) -> GenOutput:
+        """Answer one chat prompt."""
+        return self.generate_batch([messages], params)[0]
+
+    async def agenerate(self, messages: Messages, params: GenParams) -> GenOutput:
+        """Answer one chat prompt without blocking the event loop."""
+        return await asyncio.to_thread(self.generate, messages, params)
+
+    async def agenerate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
+        """Answer many chat prompts without blocking the event loop."""
+        return await asyncio.to_thread(self.generate_batch, batch, params)
+
+    async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
+        """Async view of ``stream``: the blocking iterator runs in a thread."""
+        async for d in aiter_thread(lambda: self.stream(messages, params)):
+            yield d
+
+    def ready(self) -> bool:
+        """Whether the backend can take requests now (HTTP backends ping upstream)."""
+        return True
+
+    def close(self) -> None:
+        """Release resources (threads, connections, engines)."""
+        return None
+
+
+_END = object()
+
+
+async def aiter_thread(make_iter: Any, maxsize: int = 64) -> AsyncIterator[Any]:
+    """Run a blocking iterator in a thread and yield its items asynchronously; closing stops the thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+        except Exception:  # noqa: BLE001 - loop closed: nothing left to deliver to
+            stop.set()
+
+    def worker() -> None:
+        it = make_iter()
+        try:
+            for item in it:
+                if stop.is_set():
+                    break
+                put(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the async side
+            put(e)
+        finally:
+            close = getattr(it, "close", None)
+            if callable(close):
+                close()
+            put(_END)
+
+    thread = threading.Thread(target=worker, daemon=True, name="aiter-thread")
+    thread.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not queue.empty():  # unblock a worker waiting on a full queue
+            queue.get_nowait()

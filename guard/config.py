@@ -1,0 +1,89 @@
+"""Pydantic configs of the guard: what to run (backends), how to guard (GuardConfig), how to serve (ServerConfig).
+
+All three load from YAML with ``core.config.load_config`` and take ``key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from core.models import DEFAULT_LLM
+
+BackendKind = Literal["transformers", "openai", "vllm"]
+OutputCheckMode = Literal["off", "log", "block"]
+GuardMode = Literal["llm", "template"]
+
+
+class _Cfg(BaseModel):
+    """Base: unknown keys are errors, so a typo in a YAML file does not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackendConfig(_Cfg):
+    """Where a model runs: in-process transformers (default), an OpenAI-compatible server, or in-process vLLM."""
+
+    kind: BackendKind = "transformers"
+    model: str = Field(DEFAULT_LLM, description="Embedded name, local HF directory or hub id; for 'openai' the "
+                                                 "model name sent upstream.")
+    base_url: str | None = Field(None, description="For kind='openai': e.g. http://127.0.0.1:8000/v1")
+    api_key: SecretStr | None = Field(None, description="For kind='openai': sent as a Bearer token upstream.")
+    timeout_s: float = Field(60.0, gt=0, description="Per HTTP request (openai) or per generation call.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10, description="Retries on connect errors, 429 and 5xx (openai).")
+    retry_backoff_s: float = Field(0.25, ge=0)
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = Field(16, ge=1)
+    vllm_kwargs: dict[str, object] = Field(default_factory=dict, description="Extra keyword arguments of vllm.LLM.")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> BackendConfig:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("backend kind 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class GuardConfig(_Cfg):
+    """How the guard behaves: CoT guard model use, output checking, timeouts and the failure policy."""
+
+    guard_mode: GuardMode = Field("llm", description="'llm': a guard LLM writes the CoT instruction; 'template': "
+                                                     "always use the per-target template (no guard generation).")
+    guard_max_new_tokens: int = Field(64, ge=8, le=1024)
+    guard_timeout_s: float = Field(30.0, gt=0, description="Guard generation later than this uses the template.")
+    detector_timeout_s: float = Field(10.0, gt=0, description="A detector call later than this is a failure.")
+    output_check: OutputCheckMode = "block"
+    check_every_tokens: int = Field(8, ge=1, description="Streamed chunks between two output checks.")
+    check_overlap_chars: int = Field(256, ge=0, description="Each leak check sees the text since the last check plus "
+                                                            "this many characters before it.")
+    fail_open: bool = Field(False, description="On detector or guard-model failure, answer anyway (logged at "
+                                               "WARNING every time). Default: fail closed.")
+    max_new_tokens: int = Field(256, ge=1, description="Default answer length when the request names none.")
+    refusal_message: str = "I'm sorry, but I can't help with that."
+    refusal_reasons: dict[str, str] = Field(default_factory=lambda: {
+        "privacy": "I don't share personal information about this person.",
+        "copyright": "I can't reproduce or reveal details of this protected work.",
+        "hazard": "I can't provide technical details on this topic.",
+    })
+    fallback_requires_refusal: bool = Field(True, description="requires_refusal used when the guard LLM's output "
+                                                              "is invalid and the template instruction is used.")
+    system_prompt: str | None = Field(None, description="Default system prompt of the target when a flagged "
+                                                        "request has none of its own.")
+
+
+class ServerConfig(_Cfg):
+    """The HTTP layer: bind address, keys, limits and the upstream."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str = Field("unlearn-guard", description="The model id reported by /v1/models and responses.")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Client keys; empty: no client auth.")
+    admin_key: SecretStr | None = Field(None, description="Key of /admin/*; unset: admin endpoints are disabled.")
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_messages: int = Field(256, ge=1)
+    max_tokens_cap: int = Field(2048, ge=1, description="Upper bound on max_tokens a client may ask for.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Whole non-streamed request; per chunk when streamed.")
+    max_concurrency: int = Field(4, ge=1, description="Requests generating at once; others wait.")
+    expose_trace: bool = Field(False, description="Add the guard trace to responses (field 'guard').")

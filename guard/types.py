@@ -1,0 +1,148 @@
+"""The guard's contracts: the detector protocol it codes against, its errors, and the trace it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from core.schema import ForgetTarget
+from detectors.types import Detection
+
+
+@runtime_checkable
+class DetectorProtocol(Protocol):
+    """What the guard needs from a detector (``detectors.detector`` implements it; tests use fakes)."""
+
+    def detect(self, prompt: str) -> Detection:
+        """Verdict on one prompt."""
+        ...
+
+    def detect_batch(self, prompts: Sequence[str]) -> list[Detection]:
+        """Verdicts on many prompts, in order."""
+        ...
+
+    def detect_leak(self, text: str) -> Detection:
+        """Verdict on model output: does it reveal a forget target's facts?"""
+        ...
+
+
+class GuardError(RuntimeError):
+    """Base of the guard's own errors."""
+
+
+class GuardUnavailableError(GuardError):
+    """The detector or the guard model failed or timed out and the guard fails closed (HTTP 503)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        """Record which stage failed, so the HTTP layer and logs can say it."""
+        super().__init__(f"guard unavailable ({stage}): {message}")
+        self.stage = stage
+
+
+class BackendError(GuardError):
+    """A model backend failed (upstream HTTP error, engine error); the message says which and why."""
+
+
+class AdminError(GuardError):
+    """A run-time target change could not be made (e.g. the detector does not support it)."""
+
+
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+class GuardTrace(BaseModel):
+    """What the guard did for one request: verdict, targets, instruction, output check and stage timings."""
+
+    flagged: bool = False
+    score: float = 0.0
+    threshold: float = 0.0
+    target_ids: list[str] = Field(default_factory=list)
+    requires_refusal: bool = False
+    cot_instruction: str | None = None
+    instruction_source: Literal["none", "llm", "template"] = "none"
+    fallback_reason: str | None = None
+    output_check_fired: bool = False
+    output_check_mode: str = "off"
+    output_checks: int = 0
+    leak_target_ids: list[str] = Field(default_factory=list)
+    fail_open_used: bool = False
+    errors: list[str] = Field(default_factory=list)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Accumulate a stage's wall time in milliseconds."""
+        self.timings_ms[stage] = round(self.timings_ms.get(stage, 0.0) + seconds * 1000.0, 3)
+
+
+class GuardResult(BaseModel):
+    """An answer plus its trace; ``finish_reason`` is 'content_filter' when the guard refused or blocked."""
+
+    text: str
+    finish_reason: FinishReason = "stop"
+    trace: GuardTrace
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TargetBook:
+    """Resolves target ids to their policy and names: from the detector where it can, else a local mapping."""
+
+    def __init__(self, detector: Any, targets: Sequence[ForgetTarget] | None = None) -> None:
+        """Keep the detector and an optional id -> target mapping (a ForgetTask's targets)."""
+        self._detector = detector
+        self._local: dict[str, ForgetTarget] = {t.id: t for t in targets or []}
+
+    def get(self, target_id: str) -> ForgetTarget | None:
+        """Return the target with this id, or None when neither the detector nor the mapping knows it."""
+        if target_id in self._local:
+            return self._local[target_id]
+        lookup = getattr(self._detector, "target", None)
+        if callable(lookup):
+            try:
+                t = lookup(target_id)
+            except (KeyError, LookupError):
+                return None
+            if isinstance(t, ForgetTarget):
+                return t
+        return self._from_store(target_id)
+
+    def _from_store(self, target_id: str) -> ForgetTarget | None:
+        """Read id/kind/names/policy from a detector's store snapshot (``detectors.detector.Detector``)."""
+        snapshot = getattr(getattr(self._detector, "store", None), "snapshot", None)
+        if not callable(snapshot):
+            return None
+        try:
+            snap = snapshot()
+            rec = snap.targets[snap.num_of[target_id]]
+            kind = rec.kind if rec.kind in {"privacy", "copyright", "hazard"} else "privacy"
+            return ForgetTarget(id=rec.id, kind=kind, names=list(rec.names) or [rec.id],
+                                policy=rec.policy or "Do not reveal information covered by this forget target.")
+        except (AttributeError, KeyError, LookupError, ValueError):
+            return None
+
+    def add(self, target: ForgetTarget) -> None:
+        """Remember a target added at run time."""
+        self._local[target.id] = target
+
+    def remove(self, target_id: str) -> None:
+        """Forget a target removed at run time."""
+        self._local.pop(target_id, None)
+
+    def ids(self) -> list[str]:
+        """Every target id known locally or to the detector."""
+        ids = set(self._local)
+        det_ids = getattr(self._detector, "target_ids", None)
+        if callable(det_ids):
+            det_ids = det_ids()
+        if det_ids is None:
+            targets = getattr(self._detector, "targets", None)
+            if callable(targets):
+                targets = targets()
+            if isinstance(targets, dict):
+                det_ids = list(targets)
+            elif isinstance(targets, list | tuple):
+                det_ids = [getattr(t, "id", t) for t in targets]
+        ids.update(str(i) for i in det_ids or [])
+        return sorted(ids)

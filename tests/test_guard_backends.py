@@ -1,0 +1,183 @@
+"""Backends: transformers (tiny model), OpenAI-compatible HTTP (mock transport), vLLM availability."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+from core.generation import generate
+from core.models import tiny_llm
+from guard.backends import BACKENDS, GenParams, make_backend
+from guard.backends.openai_http import OpenAIHTTPBackend
+from guard.backends.transformers import TransformersBackend
+from guard.config import BackendConfig
+from guard.types import BackendError
+
+MSGS = [{"role": "user", "content": "Where was the author born?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TransformersBackend:
+    return TransformersBackend(tiny_llm(seed=3), batch_size=4)
+
+
+def test_registry_and_config_validation() -> None:
+    from guard.backends import _load_builtin
+
+    _load_builtin()
+    assert {"transformers", "openai", "vllm"} <= set(BACKENDS.names())
+    with pytest.raises(ValueError, match="base_url"):
+        BackendConfig(kind="openai")
+
+
+def test_transformers_batch_matches_core_generate(tiny: TransformersBackend) -> None:
+    prompts = [MSGS, [{"role": "user", "content": "What is the capital of France?"}], "The quick brown fox"]
+    outs = tiny.generate_batch([m if isinstance(m, list) else [{"role": "user", "content": m}] for m in prompts],
+                               GenParams(max_new_tokens=10))
+    ref = generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=10, batch_size=4)
+    assert [o.text for o in outs] == ref
+
+
+def test_transformers_stream_equals_generate(tiny: TransformersBackend) -> None:
+    p = GenParams(max_new_tokens=12, stop=["zzz-never"])
+    whole = tiny.generate(MSGS, p).text
+    assert "".join(tiny.stream(MSGS, p)).strip() == whole
+
+
+def test_transformers_prefix_and_stop(tiny: TransformersBackend) -> None:
+    free = tiny.generate(MSGS, GenParams(max_new_tokens=12, assistant_prefix='{"a": ')).text
+    assert isinstance(free, str)
+    words = tiny.complete_batch(["The quick brown"], GenParams(max_new_tokens=12))[0].text
+    if words.strip():
+        stop = words.strip().split()[0]
+        cut = tiny.complete_batch(["The quick brown"], GenParams(max_new_tokens=12, stop=[stop]))[0]
+        assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+def test_closing_a_stream_stops_generation(tiny: TransformersBackend) -> None:
+    before = threading.active_count()
+    it = tiny.stream_complete("The quick brown", GenParams(max_new_tokens=200))
+    next(it)
+    it.close()
+    assert threading.active_count() <= before + 1
+
+
+# ---- OpenAI-compatible HTTP -------------------------------------------------------------------------
+
+def _chat_body(text: str) -> dict:
+    return {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant",
+            "content": text}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+def _backend(handler, retries: int = 2) -> OpenAIHTTPBackend:
+    cfg = BackendConfig(kind="openai", base_url="http://upstream.test/v1", model="m", api_key="sk-up",
+                        max_retries=retries, retry_backoff_s=0.0)
+    return OpenAIHTTPBackend(cfg, transport=httpx.MockTransport(handler),
+                             async_transport=httpx.MockTransport(handler))
+
+
+def test_http_generate_sends_openai_request() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(200, json=_chat_body("hi"))
+
+    be = _backend(handler)
+    out = be.generate(MSGS, GenParams(max_new_tokens=7, stop=["\n"]))
+    body = json.loads(seen[0].content)
+    assert out.text == "hi" and out.prompt_tokens == 3
+    assert seen[0].url.path == "/v1/chat/completions" and seen[0].headers["authorization"] == "Bearer sk-up"
+    assert body["max_tokens"] == 7 and body["stop"] == ["\n"] and body["messages"] == MSGS
+
+
+def test_http_retries_transient_errors_then_fails_clearly() -> None:
+    calls = {"n": 0}
+
+    def flaky(req: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(503, json={"error": {"message": "overloaded"}}) if calls["n"] < 3 else \
+            httpx.Response(200, json=_chat_body("ok"))
+
+    assert _backend(flaky).generate(MSGS, GenParams()).text == "ok" and calls["n"] == 3
+
+    def down(req: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=req)
+
+    with pytest.raises(BackendError, match="refused"):
+        _backend(down, retries=1).generate(MSGS, GenParams())
+
+    def bad(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": {"message": "bad key"}})
+
+    with pytest.raises(BackendError, match="401: bad key"):
+        _backend(bad).generate(MSGS, GenParams())
+
+
+def test_http_response_format_and_fallback_when_rejected() -> None:
+    bodies: list[dict] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        body = json.loads(req.content)
+        bodies.append(body)
+        if "response_format" in body:
+            return httpx.Response(400, json={"error": {"message": "response_format unsupported"}})
+        return httpx.Response(200, json=_chat_body("{}"))
+
+    be = _backend(handler)
+    be.generate(MSGS, GenParams(json_schema={"type": "object"}))
+    assert bodies[0]["response_format"]["type"] == "json_schema" and "response_format" not in bodies[1]
+    assert be.supports_json_schema is False
+
+
+def test_http_stream_parses_sse() -> None:
+    events = [{"choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+              {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+              {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        assert json.loads(req.content)["stream"] is True
+        return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+
+    be = _backend(handler)
+    assert list(be.stream(MSGS, GenParams())) == ["Hel", "lo"]
+
+
+async def test_http_async_paths() -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        if json.loads(req.content).get("stream"):
+            return httpx.Response(200, content=b'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: [DONE]\n\n')
+        return httpx.Response(200, json=_chat_body("async ok"))
+
+    be = _backend(handler)
+    assert (await be.agenerate(MSGS, GenParams())).text == "async ok"
+    assert [d async for d in be.astream(MSGS, GenParams())] == ["a"]
+
+
+def test_make_backend_openai() -> None:
+    be = make_backend(BackendConfig(kind="openai", base_url="http://127.0.0.1:9/v1", connect_timeout_s=0.2,
+                                    max_retries=0))
+    assert isinstance(be, OpenAIHTTPBackend) and be.ready() is False
+    be.close()
+
+
+def test_vllm_backend_explains_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from guard.backends.vllm import VLLMBackend
+
+    real_import = builtins.__import__
+
+    def no_vllm(name: str, *a: object, **k: object) -> object:
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    with pytest.raises(BackendError, match=r"unlearn-guard\[vllm\]"):
+        VLLMBackend("smollm2-135m-instruct")
