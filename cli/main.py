@@ -19,11 +19,14 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DE
 
 def _register() -> None:
     """Attach the sub-apps (imported here so that `--help` stays cheap)."""
-    from cli import compare, core_cmds, serve
+    from cli import compare, core_cmds, detector, serve, train
 
     core_cmds.register(app)
     compare.register(app)
+    app.add_typer(detector.app, name="detector")
     app.command("serve")(serve.serve)
+    for cmd in train.app.registered_commands:
+        app.command(cmd.name)(cmd.callback)
 
 
 _register()

@@ -1,0 +1,44 @@
+"""The detector's configuration: one pydantic model, saved with every built detector."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from detectors.index import DEFAULT_ANN_THRESHOLD
+
+
+class DetectorConfig(BaseModel):
+    """Knobs of the forget-target detector; defaults are the ones measured in the report."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    encoder: str = Field("minilm-l6", description="Sentence encoder: embedded name, local dir or hub id.")
+    target_fpr: float = Field(0.01, gt=0.0, lt=0.5, description="False-positive rate the threshold guarantees (alpha).")
+    calibration: Literal["group", "pooled"] = Field(
+        "group", description="'group': threshold = max of pooled and per-negative-group conformal thresholds.")
+    placement: Literal["midpoint", "conformal"] = Field(
+        "midpoint", description="'midpoint': raise the conformal threshold to the logit midpoint with the positives "
+                                "(keeps the FPR guarantee, adds margin); 'conformal': use it as is.")
+    pos_quantile: float = Field(0.02, gt=0.0, lt=0.5, description="Low quantile of positive scores used by 'midpoint'.")
+    top_k: int = Field(16, ge=2, le=256, description="Neighbours retrieved from the forget store per query.")
+    ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=1000,
+                               description="Vectors above which a bank moves from exact flat search to IVF.")
+    ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (recall vs latency; 32 of ~sqrt(n)).")
+    keep_raw_text: bool = Field(False, description="Keep forget questions/answers/texts; False keeps embeddings only.")
+    paraphrase_frames: int = Field(3, ge=0, le=6, description="Conversational frames generated per forget question.")
+    name_probes: bool = Field(True, description="Add 'Who is X?'-style probes per target name.")
+    statement_prompts: bool = Field(True, description="Add 'Is it true that <answer>?' prompts per forget answer.")
+    builtin_benign: bool = Field(True, description="Use the built-in benign questions as extra negatives.")
+    calib_fraction: float = Field(0.4, gt=0.0, lt=1.0, description="Share of negatives held out for calibration.")
+    max_negatives_per_group: int = Field(1500, ge=10, description="Cap per negative group (large retain sets are subsampled).")
+    split_seed: int = Field(0, description="Seed of the train/calibration split of negatives.")
+    l2: float = Field(1.0, gt=0.0, description="Inverse regularisation strength C of the logistic regression.")
+    batch_size: int = Field(64, ge=1, description="Encoder batch size.")
+    faiss_threads: int | None = Field(1, ge=1, description="faiss OpenMP threads (process-wide; None: faiss default). "
+                                                          "1 is fastest for single queries on small banks.")
+    max_turns: int = Field(32, ge=1, description="Most recent chat turns scored per prompt.")
+    window_words: int = Field(96, ge=16, description="Long units are scored in windows of this many words...")
+    window_stride: int = Field(64, ge=8, description="...advanced by this many words (the encoder truncates at 256 tokens).")
+    text_chunk_words: int = Field(60, ge=8, description="Forget texts are stored as chunks of about this many words.")

@@ -1,0 +1,311 @@
+"""The forget-target detector: store + entity matcher + faiss search + logistic scorer + conformal threshold.
+
+Typical use::
+
+    det = Detector.build(task)                      # encodes, indexes, trains, calibrates
+    det.detect("Where was Elara Vosberg born?")     # Detection(flagged=True, score=0.99, ...)
+    det.detect_leak(model_answer)                   # output check against forget answers/texts
+    det.add_target(new_target)                      # effective for the next request
+    det.save("runs/detector"); Detector.load("runs/detector")
+
+Two channels share the machinery: "prompt" scores inputs against forget questions (and variants),
+"leak" scores generated text against forget answers and texts. Each has its own classifier and
+its own calibrated threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.schema import ForgetTarget, ForgetTask
+from detectors.calibration import CalibrationReport, calibrate
+from detectors.classifier import ClassifierError, LogisticScorer
+from detectors.config import DetectorConfig
+from detectors.encoder import Encoder
+from detectors.features import CHANNELS, FEATURES, PairBatch, pair_features
+from detectors.index import set_faiss_threads
+from detectors.inputs import Prompt, prompt_units, text_units
+from detectors.normalize import normalize
+from detectors.store import ROLES, ForgetStore, NegativeItem, StoreSnapshot
+from detectors.types import Detection, Evidence
+
+log = logging.getLogger(__name__)
+
+_MAX_TRAIN_POSITIVES = 20_000
+_MAX_EVIDENCE_TARGETS = 3
+
+
+@dataclass(frozen=True)
+class ChannelModel:
+    """A channel's trained scorer and its calibrated threshold."""
+
+    scorer: LogisticScorer
+    calibration: CalibrationReport
+
+    @property
+    def threshold(self) -> float:
+        """Scores strictly above this are flagged."""
+        return self.calibration.threshold
+
+
+class DetectorNotFittedError(RuntimeError):
+    """``detect`` was called before the classifiers were trained (call ``fit``)."""
+
+
+class Detector:
+    """Calibrated, updatable forget-target detector; thread-safe for concurrent ``detect`` calls."""
+
+    def __init__(self, store: ForgetStore, config: DetectorConfig,
+                 models: dict[str, ChannelModel] | None = None, meta: dict[str, Any] | None = None) -> None:
+        """Wrap a store and (optionally) trained channel models; prefer :meth:`build` or :meth:`load`."""
+        self.store = store
+        self.config = config
+        self._models: dict[str, ChannelModel] = dict(models or {})
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._fit_lock = threading.Lock()
+        set_faiss_threads(config.faiss_threads)
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, task: ForgetTask, config: DetectorConfig | None = None, encoder: Encoder | None = None,
+              negatives: Sequence[NegativeItem] | None = None) -> Detector:
+        """Build the store from ``task``, train both channels and calibrate their thresholds."""
+        cfg = config or DetectorConfig()
+        enc = encoder or Encoder.load(cfg.encoder, cfg.batch_size)
+        t0 = time.perf_counter()
+        store = ForgetStore.from_task(task, enc, cfg, negatives)
+        det = cls(store, cfg, meta={"task": task.name, "encoder": enc.name})
+        det.fit()
+        det.meta["build_seconds"] = round(time.perf_counter() - t0, 3)
+        return det
+
+    @property
+    def encoder(self) -> Encoder:
+        """The sentence encoder shared with the store."""
+        return self.store.encoder
+
+    @property
+    def target_ids(self) -> list[str]:
+        """Ids of the targets currently stored."""
+        return self.store.target_ids
+
+    def target(self, target_id: str) -> ForgetTarget:
+        """The stored target as a ForgetTarget (id, kind, names, policy; no QA/texts), or KeyError."""
+        snap = self.store.snapshot()
+        if target_id not in snap.num_of:
+            raise KeyError(f"no target {target_id!r}; stored: {snap.target_ids}")
+        rec = snap.targets[snap.num_of[target_id]]
+        return ForgetTarget(id=rec.id, kind=rec.kind, names=list(rec.names),  # type: ignore[arg-type]
+                            policy=rec.policy or f"Do not reveal information about {rec.names[0]}.")
+
+    @property
+    def models(self) -> dict[str, ChannelModel]:
+        """The current channel models (a snapshot)."""
+        return dict(self._models)
+
+    @property
+    def threshold(self) -> float:
+        """The calibrated threshold of the prompt channel."""
+        return self._model("prompt").threshold
+
+    @property
+    def calibration(self) -> dict[str, CalibrationReport]:
+        """Calibration report per channel."""
+        return {k: m.calibration for k, m in self._models.items()}
+
+    def _model(self, channel: str) -> ChannelModel:
+        """The channel's model or a clear error if not trained."""
+        m = self._models.get(channel)
+        if m is None:
+            raise DetectorNotFittedError(f"the {channel!r} channel is not trained; call Detector.fit()")
+        return m
+
+    # -- training ---------------------------------------------------------------------------------
+    def _training_set(self, snap: StoreSnapshot, channel: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pair features, labels and weights: stored positives (leave-one-group-out) and indexed negatives.
+
+        Weights balance the classes and, within the negatives, give every group (neighbour, retain,
+        benign, ..., and "another target's positive") the same total weight, so the few hard
+        neighbours count as much as the many easy benign questions.
+        """
+        pos_name, neg_name = CHANNELS[channel]
+        pos, neg = snap.banks[pos_name], snap.banks[neg_name]
+        if len(pos) == 0:
+            raise ClassifierError(f"{channel}: the store has no forget entries to train on")
+        if len(neg) == 0:
+            raise ClassifierError(f"{channel}: no negatives to train on (give a task with retain/benign data "
+                                  f"or keep builtin_benign=True)")
+        ids, vecs = pos.index.items()
+        if not np.array_equal(ids, pos.ids):
+            raise ClassifierError(f"{channel}: index and metadata of bank {pos_name!r} disagree")
+        sel = np.arange(len(ids))
+        if len(sel) > _MAX_TRAIN_POSITIVES:
+            sel = np.sort(np.random.default_rng(self.config.split_seed).choice(len(sel), _MAX_TRAIN_POSITIVES, replace=False))
+        k = self.config.top_k
+        pb = pair_features(snap, channel, vecs[sel], [""] * len(sel), k, own_target=pos.target[sel].astype(np.int64),
+                           own_ent=pos.ent[sel], exclude_group=pos.group[sel], unit_caps=[pos.caps[i] for i in sel])
+        y_pos = (pb.target == pos.target[sel][pb.unit]).astype(np.int64)
+        nids, nvecs = neg.index.items()
+        if not np.array_equal(nids, neg.ids):
+            raise ClassifierError(f"{channel}: index and metadata of bank {neg_name!r} disagree")
+        nb = pair_features(snap, channel, nvecs, [t or "" for t in neg.texts], k, exclude_neg_group=neg.group)
+        X = np.concatenate([pb.X, nb.X])
+        y = np.concatenate([y_pos, np.zeros(len(nb.X), np.int64)])
+        # Negative group of each negative pair: the bank role of its unit, or "cross-target".
+        neg_tag = np.concatenate([np.where(y_pos == 1, -1, 10_000), neg.role[nb.unit].astype(np.int64)])
+        w = np.zeros(len(y), dtype=np.float64)
+        n_pos = max(1, int((y == 1).sum()))
+        w[y == 1] = 1.0 / n_pos
+        tags = [t for t in np.unique(neg_tag) if t != -1]
+        for t in tags:
+            sel_t = neg_tag == t
+            w[sel_t] = 1.0 / (len(tags) * sel_t.sum())
+        return X, y, w * len(y) / 2.0
+
+    def _fit_channel(self, snap: StoreSnapshot, channel: str) -> ChannelModel:
+        """Train one channel's scorer and calibrate its threshold on the held-out negatives."""
+        pos_name, _ = CHANNELS[channel]
+        pos = snap.banks[pos_name]
+        X, y, w = self._training_set(snap, channel)
+        scorer = LogisticScorer.fit(X, y, FEATURES, C=self.config.l2, sample_weight=w)
+        calib = snap.calib["query" if channel == "prompt" else "content"]
+        if len(calib.texts) == 0:
+            raise ClassifierError(f"{channel}: no calibration negatives (raise calib_fraction or add negatives)")
+        cb = pair_features(snap, channel, calib.vectors, calib.texts, self.config.top_k)
+        neg_scores = cb.unit_max(scorer.predict(cb.X))
+        # Positives' scores for the TPR report: leave-one-group-out features, as in training.
+        ids, vecs = pos.index.items()
+        pb = pair_features(snap, channel, vecs, [""] * len(ids), self.config.top_k,
+                           own_target=pos.target.astype(np.int64), own_ent=pos.ent, exclude_group=pos.group,
+                           unit_caps=pos.caps)
+        pos_scores = pb.unit_max(scorer.predict(pb.X))
+        report = calibrate(neg_scores, self.config.target_fpr, pos_scores, calib.groups,
+                           per_group=self.config.calibration == "group", placement=self.config.placement,
+                           pos_quantile=self.config.pos_quantile)
+        log.info("%s channel: threshold %.4f (rank %d of %d negatives), calibration FPR %.4f, LOO TPR %.4f",
+                 channel, report.threshold, report.rank, report.n_negatives, report.fpr_calibration, report.tpr or 0.0)
+        return ChannelModel(scorer, report)
+
+    def fit(self) -> dict[str, CalibrationReport]:
+        """(Re)train both channels on the current store and recalibrate; swaps models atomically."""
+        with self._fit_lock:
+            t0 = time.perf_counter()
+            snap = self.store.snapshot()
+            models = {ch: self._fit_channel(snap, ch) for ch in CHANNELS}
+            self._models = models
+            self.meta["fit_seconds"] = round(time.perf_counter() - t0, 3)
+            return {k: m.calibration for k, m in models.items()}
+
+    refit = fit
+
+    # -- updates ----------------------------------------------------------------------------------
+    def add_target(self, target: ForgetTarget, refit: bool = False) -> None:
+        """Add a target; the next request sees it. ``refit`` also retrains and recalibrates."""
+        self.store.add_target(target)
+        if refit:
+            self.fit()
+
+    def remove_target(self, target_id: str, refit: bool = False) -> None:
+        """Remove a target; the next request no longer sees it."""
+        self.store.remove_target(target_id)
+        if refit:
+            self.fit()
+
+    def update_target(self, target: ForgetTarget, refit: bool = False) -> None:
+        """Replace a target (same id) in one swap."""
+        self.store.update_target(target)
+        if refit:
+            self.fit()
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def _detect_units(self, unit_lists: list[list[str]], channel: str) -> list[Detection]:
+        """Score each item's units in one encoder call and one search per bank; max per item."""
+        model = self._model(channel)
+        snap = self.store.snapshot()
+        flat = [u for us in unit_lists for u in us]
+        owner = np.repeat(np.arange(len(unit_lists)), [len(us) for us in unit_lists])
+        E = self.encoder.encode([normalize(u) for u in flat])
+        pb = pair_features(snap, channel, E, flat, self.config.top_k)
+        probs = model.scorer.predict(pb.X)
+        thr = model.threshold
+        best: list[dict[int, int]] = [{} for _ in unit_lists]
+        for j in np.argsort(-probs, kind="stable"):
+            item = int(owner[pb.unit[j]])
+            t = int(pb.target[j])
+            if t not in best[item]:
+                best[item][t] = int(j)
+        out = []
+        for item in range(len(unit_lists)):
+            ranked = sorted(best[item].items(), key=lambda kv: -probs[kv[1]])
+            score = float(probs[ranked[0][1]]) if ranked else 0.0
+            flagged = score > thr
+            tids = [snap.target_id(t) for t, j in ranked if probs[j] > thr]
+            ev: list[Evidence] = []
+            for t, j in ranked[:_MAX_EVIDENCE_TARGETS]:
+                ev.extend(self._evidence(snap, channel, pb, j, snap.target_id(t), float(probs[j])))
+            out.append(Detection(flagged=flagged, score=min(1.0, max(0.0, score)), threshold=thr, target_ids=tids,
+                                 evidence=ev))
+        return out
+
+    def _evidence(self, snap: StoreSnapshot, channel: str, pb: PairBatch, j: int, tid: str, prob: float) -> list[Evidence]:
+        """Evidence for one (unit, target) pair: classifier score, nearest stored entry, entity match."""
+        x = dict(zip(FEATURES, pb.X[j], strict=True))
+        ev = [Evidence(kind="classifier", target_id=tid, score=min(1.0, max(0.0, prob)),
+                       detail=f"margin to nearest negative {x['margin']:+.3f}")]
+        bid = int(pb.best_id[j])
+        if bid >= 0:
+            bank = snap.banks[CHANNELS[channel][0]]
+            row = int(bank.rows(np.array([bid]))[0])
+            if row >= 0:
+                role = ROLES[int(bank.role[row])]
+                text = bank.texts[row]
+                detail = f"nearest {role}: {text[:120]}" if text else f"nearest {role} #{bid}"
+                ev.append(Evidence(kind="embedding", target_id=tid, score=float(min(1.0, max(0.0, x["top1"]))),
+                                   detail=detail))
+        if x["ent_full"] > 0 or x["ent_phrase"] > 0:
+            ev.append(Evidence(kind="entity", target_id=tid, score=1.0, detail=pb.entity_detail[j] or "entity"))
+        elif x["ent_partial"] > 0:
+            ev.append(Evidence(kind="entity", target_id=tid, score=float(min(1.0, x["ent_partial"])),
+                               detail="partial name"))
+        return ev
+
+    def detect(self, prompt: Prompt) -> Detection:
+        """Score one prompt (a string or chat messages) against the forget targets."""
+        return self.detect_batch([prompt])[0]
+
+    def detect_batch(self, prompts: Sequence[Prompt]) -> list[Detection]:
+        """Score many prompts with one encoder call; a prompt's score is the max over its units."""
+        cfg = self.config
+        units = [prompt_units(p, cfg.window_words, cfg.window_stride, cfg.max_turns) for p in prompts]
+        return self._detect_units(units, "prompt")
+
+    def detect_leak(self, text: str) -> Detection:
+        """Check a generated answer for forget content (names, similarity to forget answers/texts)."""
+        return self.detect_leak_batch([text])[0]
+
+    def detect_leak_batch(self, texts: Sequence[str]) -> list[Detection]:
+        """Output check for many generated texts with one encoder call."""
+        cfg = self.config
+        return self._detect_units([text_units(t, cfg.window_words, cfg.window_stride) for t in texts], "leak")
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the detector to a directory atomically (see :mod:`detectors.persistence`)."""
+        from detectors.persistence import save_detector
+
+        return save_detector(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, encoder: Encoder | None = None) -> Detector:
+        """Load a detector directory, verifying format version and checksums."""
+        from detectors.persistence import load_detector
+
+        return load_detector(path, encoder)

@@ -1,0 +1,182 @@
+"""Per (text unit, candidate target) features: neighbour similarities, known-negative margin, entity match.
+
+For each unit the candidates are the two best targets among its top-k neighbours in the forget bank
+plus any target whose names or key phrases occur in the text. The features do not depend on which
+target it is, so one classifier serves targets added later:
+
+========== ==========================================================================
+top1       best cosine to the candidate's stored vectors (or the k-th score if absent)
+top3       mean of its three best cosines (missing ones count as the k-th score)
+frac       share of the top-k neighbours that belong to the candidate
+gap        top1 minus the best cosine to any other target
+neg1       best cosine to a stored negative (neighbour/retain/benign) in the same channel
+neg3       mean of the three best negative cosines
+margin     top1 - neg1: closer to the forget side than to any known negative?
+ent_full   a full name or alias of the candidate occurs (after normalisation)
+ent_partial share of the name's tokens present (surname only = 0.5)
+ent_phrase a key phrase (quoted title) of the candidate occurs
+partial_only ent_partial when below 1 and no full name matched (a namesake: shares a surname or first name)
+top1_x_partial top1 * ent_partial (similar *and* about someone with that name)
+foreign_only share of the text's proper nouns (capitalised, not sentence-initial) that the candidate's
+           own data never uses, when no full name matched: "How did Getachew Fikru ..." is about
+           someone else even if it is phrased like a forget question
+other_name the text names a known negative subject (a retain or neighbour person) in full and no full
+           name of the candidate
+========== ==========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from detectors.normalize import normalize, skeleton_tokens
+from detectors.store import StoreSnapshot, caps_hashes, foreign_share, mentions_other
+
+FEATURES: tuple[str, ...] = ("top1", "top3", "frac", "gap", "neg1", "neg3", "margin", "ent_full", "ent_partial",
+                             "ent_phrase", "partial_only", "top1_x_partial", "foreign_only", "other_name")
+CHANNELS: dict[str, tuple[str, str]] = {"prompt": ("query", "neg_query"), "leak": ("content", "neg_content")}
+_NEG_K = 3
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """Features of every (unit, candidate target) pair of a batch of units."""
+
+    unit: np.ndarray
+    target: np.ndarray
+    X: np.ndarray
+    best_id: np.ndarray
+    entity_detail: tuple[str, ...]
+    n_units: int
+
+    def unit_max(self, scores: np.ndarray) -> np.ndarray:
+        """Per-unit maximum of pair scores (0 for a unit without candidates)."""
+        out = np.zeros(self.n_units, dtype=np.float64)
+        if len(scores):
+            np.maximum.at(out, self.unit, scores)
+        return out
+
+
+def _search(bank_index, E: np.ndarray, k: int, rows_of, attr: np.ndarray, exclude: np.ndarray | None,
+            extra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k (scores, ids, rows) with entries whose ``attr`` equals ``exclude`` (per query) removed."""
+    S, ids = bank_index.search(E, k + extra)
+    rows = rows_of(ids)
+    if exclude is not None and extra > 0:
+        bad = (rows >= 0) & (np.where(rows >= 0, attr[rows.clip(0)], -2) == exclude[:, None])
+        S = np.where(bad, -np.inf, S)
+        order = np.argsort(-S, axis=1, kind="stable")[:, :k]
+        S = np.take_along_axis(S, order, 1)
+        ids = np.take_along_axis(ids, order, 1)
+        rows = np.take_along_axis(rows, order, 1)
+        rows = np.where(np.isfinite(S), rows, -1)
+    else:
+        S, ids, rows = S[:, :k], ids[:, :k], rows[:, :k]
+    return S, ids, rows
+
+
+def _max_group_size(groups: np.ndarray) -> int:
+    """Size of the largest group (how many extra neighbours leave-one-group-out must fetch)."""
+    if len(groups) == 0:
+        return 0
+    return int(np.unique(groups, return_counts=True)[1].max())
+
+
+def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Sequence[str], k: int, *,
+                  own_target: np.ndarray | None = None, own_ent: np.ndarray | None = None,
+                  exclude_group: np.ndarray | None = None, exclude_neg_group: np.ndarray | None = None,
+                  unit_caps: Sequence[tuple[str, ...]] | None = None) -> PairBatch:
+    """Features of all candidate pairs for units ``E`` (unit vectors) with cased normalised ``texts``.
+
+    Training uses ``own_target``/``own_ent`` (entity features of a stored positive against its own
+    target, computed at insertion, so no raw text is needed), ``unit_caps`` (its proper-noun hashes,
+    for the foreign-name feature against other targets) and leave-one-group-out exclusions, so
+    that a stored item does not find itself.
+    """
+    pos_name, neg_name = CHANNELS[channel]
+    pos, neg = snap.banks[pos_name], snap.banks[neg_name]
+    m = len(E)
+    empty = PairBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(FEATURES))),
+                      np.zeros(0, np.int64), (), m)
+    if m == 0 or len(pos) == 0:
+        return empty
+    kk = min(k, len(pos))
+    extra = _max_group_size(pos.group) if exclude_group is not None else 0
+    S, ids, R = _search(pos.index, E, kk, pos.rows, pos.group, exclude_group, extra)
+    T = np.where(R >= 0, pos.target[R.clip(0)], -1).astype(np.int64)
+    valid = T >= 0
+    S = np.where(valid, S, -np.inf)
+    floor = np.where(valid.any(1), np.where(valid, S, np.inf).min(1), 0.0)
+
+    if len(neg):
+        nextra = _max_group_size(neg.group) if exclude_neg_group is not None else 0
+        SN, _, RN = _search(neg.index, E, min(_NEG_K, len(neg)), neg.rows, neg.group, exclude_neg_group, nextra)
+        SN = np.where(RN >= 0, SN, 0.0)
+        if SN.shape[1] < _NEG_K:
+            SN = np.pad(SN, ((0, 0), (0, _NEG_K - SN.shape[1])), constant_values=0.0)
+        neg1, neg3 = SN[:, 0], SN.mean(1)
+    else:
+        neg1 = neg3 = np.zeros(m)
+
+    # Candidates: the best target, the best other target, entity hits.
+    c1 = T[:, 0]
+    other_mask = valid & (T != c1[:, None])
+    has2 = other_mask.any(1)
+    c2 = np.where(has2, T[np.arange(m), other_mask.argmax(1)], -1)
+    unit_l: list[int] = []
+    targ_l: list[int] = []
+    ent_l: list[tuple[float, ...]] = []
+    det_l: list[str] = []
+    for u in range(m):
+        hits: dict[int, tuple[tuple[float, ...], str]] = {}
+        own = -1
+        if own_target is not None:
+            own = int(own_target[u])
+            hits[own] = (tuple(float(x) for x in own_ent[u]), "")
+            caps = unit_caps[u] if unit_caps is not None else ()
+            other = float(own_ent[u][4])
+        else:
+            caps = caps_hashes(texts[u], snap.salt)
+            toks = skeleton_tokens(normalize(texts[u]))
+            other = mentions_other(snap, "", toks)
+            for tid, h in snap.matcher.match_tokens(toks).items():
+                num = snap.num_of.get(tid)
+                if num is not None:
+                    hits[num] = ((h.full, h.partial, h.phrase), h.detail)
+        cands = [int(c) for c in (c1[u], c2[u]) if c >= 0]
+        cands += [n for n in hits if n not in cands]
+        for c in cands:
+            unit_l.append(u)
+            targ_l.append(c)
+            e, d = hits.get(c, ((0.0, 0.0, 0.0), ""))
+            if c != own:
+                e = e[:3] + (foreign_share(caps, snap.targets[c]) if c in snap.targets else 0.0, other)
+            ent_l.append(e)
+            det_l.append(d)
+    if not unit_l:
+        return empty
+    r = np.asarray(unit_l, dtype=np.int64)
+    c = np.asarray(targ_l, dtype=np.int64)
+    ent = np.asarray(ent_l, dtype=np.float64)
+    St, Tt = S[r], T[r]
+    M = Tt == c[:, None]
+    fl = floor[r]
+    mine = np.where(M, St, -np.inf)
+    top_sorted = -np.sort(-mine, axis=1)[:, :3]
+    if top_sorted.shape[1] < 3:
+        top_sorted = np.pad(top_sorted, ((0, 0), (0, 3 - top_sorted.shape[1])), constant_values=-np.inf)
+    top_sorted = np.where(np.isfinite(top_sorted), top_sorted, fl[:, None])
+    top1 = top_sorted[:, 0]
+    top3 = top_sorted.mean(1)
+    frac = M.sum(1) / float(kk)
+    others = np.where(~M & (Tt >= 0), St, -np.inf).max(1)
+    others = np.where(np.isfinite(others), others, fl)
+    best_pos = np.where(M.any(1), mine.argmax(1), -1)
+    best_id = np.where(best_pos >= 0, ids[r, best_pos.clip(0)], -1)
+    X = np.column_stack([top1, top3, frac, top1 - others, neg1[r], neg3[r], top1 - neg1[r],
+                         ent[:, 0], ent[:, 1], ent[:, 2], np.where((ent[:, 0] == 0) & (ent[:, 1] < 1.0), ent[:, 1], 0.0),
+                         top1 * ent[:, 1], ent[:, 3] * (1.0 - ent[:, 0]), ent[:, 4] * (1.0 - ent[:, 0])])
+    return PairBatch(r, c, X, best_id, tuple(det_l), m)

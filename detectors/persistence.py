@@ -1,0 +1,263 @@
+"""Save and load a detector as a directory, without pickle, atomically, with checksums.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    manifest.json          format name and version, sha256 and size of every other file
+    config.json            DetectorConfig
+    meta.json              encoder name and dimension, entity salt, counters, provenance
+    targets.json           per target: id, kind, names, policy, key-phrase and vocabulary hashes
+    store.json             per bank: stored texts (negatives; forget texts only with keep_raw_text)
+                           and proper-noun hashes; negative subject names; the calibration
+                           negatives' texts and groups
+    arrays.safetensors     bank metadata (ids, target, group, role, entity features) and the
+                           calibration negatives' vectors
+    index_<bank>.faiss     one faiss index per bank (faiss.write_index)
+    classifier.safetensors logistic-regression parameters per channel
+    classifier.json        feature names and calibration report per channel
+
+The directory is written into a temp directory and renamed into place (``core.io.atomic_dir``);
+the manifest is written last. Loading verifies the manifest, the format version and every file's
+size and sha256 *before* parsing anything (faiss must never see a corrupt file), and raises
+:class:`DetectorFormatError` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from core.io import atomic_dir, atomic_write_bytes, atomic_write_json
+from detectors.calibration import CalibrationReport
+from detectors.classifier import ClassifierError, LogisticScorer
+from detectors.config import DetectorConfig
+from detectors.encoder import Encoder
+from detectors.features import CHANNELS, FEATURES
+from detectors.index import VectorIndex, VectorIndexError
+from detectors.store import (
+    BANKS,
+    Bank,
+    CalibrationSet,
+    ForgetStore,
+    StoreSnapshot,
+    TargetRecord,
+    _matcher,
+    neg_name_matcher,
+)
+
+if TYPE_CHECKING:
+    from detectors.detector import Detector
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "unlearn-guard-detector"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_BANK_FIELDS = ("ids", "target", "group", "role", "ent")
+_DTYPES = {"ids": np.int64, "target": np.int32, "group": np.int64, "role": np.int8, "ent": np.float32}
+
+
+class DetectorFormatError(ValueError):
+    """A detector directory is missing, foreign, corrupt, truncated or from another format version."""
+
+    def __init__(self, file: str | Path, problem: str, expected: str) -> None:
+        """Say which file is wrong, how, and what a valid detector directory has there."""
+        self.file = Path(file)
+        self.problem = problem
+        self.expected = expected
+        super().__init__(f"{self.file}: {problem}; expected {expected}")
+
+
+def _sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON (atomic file write inside the atomic directory)."""
+    atomic_write_json(path, obj)
+
+
+def save_detector(det: Detector, path: str | Path) -> Path:
+    """Write ``det`` to directory ``path`` atomically (replacing an existing one)."""
+    path = Path(path)
+    snap = det.store.snapshot()
+    models = det.models
+    if set(models) != set(CHANNELS):
+        raise ClassifierError("only a fitted detector can be saved; call Detector.fit() first")
+    with atomic_dir(path) as tmp:
+        _write_json(tmp / "config.json", det.config.model_dump(mode="json"))
+        _write_json(tmp / "meta.json", {
+            "encoder": det.encoder.name, "dim": snap.dim, "salt": snap.salt, "next_id": snap.next_id,
+            "next_group": snap.next_group, "next_num": snap.next_num, "keep_raw_text": snap.keep_raw_text,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "detector": det.meta})
+        _write_json(tmp / "targets.json", [
+            {"num": r.num, "id": r.id, "kind": r.kind, "names": list(r.names), "policy": r.policy,
+             "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())}}
+            for _, r in sorted(snap.targets.items())])
+        _write_json(tmp / "store.json", {
+            "banks": {b: {"texts": list(snap.banks[b].texts), "caps": [list(c) for c in snap.banks[b].caps]}
+                      for b in BANKS},
+            "neg_names": list(snap.neg_names),
+            "calib": {c: {"texts": list(cs.texts), "groups": list(cs.groups)} for c, cs in snap.calib.items()}})
+        arrays: dict[str, np.ndarray] = {}
+        for b in BANKS:
+            bank = snap.banks[b]
+            for f in _BANK_FIELDS:
+                arrays[f"{b}.{f}"] = np.ascontiguousarray(getattr(bank, f))
+            faiss.write_index(bank.index.faiss_index, str(tmp / f"index_{b}.faiss"))
+        for c, cs in snap.calib.items():
+            arrays[f"calib.{c}.vectors"] = np.ascontiguousarray(cs.vectors, dtype=np.float32)
+        atomic_write_bytes(tmp / "arrays.safetensors", st_save(arrays))
+        clf: dict[str, np.ndarray] = {}
+        for ch, m in models.items():
+            clf.update(m.scorer.to_arrays(ch))
+        atomic_write_bytes(tmp / "classifier.safetensors", st_save(clf))
+        _write_json(tmp / "classifier.json", {
+            "features": list(FEATURES),
+            "channels": {ch: {"features": list(m.scorer.feature_names), "calibration": m.calibration.model_dump()}
+                         for ch, m in models.items()}})
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json(tmp / MANIFEST, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": files})
+    log.info("detector saved to %s (%d files)", path, len(files) + 1)
+    return path
+
+
+def _expected_files() -> set[str]:
+    """Every file a version-1 detector directory must list in its manifest."""
+    return ({"config.json", "meta.json", "targets.json", "store.json", "arrays.safetensors", "classifier.safetensors",
+             "classifier.json"} | {f"index_{b}.faiss" for b in BANKS})
+
+
+def verify_directory(path: str | Path) -> dict[str, Any]:
+    """Check manifest, format version, presence, sizes and checksums; return the manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DetectorFormatError(path, "is not a directory", "a detector directory written by Detector.save")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise DetectorFormatError(mpath, "is missing (not a detector directory?)",
+                                  f"a {MANIFEST} written by Detector.save")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DetectorFormatError(mpath, f"is not valid JSON ({e})", "the manifest JSON written by Detector.save") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DetectorFormatError(mpath, f"has format {got!r}", f"format {FORMAT_NAME!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DetectorFormatError(mpath, f"has format_version {version!r}",
+                                  f"format_version {FORMAT_VERSION} (rebuild the detector with this version)")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise DetectorFormatError(mpath, "has no 'files' mapping", "a sha256 and size per file")
+    missing = _expected_files() - set(files)
+    if missing:
+        raise DetectorFormatError(mpath, f"does not list {sorted(missing)}", f"entries for {sorted(_expected_files())}")
+    for name, info in files.items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise DetectorFormatError(fpath, "is missing", f"a file listed in {MANIFEST}")
+        size = fpath.stat().st_size
+        if size != info.get("bytes"):
+            raise DetectorFormatError(fpath, f"has {size} bytes (truncated or modified)",
+                                      f"{info.get('bytes')} bytes as recorded in {MANIFEST}")
+        digest = _sha256(fpath)
+        if digest != info.get("sha256"):
+            raise DetectorFormatError(fpath, f"has sha256 {digest[:16]}... (corrupt or modified)",
+                                      f"sha256 {str(info.get('sha256'))[:16]}... as recorded in {MANIFEST}")
+    return manifest
+
+
+def _json(path: Path) -> Any:
+    """Parse a verified JSON file, turning parse errors into DetectorFormatError."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DetectorFormatError(path, f"is not valid JSON ({e})", "JSON written by Detector.save") from e
+
+
+def load_detector(path: str | Path, encoder: Encoder | None = None) -> Detector:
+    """Load a detector directory (verified first); ``encoder`` defaults to the one named in the config."""
+    from detectors.detector import ChannelModel, Detector
+
+    path = Path(path)
+    verify_directory(path)
+    try:
+        cfg = DetectorConfig.model_validate(_json(path / "config.json"))
+    except ValueError as e:
+        if isinstance(e, DetectorFormatError):
+            raise
+        raise DetectorFormatError(path / "config.json", f"is not a valid DetectorConfig ({e})",
+                                  "the config written by Detector.save") from e
+    meta = _json(path / "meta.json")
+    enc = encoder or Encoder.load(cfg.encoder, cfg.batch_size)
+    if enc.dim != meta.get("dim"):
+        raise DetectorFormatError(path / "meta.json", f"records embedding dimension {meta.get('dim')} but encoder "
+                                  f"{enc.name!r} gives {enc.dim}", f"the encoder the detector was built with ({meta.get('encoder')})")
+    try:
+        arrays = st_load((path / "arrays.safetensors").read_bytes())
+        clf_arrays = st_load((path / "classifier.safetensors").read_bytes())
+    except Exception as e:  # safetensors raises its own error types
+        raise DetectorFormatError(path / "arrays.safetensors", f"cannot be read ({e})", "safetensors data") from e
+    store_json = _json(path / "store.json")
+    banks: dict[str, Bank] = {}
+    for b in BANKS:
+        fpath = path / f"index_{b}.faiss"
+        try:
+            index = VectorIndex.from_faiss(faiss.read_index(str(fpath)), cfg.ann_threshold, cfg.ivf_nprobe)
+        except (RuntimeError, VectorIndexError) as e:
+            raise DetectorFormatError(fpath, f"is not a usable faiss index ({e})", "an index written by faiss.write_index") from e
+        try:
+            fields = {f: arrays[f"{b}.{f}"].astype(_DTYPES[f]) for f in _BANK_FIELDS}
+        except KeyError as e:
+            raise DetectorFormatError(path / "arrays.safetensors", f"lacks array {e.args[0]!r}", "bank metadata arrays") from e
+        texts = tuple(store_json["banks"][b]["texts"])
+        caps = tuple(tuple(c) for c in store_json["banks"][b]["caps"])
+        if not (index.ntotal == len(fields["ids"]) == len(texts) == len(caps)):
+            raise DetectorFormatError(fpath, f"holds {index.ntotal} vectors but metadata has {len(fields['ids'])} rows",
+                                      "index and metadata of the same size")
+        banks[b] = Bank(index=index, texts=texts, caps=caps, **fields)
+    calib = {c: CalibrationSet(arrays[f"calib.{c}.vectors"].astype(np.float32), tuple(v["texts"]), tuple(v["groups"]))
+             for c, v in store_json["calib"].items()}
+    targets = {int(t["num"]): TargetRecord(num=int(t["num"]), id=t["id"], kind=t["kind"], names=tuple(t["names"]),
+                                           phrase_hashes=frozenset(t["phrase_hashes"]), policy=t.get("policy"),
+                                           phrase_starts=frozenset(t.get("phrase_starts", ())),
+                                           vocab={h: frozenset(g) for h, g in t["vocab"].items()})
+               for t in _json(path / "targets.json")}
+    neg_names = tuple(store_json.get("neg_names", ()))
+    snap = StoreSnapshot(dim=int(meta["dim"]), salt=meta["salt"], targets=targets,
+                         num_of={r.id: n for n, r in targets.items()}, banks=banks, calib=calib,
+                         matcher=_matcher(targets.values(), meta["salt"]), next_id=int(meta["next_id"]),
+                         next_group=int(meta["next_group"]), next_num=int(meta["next_num"]),
+                         keep_raw_text=bool(meta["keep_raw_text"]), neg_names=neg_names,
+                         neg_matcher=neg_name_matcher(neg_names, meta["salt"]))
+    clf_json = _json(path / "classifier.json")
+    if tuple(clf_json.get("features", ())) != FEATURES:
+        raise DetectorFormatError(path / "classifier.json", f"uses features {clf_json.get('features')}",
+                                  f"features {list(FEATURES)} of this code version")
+    models = {}
+    for ch in CHANNELS:
+        info = clf_json["channels"][ch]
+        try:
+            scorer = LogisticScorer.from_arrays(clf_arrays, ch, tuple(info["features"]))
+        except ClassifierError as e:
+            raise DetectorFormatError(path / "classifier.safetensors", str(e), "parameters for every feature") from e
+        models[ch] = ChannelModel(scorer, CalibrationReport.model_validate(info["calibration"]))
+    store = ForgetStore(snap, enc, cfg)
+    det = Detector(store, cfg, models, meta=dict(meta.get("detector", {})))
+    log.info("detector loaded from %s: %d targets", path, len(targets))
+    return det

@@ -1,0 +1,61 @@
+"""The ``detector`` CLI sub-app (build, eval, add-target, remove-target) with the model-free test encoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cli.detector import app
+from core.schema import ForgetTarget, QAItem
+from detectors.detector import Detector
+from detectors.testing import hashing_encoder
+
+runner = CliRunner()
+FAST = ["--set", "encoder=hashing-test"]
+
+
+def test_build_eval_add_remove(tmp_path: Path) -> None:
+    out = tmp_path / "det"
+    res = runner.invoke(app, ["build", "--task", "offline", "--out", str(out), "--target-fpr", "0.02",
+                              "--holdout-fold", "0", *FAST])
+    assert res.exit_code == 0, res.output
+    assert "prompt" in res.output and (out / "manifest.json").is_file()
+    det = Detector.load(out, encoder=hashing_encoder())
+    assert det.config.target_fpr == 0.02 and det.meta["holdout"]["fold"] == 0
+
+    js = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "--detector", str(out), "--task", "offline", "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(js.read_text())
+    assert rep["mode"] == "holdout-fold"
+    rates = {(g["channel"], g["group"]): g["rate"] for g in rep["groups"]}
+    assert rates[("prompt", "forget_question")] >= 0.9 and rates[("prompt", "neighbour")] <= 0.05
+    assert "forget_paraphrase" in res.output and "AUROC" in res.output
+
+    tf = tmp_path / "targets.jsonl"
+    t = ForgetTarget(id="person-new", kind="privacy", names=["Zorvath Quenby"], policy="Nothing about him.",
+                     qa=[QAItem(question="Where was Zorvath Quenby born?", answer="In Lower Mistfall.")])
+    tf.write_text(json.dumps({"record": "target", **t.model_dump(mode="json")}) + "\n")
+    res = runner.invoke(app, ["add-target", "--detector", str(out), "--targets", str(tf)])
+    assert res.exit_code == 0, res.output
+    det = Detector.load(out, encoder=hashing_encoder())
+    assert "person-new" in det.target_ids and det.detect("Where was Zorvath Quenby born?").flagged
+    res = runner.invoke(app, ["remove-target", "--detector", str(out), "--id", "person-new"])
+    assert res.exit_code == 0, res.output
+    assert "person-new" not in Detector.load(out, encoder=hashing_encoder()).target_ids
+
+
+def test_cross_fit_eval_and_errors(tmp_path: Path) -> None:
+    js = tmp_path / "cv.json"
+    res = runner.invoke(app, ["eval", "--task", "offline:seed=1", "--folds", "2", "--json", str(js), *FAST])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(js.read_text())
+    assert rep["mode"] == "cross-fit" and rep["folds"] == 2 and len(rep["thresholds"]) == 2
+    res = runner.invoke(app, ["eval", "--detector", str(tmp_path / "missing"), "--task", "offline"])
+    assert res.exit_code == 2 and "not a directory" in res.output
+    res = runner.invoke(app, ["build", "--task", "nonsense-spec", "--out", str(tmp_path / "x"), *FAST])
+    assert res.exit_code == 2 and "error" in res.output
+    res = runner.invoke(app, ["build", "--task", "offline", "--out", str(tmp_path / "x"), "--set", "top_k=1"])
+    assert res.exit_code == 2 and "top_k" in res.output
