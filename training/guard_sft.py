@@ -31,7 +31,7 @@ from core.generation import encode_qa, generate, pad_batch
 from core.io import atomic_write_text
 from core.schema import ForgetTarget, ForgetTask
 from training.finetune import sft_loss
-from training.loop import LoraSettings, TrainConfig, TrainResult, finished_run, train
+from training.loop import TrainConfig, TrainResult, finished_run, train
 from training.teachers import fact_kind, mentioned_name, subject_phrase
 
 log = logging.getLogger(__name__)
@@ -102,18 +102,29 @@ class GuardDataConfig(BaseModel):
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of pairs held out for evaluation.")
 
 
+GUARD_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "max_steps": 60, "batch_size": 8, "warmup_ratio": 0.05,
+                                        "save_every": 10, "lora": {"r": 16, "alpha": 32}}
+
+
 class GuardSFTConfig(BaseModel):
-    """Guard fine-tuning: data, teacher and optimiser (LoRA by default)."""
+    """Guard fine-tuning: data, teacher and optimiser (LoRA r=16 by default).
+
+    ``train`` given as a mapping (YAML, ``--set train.max_steps=30``) is merged into
+    :data:`GUARD_TRAIN_DEFAULTS`, so overriding one field keeps LoRA and the other defaults.
+    """
 
     model: str = "smollm2-135m-instruct"
     data: GuardDataConfig = Field(default_factory=GuardDataConfig)
     teacher: Literal["template", "llm"] = "template"
     teacher_model: str | None = Field(None, description="Model spec of the LLM teacher (required for teacher=llm).")
     max_length: int = Field(384, ge=64)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(
-        lr=1e-3, max_steps=60, batch_size=8, warmup_ratio=0.05, save_every=20,
-        lora=LoraSettings(r=16, alpha=32)))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig.model_validate(GUARD_TRAIN_DEFAULTS))
     eval_max_new_tokens: int = Field(160, ge=16)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _merge_train_defaults(cls, v: Any) -> Any:
+        return {**GUARD_TRAIN_DEFAULTS, **v} if isinstance(v, dict) else v
 
 
 # ---- templates ---------------------------------------------------------------------------------
