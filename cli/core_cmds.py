@@ -45,8 +45,15 @@ def models_convert(name: str = typer.Argument("smollm2-135m-instruct"),
 @models_app.command("info")
 def models_info() -> None:
     """List the embedded models, where they come from and whether they are converted."""
-    from core.models import EMBEDDED_ENCODERS, EMBEDDED_LLMS, ModelNotFoundError, cache_dir, converted_dir
-    from core.models import find_embedded_encoder, find_embedded_gguf
+    from core.models import (
+        EMBEDDED_ENCODERS,
+        EMBEDDED_LLMS,
+        ModelNotFoundError,
+        cache_dir,
+        converted_dir,
+        find_embedded_encoder,
+        find_embedded_gguf,
+    )
 
     typer.echo(f"cache: {cache_dir()}")
     for name in EMBEDDED_LLMS:

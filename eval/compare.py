@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from core.config import save_config
 from core.models import LoadedLLM, load_llm, run_dir
-from core.schema import ForgetTask, QAItem
+from core.schema import ForgetTask
 from eval.report import MetricSpec, Report, Sample, write_report
 from eval.systems import System, guarded_system, model_system
 

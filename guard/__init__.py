@@ -14,7 +14,7 @@ _EXPORTS = {
     "GuardConfig": "guard.config", "BackendConfig": "guard.config", "ServerConfig": "guard.config",
     "GuardResult": "guard.types", "GuardTrace": "guard.types", "DetectorProtocol": "guard.types",
     "GuardUnavailableError": "guard.types", "BackendError": "guard.types",
-    "CoTGuard": "guard.cot", "CoTDecision": "guard.cot",
+    "CoTGuard": "guard.cot", "GuardDecision": "core.guard_format",
     "GenParams": "guard.backends", "make_backend": "guard.backends",
     "GuardRunnable": "guard.langchain", "create_app": "guard.server",
 }

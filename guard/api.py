@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from core.generation import Message, Prompt
+from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
 from guard.backends import Backend, GenParams, aiter_thread, make_backend
 from guard.config import BackendConfig, GuardConfig
-from guard.cot import CoTDecision, CoTGuard, refusal_text
+from guard.cot import CoTGuard, refusal_text
 from guard.output_check import LeakCheckError, StreamChecker, check_text
 from guard.prompt import assemble, neutralise, sanitise_messages, special_tokens_of, user_text
 from guard.types import (
@@ -208,7 +209,7 @@ class GuardedLLM:
     def _guard(self, plans: list[_Plan], idx: list[int], texts: list[str]) -> None:
         """Run the CoT guard on the flagged plans and apply each decision."""
         t0 = time.perf_counter()
-        decisions: list[tuple[CoTDecision, str, str | None]]
+        decisions: list[tuple[GuardDecision, str, str | None]]
         try:
             decisions = self.cot.decide_batch(texts, [plans[i].targets for i in idx])
         except Exception as e:  # noqa: BLE001 - guard model failure: refusal (closed) or template (open)

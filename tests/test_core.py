@@ -10,7 +10,16 @@ from core.config import ConfigError, apply_overrides, load_config
 from core.io import atomic_dir, atomic_write_text
 from core.models import ModelNotFoundError, load_llm, resolve_llm_path, tiny_llm
 from core.registry import Registry, UnknownNameError
-from core.schema import ForgetTarget, ForgetTask, MCQItem, QAItem, SchemaError, load_targets, load_task, save_task
+from core.schema import (
+    ForgetTarget,
+    ForgetTask,
+    MCQItem,
+    QAItem,
+    SchemaError,
+    load_targets,
+    load_task,
+    save_task,
+)
 
 
 def _task() -> ForgetTask:

@@ -9,17 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.guard_format import GUARD_JSON_SCHEMA, JSON_PREFIX, guard_messages, parse_decision
 from core.schema import ForgetTarget
 from guard.config import GuardConfig
-from guard.cot import (
-    COT_JSON_SCHEMA,
-    JSON_PREFIX,
-    CoTGuard,
-    guard_messages,
-    parse_decision,
-    refusal_text,
-    template_instruction,
-)
+from guard.cot import CoTGuard, refusal_text, template_instruction
 from guard.testing import ScriptedBackend
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick", "E. Voswick"],
@@ -98,7 +91,7 @@ def test_schema_when_supported_else_prefix() -> None:
     schema_be = ScriptedBackend(lambda m: '{"requires_refusal": true, "cot_instruction": "Decline politely."}',
                                 json_schema=True)
     CoTGuard(schema_be).decide("x", [T])
-    assert schema_be.calls[0][1].json_schema == COT_JSON_SCHEMA and schema_be.calls[0][1].assistant_prefix is None
+    assert schema_be.calls[0][1].json_schema == GUARD_JSON_SCHEMA and schema_be.calls[0][1].assistant_prefix is None
     prefix_be = ScriptedBackend(lambda m: 'false, "cot_instruction": "Answer only the general part."}', prefix=True)
     dec, source, _ = CoTGuard(prefix_be).decide("x", [T])
     assert prefix_be.calls[0][1].assistant_prefix == JSON_PREFIX

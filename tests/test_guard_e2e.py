@@ -256,8 +256,8 @@ def test_proxy_in_front_of_vllm_serve() -> None:
 @pytest.mark.skipif(not _vllm_installed(), reason="vllm (optional extra) is not installed")
 def test_vllm_in_process_backend() -> None:
     _require_vllm()
+    from core.guard_format import GUARD_JSON_SCHEMA
     from guard.backends.vllm import VLLMBackend
-    from guard.cot import COT_JSON_SCHEMA
 
     be = VLLMBackend("smollm2-135m-instruct")
     try:
@@ -265,7 +265,7 @@ def test_vllm_in_process_backend() -> None:
         outs = be.generate_batch([msgs, [{"role": "user", "content": "Name a colour."}]], GenParams(max_new_tokens=8))
         assert len(outs) == 2 and all(o.completion_tokens > 0 for o in outs)
         assert "".join(be.stream(msgs, GenParams(max_new_tokens=8))).strip() == outs[0].text
-        js = be.generate(msgs, GenParams(max_new_tokens=48, json_schema=COT_JSON_SCHEMA)).text
+        js = be.generate(msgs, GenParams(max_new_tokens=48, json_schema=GUARD_JSON_SCHEMA)).text
         data = json.loads(js) if js.rstrip().endswith("}") else None
         assert data is None or isinstance(data.get("requires_refusal"), bool)
         g = GuardedLLM(be, OracleDetector([T]), config=GuardConfig(max_new_tokens=8, guard_max_new_tokens=48))
