@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from core.models import run_dir
+
 log = logging.getLogger(__name__)
 
 app = typer.Typer(help="Unlearning methods, guard fine-tuning and model-mixing calibration.", no_args_is_help=True)
@@ -22,13 +24,6 @@ def _task(spec: str):  # noqa: ANN202 - returns core.schema.ForgetTask
     from cli.core_cmds import task_from_spec
 
     return task_from_spec(spec)
-
-
-def run_dir(task_name: str, what: str) -> Path:
-    """Where a model produced for a task is kept by default (the shared ``core.models.run_dir``)."""
-    from core.models import run_dir
-
-    return run_dir(task_name, what)
 
 
 def _default_model(task_name: str) -> str:
