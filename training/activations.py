@@ -22,6 +22,17 @@ class StopForward(Exception):
     """Raised by the capture hook to end a forward pass at the wanted layer."""
 
 
+def _forward_until_stop(model: Any, handle: torch.utils.hooks.RemovableHandle, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> None:
+    """Run the model until a hook raises :class:`StopForward` (or to the end), then remove the hook."""
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 def decoder_layers(model: Any) -> nn.ModuleList:
     """The decoder's ``layers`` ModuleList (searched by name, so peft and other wrappers are fine)."""
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
@@ -56,13 +67,7 @@ def layer_output(model: Any, layer: int | nn.Module, input_ids: torch.Tensor, at
         if truncate:
             raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
+    _forward_until_stop(model, module.register_forward_hook(hook), input_ids, attention_mask)
     if "h" not in store:
         raise RuntimeError(f"decoder layer {layer} did not run in the forward pass of {type(model).__name__}")
     return store["h"]
@@ -81,13 +86,8 @@ def layer_call_kwargs(model: Any, input_ids: torch.Tensor, attention_mask: torch
         store["nargs"] = len(args)
         raise StopForward
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        handle.remove()
+    _forward_until_stop(model, decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True),
+                        input_ids, attention_mask)
     if store.get("nargs") != 1:
         raise RuntimeError("decoder layers are not called as layer(hidden_states, **kwargs); cannot run them directly")
     return store["kwargs"]
