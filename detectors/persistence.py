@@ -15,10 +15,19 @@ Layout (``FORMAT_VERSION`` 1)::
     classifier.safetensors logistic-regression parameters per channel
     classifier.json        feature names and calibration report per channel
 
-The directory is written into a temp directory and renamed into place (``core.io.atomic_dir``);
-the manifest is written last. Loading verifies the manifest, the format version and every file's
-size and sha256 *before* parsing anything (faiss must never see a corrupt file), and raises
-:class:`DetectorFormatError` naming the file and what was expected.
+The directory is written with ``core.io.atomic_dir`` (every file fsynced, the manifest last, then
+swapped into place in one step), so a process killed at any moment of a save leaves the previous or
+the new version, never none and never a mix; :func:`load_detector` first calls
+``core.io.recover_dir`` for the two-rename fallback of file systems without an atomic exchange.
+Saves to one path are serialised within a process (snapshot and write under one lock).
+
+``save_detector(..., plaintext=False)`` writes an embeddings-only directory even from a store that
+keeps forget texts (``keep_raw_text=True``): vectors, classifier, salted hashes, names and policy,
+but no forget question, answer or text; detection scores are the same after loading.
+
+Loading verifies the manifest, the format version and every file's size and sha256 *before*
+parsing anything (faiss must never see a corrupt file), and raises :class:`DetectorFormatError`
+naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from core.io import atomic_dir, atomic_write_bytes, atomic_write_json
+from core.io import atomic_dir, atomic_write_bytes, atomic_write_json, path_lock, recover_dir
 from detectors.calibration import CalibrationReport
 from detectors.classifier import ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
@@ -90,25 +99,44 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
-def save_detector(det: Detector, path: str | Path) -> Path:
-    """Write ``det`` to directory ``path`` atomically (replacing an existing one)."""
+def save_detector(det: Detector, path: str | Path, plaintext: bool | None = None) -> Path:
+    """Write ``det`` to directory ``path`` atomically (replacing an existing one).
+
+    ``plaintext``: None keeps forget texts exactly when the store keeps them (``keep_raw_text``);
+    False writes none (embeddings-only, also for later additions after loading); True is the same as None.
+    """
     path = Path(path)
+    with path_lock(path):  # the snapshot and its write in one step, so saves land in the order taken
+        return _save(det, path, plaintext)
+
+
+def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
+    """The body of :func:`save_detector` (the caller holds the path's lock)."""
     snap = det.store.snapshot()
     models = det.models
     if set(models) != set(CHANNELS):
         raise ClassifierError("only a fitted detector can be saved; call Detector.fit() first")
+    keep_text = snap.keep_raw_text and plaintext is not False
+    config = det.config.model_dump(mode="json")
+    if not keep_text:
+        config["keep_raw_text"] = False
+
+    def texts_of(bank: str) -> list[str | None]:
+        texts = list(snap.banks[bank].texts)
+        return texts if keep_text or bank not in ("query", "content") else [None] * len(texts)
+
     with atomic_dir(path) as tmp:
-        _write_json(tmp / "config.json", det.config.model_dump(mode="json"))
+        _write_json(tmp / "config.json", config)
         _write_json(tmp / "meta.json", {
             "encoder": det.encoder.name, "dim": snap.dim, "salt": snap.salt, "next_id": snap.next_id,
-            "next_group": snap.next_group, "next_num": snap.next_num, "keep_raw_text": snap.keep_raw_text,
+            "next_group": snap.next_group, "next_num": snap.next_num, "keep_raw_text": keep_text,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "detector": det.meta})
         _write_json(tmp / "targets.json", [
             {"num": r.num, "id": r.id, "kind": r.kind, "names": list(r.names), "policy": r.policy,
              "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())}}
             for _, r in sorted(snap.targets.items())])
         _write_json(tmp / "store.json", {
-            "banks": {b: {"texts": list(snap.banks[b].texts), "caps": [list(c) for c in snap.banks[b].caps]}
+            "banks": {b: {"texts": texts_of(b), "caps": [list(c) for c in snap.banks[b].caps]}
                       for b in BANKS},
             "neg_names": list(snap.neg_names),
             "calib": {c: {"texts": list(cs.texts), "groups": list(cs.groups)} for c, cs in snap.calib.items()}})
@@ -190,11 +218,21 @@ def _json(path: Path) -> Any:
         raise DetectorFormatError(path, f"is not valid JSON ({e})", "JSON written by Detector.save") from e
 
 
+def _loadable(path: Path) -> bool:
+    """Whether a directory passes :func:`verify_directory` (used to pick a version to restore)."""
+    try:
+        verify_directory(path)
+    except DetectorFormatError:
+        return False
+    return True
+
+
 def load_detector(path: str | Path, encoder: Encoder | None = None) -> Detector:
     """Load a detector directory (verified first); ``encoder`` defaults to the one named in the config."""
     from detectors.detector import ChannelModel, Detector
 
     path = Path(path)
+    recover_dir(path, _loadable)
     verify_directory(path)
     try:
         cfg = DetectorConfig.model_validate(_json(path / "config.json"))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from core.config import ConfigError, apply_overrides, load_config
-from core.io import atomic_dir, atomic_write_text
+from core.io import atomic_dir, atomic_write_text, recover_dir
 from core.models import ModelNotFoundError, load_llm, resolve_llm_path, tiny_llm
 from core.registry import Registry, UnknownNameError
 from core.schema import (
@@ -150,3 +151,19 @@ def test_local_directory_loads(tmp_path):
     loaded = load_llm(str(tmp_path / "m"))
     assert loaded.path == tmp_path / "m" and loaded.tokenizer.padding_side == "left"
     assert all((p == q).all() for p, q in zip(llm.model.parameters(), loaded.model.parameters(), strict=True))
+
+
+def test_recover_dir_restores_the_newest_valid_old_version(tmp_path):
+    d = tmp_path / "store"
+    for i, ok in enumerate(["bad", "good-old", "good-new"]):
+        old = tmp_path / f".store.old-{100 + i}-1"
+        old.mkdir()
+        (old / "v").write_text(ok)
+        os.utime(old, (1000 + i, 1000 + i))
+    assert recover_dir(d, lambda p: (p / "v").read_text() == "good-old") is True
+    assert (d / "v").read_text() == "good-old"
+    assert recover_dir(d) is False  # present: nothing to do
+    with atomic_dir(d) as tmp:  # a later write replaces it and leaves no temp dir behind
+        (tmp / "v").write_text("fresh")
+    assert (d / "v").read_text() == "fresh"
+    assert not list(tmp_path.glob(".store.*.tmp"))
