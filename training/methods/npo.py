@@ -21,8 +21,9 @@ from training.methods.ga import retain_term
 class NPOConfig(BaseModel):
     """NPO (open-unlearning defaults: beta=0.1, gamma=1, alpha=1, NLL retain).
 
-    On the fine-tuned SmolLM2-135M (offline benchmark) 30 steps at lr 2e-5 (the method's train
-    defaults) take the forget QA far down while keeping retain QA; see the project report.
+    On the fine-tuned SmolLM2-135M (offline benchmark) 30 steps at lr 2e-5, batch 8 (the method's
+    train defaults) took forget-fact ROUGE-L recall from 0.959 to 0.731 and retain from 0.957 to
+    0.888: a mild forgetter at these settings (more steps or a higher lr forget more, at a utility cost).
     """
 
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the preference loss.")
