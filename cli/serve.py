@@ -46,18 +46,23 @@ def serve(
                               "the model name sent upstream."),
     guard_model: str | None = typer.Option(None, "--guard-model", help="Guard LLM (default: the target model)."),
     backend: str = typer.Option("transformers", "--backend", help="Local backend: transformers or vllm."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
-    port: int = typer.Option(8000, "--port"),
+    host: str | None = typer.Option(None, "--host", help="Bind address (default: server.host, else 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port (default: server.port, else 8000)."),
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Client key (repeatable); also $UNLEARN_GUARD_API_KEY.")] = None,
     admin_key: str | None = typer.Option(None, "--admin-key", help="Admin key; also $UNLEARN_GUARD_ADMIN_KEY."),
     upstream_key: str | None = typer.Option(None, "--upstream-key", help="Key sent upstream; also $UNLEARN_GUARD_UPSTREAM_KEY."),
-    fail_open: bool = typer.Option(False, "--fail-open", help="Let requests through when the detector or the guard "
-                                   "model fails (logged at WARNING each time). Default: fail closed."),
-    output_check: str = typer.Option("block", "--output-check", help="off, log or block."),
-    guard_mode: str = typer.Option("llm", "--guard-mode", help="llm (guard LLM writes the instruction) or template."),
+    fail_open: bool | None = typer.Option(None, "--fail-open/--fail-closed", help="Let requests through when the "
+                                          "detector or the guard model fails (logged at WARNING each time). "
+                                          "Default: guard.fail_open, else fail closed."),
+    output_check: str | None = typer.Option(None, "--output-check", help="off, log or block (default: "
+                                            "guard.output_check, else block)."),
+    guard_mode: str | None = typer.Option(None, "--guard-mode", help="llm (guard LLM writes the instruction) or "
+                                          "template (default: guard.guard_mode, else llm)."),
+    watch: bool = typer.Option(True, "--watch/--no-watch", help="Reload the forget store when --detector's directory "
+                               "changes (an admin replica saving to it); checked every server.watch_interval_s."),
     oracle: bool = typer.Option(False, "--oracle", help="--detector is a task file; use the oracle detector (demo)."),
     config: Annotated[Path | None, typer.Option("--config", help="YAML with 'guard:' and 'server:' sections.")] = None,
-    expose_trace: bool = typer.Option(False, "--expose-trace", help="Add the guard trace to responses."),
+    expose_trace: bool | None = typer.Option(None, "--expose-trace", help="Add the guard trace to responses."),
 ) -> None:
     """Start the guard proxy; it serves until interrupted."""
     import uvicorn
@@ -73,11 +78,16 @@ def serve(
         sections = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     keys = list(api_key or []) or ([os.environ["UNLEARN_GUARD_API_KEY"]] if os.environ.get("UNLEARN_GUARD_API_KEY") else [])
     admin = admin_key or os.environ.get("UNLEARN_GUARD_ADMIN_KEY")
-    gcfg = load_config(GuardConfig, base={**sections.get("guard", {}), "fail_open": fail_open,
-                                          "output_check": output_check, "guard_mode": guard_mode})
-    scfg = load_config(ServerConfig, base={**sections.get("server", {}), "host": host, "port": port,
-                                           "api_keys": keys, "admin_key": admin, "expose_trace": expose_trace})
-    if host not in {"127.0.0.1", "localhost", "::1"} and not keys:
+    # A flag given on the command line wins over the YAML; an omitted flag leaves the YAML (or the default).
+    flags = {"fail_open": fail_open, "output_check": output_check, "guard_mode": guard_mode}
+    gcfg = load_config(GuardConfig, base={**sections.get("guard", {}), **{k: v for k, v in flags.items() if v is not None}})
+    server_flags = {"host": host, "port": port, "expose_trace": expose_trace,
+                    "watch_store": detector if watch and not oracle and detector.is_dir() else None}
+    server_flags.update(api_keys=keys or None, admin_key=admin)
+    scfg = load_config(ServerConfig, base={**sections.get("server", {}),
+                                           **{k: v for k, v in server_flags.items() if v is not None}})
+    host, port = scfg.host, scfg.port
+    if host not in {"127.0.0.1", "localhost", "::1"} and not scfg.api_keys:
         log.warning("serving on %s without client API keys: anyone who can reach it can use it", host)
     if upstream:
         target = BackendConfig(kind="openai", base_url=upstream, model=model,
@@ -85,9 +95,15 @@ def serve(
     else:
         target = BackendConfig(kind=backend, model=model)  # type: ignore[arg-type]
     guard_cfg = BackendConfig(kind=backend if not upstream else "transformers", model=guard_model) if guard_model else None
-    guarded = GuardedLLM(target, load_detector(detector, oracle), guard=guard_cfg, config=gcfg)
+    try:
+        det = load_detector(detector, oracle)
+    except (ValueError, OSError) as e:  # detectors.persistence.DetectorFormatError is a ValueError
+        typer.echo(f"error: cannot load the forget store {detector}: {e}", err=True)
+        raise typer.Exit(2) from e
+    guarded = GuardedLLM(target, det, guard=guard_cfg, config=gcfg)
     api = create_app(guarded, scfg)
-    log.info("guard proxy on http://%s:%d (upstream: %s, fail_open=%s)", host, port, upstream or f"local {model}", fail_open)
+    log.info("guard proxy on http://%s:%d (upstream: %s, fail_open=%s, watching %s)", host, port,
+             upstream or f"local {model}", gcfg.fail_open, scfg.watch_store or "nothing")
     uvicorn.run(api, host=host, port=port, log_level="info")
 
 

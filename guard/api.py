@@ -11,6 +11,12 @@ Failure policy (fail closed by default):
   'content_filter'); invalid guard output is not a failure, it falls back to the template instruction;
 * ``fail_open=True``: a failed detector lets the request through unguarded and a failed guard model
   uses the template instruction without refusing; each use is logged at WARNING and marked in the trace.
+
+The async API (``agenerate``, ``acomplete``, ``astream``, ``astream_complete``; the HTTP server uses it)
+never runs detector work on the event loop, and micro-batches it: the prompts (and the finished answers'
+output checks) of requests arriving within ``detector_batch_window_ms`` share one ``detect_batch``
+(``detect_leak_batch``) call in a worker thread (see :mod:`guard.batching`). A failed or late batch
+call fails every request of the batch through the policy above. The sync API is unchanged.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,7 +35,8 @@ from core.generation import Message, Prompt
 from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
-from guard.backends import Backend, GenParams, aiter_thread, make_backend
+from guard.backends import Backend, GenOutput, GenParams, aiter_thread, make_backend
+from guard.batching import MicroBatcher
 from guard.config import BackendConfig, GuardConfig
 from guard.cot import CoTGuard, refusal_text
 from guard.output_check import LeakCheckError, StreamChecker, check_text
@@ -106,9 +114,19 @@ class GuardedLLM:
             guard_backend = self.target if guard is None else _as_backend(guard)
             self.cot = CoTGuard(None if self.config.guard_mode == "template" else guard_backend, self.config)
         tlist = targets.targets if isinstance(targets, ForgetTask) else list(targets or [])
+        self._task_targets = tlist
         self.book = TargetBook(detector, tlist)
         self._markers = special_tokens_of(self.target.tokenizer)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="guard-detector")
+        window_s = self.config.detector_batch_window_ms / 1000.0
+        self._prompt_batcher: MicroBatcher[str, Detection] = MicroBatcher(
+            self._detect_prompts, window_s=window_s, max_batch=self.config.detector_max_batch,
+            max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
+            name="detect_batch")
+        self._leak_batcher: MicroBatcher[str, Detection] = MicroBatcher(
+            self._detect_leaks, window_s=window_s, max_batch=self.config.detector_max_batch,
+            max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
+            name="detect_leak_batch")
         if self.config.fail_open:
             log.warning("guard configured with fail_open=True: detector/guard failures will let requests through")
 
@@ -148,6 +166,21 @@ class GuardedLLM:
             out.append(t)
         return out
 
+    def _batch_timeout(self, n: int) -> float:
+        """Deadline of a detector call on ``n`` texts (the same scaling as the sync batch path)."""
+        return self.config.detector_timeout_s * max(1.0, n / 8)
+
+    def _detect_prompts(self, texts: list[str]) -> list[Detection]:
+        """One batched prompt check (run by the micro-batcher in a worker thread)."""
+        return list(self.detector.detect_batch(texts))
+
+    def _detect_leaks(self, texts: list[str]) -> list[Detection]:
+        """One batched output check: ``detect_leak_batch`` where the detector has it, else one call per text."""
+        many = getattr(self.detector, "detect_leak_batch", None)
+        if callable(many):
+            return list(many(texts))
+        return [self.detector.detect_leak(t) for t in texts]
+
     def _detect_many(self, texts: list[str], traces: list[GuardTrace]) -> list[Detection | None]:
         """Judge prompts with a deadline; None for each when failing open."""
         t0 = time.perf_counter()
@@ -171,8 +204,20 @@ class GuardedLLM:
             tr.add_time("detect", dt)
         return dets
 
-    def _plan_batch(self, prompts: Sequence[Prompt], raw: bool = False) -> list[_Plan]:
-        """Judge the prompts and decide, for each, refusal or the messages to send."""
+    async def _adetect(self, text: str, trace: GuardTrace) -> Detection | None:
+        """Judge one prompt through the micro-batcher; None when failing open."""
+        t0 = time.perf_counter()
+        try:
+            det: Detection | None = await self._prompt_batcher.submit(text)
+        except Exception as e:  # noqa: BLE001 - any detector failure goes through the failure policy
+            self._fail_open(trace, "detector", e)
+            det = None
+        finally:
+            trace.add_time("detect", time.perf_counter() - t0)
+        return det
+
+    def _prepare(self, prompts: Sequence[Prompt], raw: bool) -> tuple[list[_Plan], list[str], list[list[Message]]]:
+        """Sanitise the prompts: a plan per prompt, the text the detector judges, the messages to send."""
         plans: list[_Plan] = []
         texts: list[str] = []
         msgs_list: list[list[Message]] = []
@@ -187,7 +232,32 @@ class GuardedLLM:
                 msgs = sanitise_messages(p, self._markers)
                 texts.append(user_text(msgs))
             msgs_list.append(msgs)
+        return plans, texts, msgs_list
+
+    def _plan_batch(self, prompts: Sequence[Prompt], raw: bool = False) -> list[_Plan]:
+        """Judge the prompts and decide, for each, refusal or the messages to send."""
+        plans, texts, msgs_list = self._prepare(prompts, raw)
         dets = self._detect_many(texts, [pl.trace for pl in plans])
+        flagged = self._apply(plans, dets, texts, msgs_list, prompts, raw)
+        if flagged:
+            self._guard(plans, flagged, [texts[i] for i in flagged])
+        return plans
+
+    async def _aplan(self, prompt: Prompt, raw: bool) -> _Plan:
+        """Async ``_plan_batch`` for one prompt: batched detection; a guard LLM, if any, runs in a thread."""
+        plans, texts, msgs_list = self._prepare([prompt], raw)
+        dets = [await self._adetect(texts[0], plans[0].trace)]
+        flagged = self._apply(plans, dets, texts, msgs_list, [prompt], raw)
+        if flagged:
+            if getattr(self.cot, "backend", True) is None:  # template-only guard: cheap, no model call
+                self._guard(plans, flagged, [texts[0]])
+            else:
+                await asyncio.to_thread(self._guard, plans, flagged, [texts[0]])
+        return plans[0]
+
+    def _apply(self, plans: list[_Plan], dets: list[Detection | None], texts: list[str],
+               msgs_list: list[list[Message]], prompts: Sequence[Prompt], raw: bool) -> list[int]:
+        """Record the verdicts in the plans; return the indices of the flagged prompts."""
         flagged: list[int] = []
         for i, (pl, det, msgs, prompt) in enumerate(zip(plans, dets, msgs_list, prompts, strict=True)):
             if det is not None:
@@ -202,9 +272,7 @@ class GuardedLLM:
                 pl.raw_text = str(prompt)
             else:
                 pl.messages = msgs
-        if flagged:
-            self._guard(plans, flagged, [texts[i] for i in flagged])
-        return plans
+        return flagged
 
     def _guard(self, plans: list[_Plan], idx: list[int], texts: list[str]) -> None:
         """Run the CoT guard on the flagged plans and apply each decision."""
@@ -239,15 +307,14 @@ class GuardedLLM:
                 pl.refusal = refusal_text(known, self.config)
                 pl.messages = None
             else:
-                pl.messages = assemble(pl.messages or [], dec.cot_instruction, pl.targets, self.config.system_prompt)
+                pl.messages = assemble(pl.messages or [], dec.cot_instruction, pl.targets, self.config.system_prompt,
+                                       self._markers)
 
-    def _check(self, pl: _Plan, text: str) -> str | None:
+    def _check(self, pl: _Plan, text: str, detect_leak: Callable[[str], Detection] | None = None) -> str | None:
         """Output check of a finished answer: the refusal to substitute, or None to keep it."""
         tr = pl.trace
         try:
-            blocked = check_text(lambda t: self._timed(self.detector.detect_leak, t,
-                                                       timeout=self.config.detector_timeout_s),
-                                 text, self.config, tr)
+            blocked = check_text(detect_leak or self._leak_now, text, self.config, tr)
         except LeakCheckError as e:
             self._fail_open(tr, "output_check", e)
             return None
@@ -255,6 +322,41 @@ class GuardedLLM:
             known = [t for t in self._resolve(tr.leak_target_ids) if not t.meta.get("unresolved")]
             return refusal_text(known, self.config)
         return None
+
+    def _leak_now(self, text: str) -> Detection:
+        """One output check with a deadline, waited for in the calling thread (the sync path)."""
+        return self._timed(self.detector.detect_leak, text, timeout=self.config.detector_timeout_s)
+
+    async def _acheck(self, pl: _Plan, text: str) -> str | None:
+        """Async ``_check``: the leak check goes through the micro-batcher; same policy on failure."""
+        if self.config.output_check == "off" or not text:
+            return self._check(pl, text)  # check_text makes no detector call here
+        t0 = time.perf_counter()
+        det: Detection | None = None
+        err: Exception | None = None
+        try:
+            det = await self._leak_batcher.submit(text)
+        except Exception as e:  # noqa: BLE001 - handed to check_text, which applies the failure policy
+            err = e
+
+        def answer(_text: str) -> Detection:
+            if err is not None or det is None:
+                raise err or RuntimeError("leak check gave no answer")
+            return det
+
+        try:
+            return self._check(pl, text, answer)
+        finally:
+            pl.trace.add_time("output_check", time.perf_counter() - t0)
+
+    def _answer(self, pl: _Plan, o: GenOutput, substitute: str | None) -> GuardResult:
+        """The result of a generated answer: the model's text, or the refusal the output check substituted."""
+        if substitute is not None:
+            return GuardResult(text=substitute, finish_reason="content_filter", trace=pl.trace,
+                               prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
+        fr = o.finish_reason if o.finish_reason in {"stop", "length"} else "stop"
+        return GuardResult(text=o.text, finish_reason=fr, trace=pl.trace,  # type: ignore[arg-type]
+                           prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
 
     # -- sync API ---------------------------------------------------------------------------------------
     def generate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
@@ -292,14 +394,7 @@ class GuardedLLM:
             else:
                 pl.trace.add_time("generate", gen_dt)
                 o = outs[i]
-                sub = self._check(pl, o.text)
-                if sub is not None:
-                    results[i] = GuardResult(text=sub, finish_reason="content_filter", trace=pl.trace,
-                                             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
-                else:
-                    fr = o.finish_reason if o.finish_reason in {"stop", "length"} else "stop"
-                    results[i] = GuardResult(text=o.text, finish_reason=fr, trace=pl.trace,  # type: ignore[arg-type]
-                                             prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
+                results[i] = self._answer(pl, o, self._check(pl, o.text))
             pl.trace.add_time("total", time.perf_counter() - pl.t0)
         return [r for r in results if r is not None]
 
@@ -311,12 +406,15 @@ class GuardedLLM:
         """Guard and stream a raw completion."""
         return self._stream(text, self._params(params, overrides), raw=True)
 
-    def _stream(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardStream:
+    def _stream(self, prompt: Prompt, params: GenParams, raw: bool, plan: _Plan | None = None,
+                detect_leak: Callable[[str], Detection] | None = None) -> GuardStream:
+        """The guarded stream; ``plan`` (already judged by the async path) skips the prompt check here and
+        ``detect_leak`` replaces the direct output-check call (the async path sends it to the batcher)."""
         holder: dict[str, GuardStream] = {}
-        trace_box = GuardTrace(output_check_mode=self.config.output_check)
+        trace_box = plan.trace if plan is not None else GuardTrace(output_check_mode=self.config.output_check)
 
         def gen() -> Iterator[str]:
-            pl = self._plan_batch([prompt], raw=raw)[0]
+            pl = plan if plan is not None else self._plan_batch([prompt], raw=raw)[0]
             gs = holder["s"]
             gs.trace = pl.trace
             try:
@@ -326,9 +424,7 @@ class GuardedLLM:
                     return
                 source = (self.target.stream_complete(pl.raw_text, params) if pl.raw_text is not None
                           else self.target.stream(pl.messages or [], params))
-                checker = StreamChecker(lambda t: self._timed(self.detector.detect_leak, t,
-                                                              timeout=self.config.detector_timeout_s),
-                                        self.config, pl.trace)
+                checker = StreamChecker(detect_leak or self._leak_now, self.config, pl.trace)
                 released_any = False
                 t_gen = time.perf_counter()
                 n = 0
@@ -376,8 +472,8 @@ class GuardedLLM:
 
     # -- async API --------------------------------------------------------------------------------------
     async def agenerate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
-        """Async ``generate``: the blocking pipeline runs in a worker thread."""
-        return await asyncio.to_thread(self.generate, prompt, params, **overrides)
+        """Async ``generate``: detector calls are batched with concurrent requests, blocking work runs in threads."""
+        return await self._arun(prompt, self._params(params, overrides), raw=False)
 
     async def agenerate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
                               ) -> list[GuardResult]:
@@ -385,16 +481,63 @@ class GuardedLLM:
         return await asyncio.to_thread(self.generate_batch, prompts, params, **overrides)
 
     async def acomplete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
-        """Async ``complete``."""
-        return await asyncio.to_thread(self.complete, text, params, **overrides)
+        """Async ``complete`` (batched detector calls, as ``agenerate``)."""
+        return await self._arun(text, self._params(params, overrides), raw=True)
+
+    async def _arun(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardResult:
+        """One request through the async pipeline: batched checks, the target call in a worker thread."""
+        pl = await self._aplan(prompt, raw)
+        try:
+            if pl.refusal is not None:
+                return GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace)
+            t0 = time.perf_counter()
+            if pl.raw_text is not None:
+                outs = await asyncio.to_thread(self.target.complete_batch, [pl.raw_text], params)
+            else:
+                outs = await asyncio.to_thread(self.target.generate_batch, [pl.messages or []], params)
+            pl.trace.add_time("generate", time.perf_counter() - t0)
+            o = outs[0]
+            return self._answer(pl, o, await self._acheck(pl, o.text))
+        finally:
+            pl.trace.add_time("total", time.perf_counter() - pl.t0)
+
+    async def _aopen_stream(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardStream:
+        """Judge the prompt on the async path (batched), then build the stream that generates and checks."""
+        plan = await self._aplan(prompt, raw)
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        deadline = self.config.detector_timeout_s + self._batch_timeout(self.config.detector_max_batch)
+
+        def leak_via_batcher(text: str) -> Detection:
+            """Called from the stream's worker thread: the check joins the loop's leak batch."""
+            if threading.get_ident() == loop_thread:  # never block the loop on itself
+                return self._leak_now(text)
+            fut = asyncio.run_coroutine_threadsafe(self._leak_batcher.submit(text), loop)
+            try:
+                return fut.result(timeout=deadline)
+            except concurrent.futures.TimeoutError as e:
+                fut.cancel()
+                raise TimeoutError(f"no answer within {deadline:.1f}s") from e
+
+        return self._stream(prompt, params, raw, plan=plan, detect_leak=leak_via_batcher)
 
     def astream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
-        """Async ``stream``: deltas arrive without blocking the event loop."""
-        return AsyncGuardStream(self.stream(prompt, params, **overrides))
+        """Async ``stream``: the prompt check is batched, deltas arrive without blocking the event loop."""
+        p = self._params(params, overrides)
+        return AsyncGuardStream(opener=lambda: self._aopen_stream(prompt, p, raw=False),
+                                trace=GuardTrace(output_check_mode=self.config.output_check))
 
     def astream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
         """Async ``stream_complete``."""
-        return AsyncGuardStream(self.stream_complete(text, params, **overrides))
+        p = self._params(params, overrides)
+        return AsyncGuardStream(opener=lambda: self._aopen_stream(text, p, raw=True),
+                                trace=GuardTrace(output_check_mode=self.config.output_check))
+
+    def batch_stats(self) -> dict[str, dict[str, float]]:
+        """How the async path has batched detector calls so far (batches, items, mean and largest batch)."""
+        return {b.name: {"batches": b.stats.batches, "items": b.stats.items, "failed_batches": b.stats.failed_batches,
+                         "mean_batch": round(b.stats.mean_batch(), 3), "max_batch": b.stats.max_batch_seen}
+                for b in (self._prompt_batcher, self._leak_batcher)}
 
     # -- run-time targets -------------------------------------------------------------------------------
     def add_target(self, target: ForgetTarget) -> None:
@@ -422,6 +565,15 @@ class GuardedLLM:
         log.info("forget target %s removed", target_id)
         return res if isinstance(res, bool) else True
 
+    def replace_detector(self, detector: DetectorProtocol) -> None:
+        """Swap in a reloaded forget store; requests already running finish with the previous one."""
+        for meth in ("detect", "detect_batch", "detect_leak"):
+            if not callable(getattr(detector, meth, None)):
+                raise TypeError(f"detector {type(detector).__name__} lacks {meth}(); see guard.types.DetectorProtocol")
+        self.book = TargetBook(detector, self._task_targets)
+        self.detector = detector
+        log.info("forget store replaced: %d targets", len(self.book.ids()))
+
     def target_ids(self) -> list[str]:
         """The forget targets currently guarded."""
         return self.book.ids()
@@ -438,35 +590,53 @@ class GuardedLLM:
 
 
 class AsyncGuardStream:
-    """Async iterator over a GuardStream's deltas; ``trace`` and ``finish_reason`` as in GuardStream."""
+    """Async iterator over a GuardStream's deltas; ``trace`` and ``finish_reason`` as in GuardStream.
 
-    def __init__(self, sync: GuardStream) -> None:
-        """Wrap a sync stream; it is consumed in a worker thread."""
+    Built from a sync stream, or from an ``opener`` coroutine that judges the prompt first (on the
+    event loop's micro-batched path) and returns the sync stream; the first ``__anext__`` opens it.
+    """
+
+    def __init__(self, sync: GuardStream | None = None, *, opener: Callable[[], Awaitable[GuardStream]] | None = None,
+                 trace: GuardTrace | None = None) -> None:
+        """Wrap a sync stream (consumed in a worker thread), or an opener run at the first ``__anext__``."""
+        if (sync is None) == (opener is None):
+            raise TypeError("AsyncGuardStream needs either a GuardStream or an opener")
         self._sync = sync
+        self._opener = opener
+        self._trace0 = trace or GuardTrace()
         self._it: AsyncIterator[str] | None = None
 
     @property
     def trace(self) -> GuardTrace:
         """The request's trace (final after the stream ends)."""
-        return self._sync.trace
+        return self._sync.trace if self._sync is not None else self._trace0
 
     @property
     def finish_reason(self) -> str:
         """'stop', 'length' or 'content_filter' (final after the stream ends)."""
-        return self._sync.finish_reason
+        return self._sync.finish_reason if self._sync is not None else "stop"
 
     def __aiter__(self) -> AsyncGuardStream:
         return self
 
     async def __anext__(self) -> str:
         if self._it is None:
-            self._it = aiter_thread(lambda: self._sync)
+            if self._sync is None:
+                opener, self._opener = self._opener, None
+                if opener is None:  # opening failed before: nothing to iterate
+                    raise StopAsyncIteration
+                self._sync = await opener()
+            sync = self._sync
+            self._it = aiter_thread(lambda: sync)
         return await self._it.__anext__()
 
     async def aclose(self) -> None:
         """Stop generation early."""
         if self._it is not None:
             await self._it.aclose()  # type: ignore[attr-defined]
+        elif self._sync is not None:
+            self._sync.close()
+        self._opener = None
 
 
 def _as_backend(spec: Backend | BackendConfig | str | None) -> Backend:

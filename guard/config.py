@@ -5,6 +5,7 @@ All three load from YAML with ``core.config.load_config`` and take ``key=value``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -54,6 +55,11 @@ class GuardConfig(_Cfg):
     guard_max_new_tokens: int = Field(64, ge=8, le=1024)
     guard_timeout_s: float = Field(30.0, gt=0, description="Guard generation later than this uses the template.")
     detector_timeout_s: float = Field(10.0, gt=0, description="A detector call later than this is a failure.")
+    detector_batch_window_ms: float = Field(2.0, ge=0, le=1000, description="Async path (the server): prompts and "
+                                            "answers arriving within this window share one detector call.")
+    detector_max_batch: int = Field(64, ge=1, le=4096, description="Async path: most texts per batched detector call.")
+    detector_max_inflight: int = Field(1, ge=1, le=64, description="Async path: batched calls of each kind (prompt, "
+                                       "output check) running at once; more texts wait and form the next batch.")
     output_check: OutputCheckMode = "block"
     check_every_tokens: int = Field(8, ge=1, description="Streamed chunks between two output checks.")
     check_overlap_chars: int = Field(256, ge=0, description="Each leak check sees the text since the last check plus "
@@ -83,7 +89,14 @@ class ServerConfig(_Cfg):
     admin_key: SecretStr | None = Field(None, description="Key of /admin/*; unset: admin endpoints are disabled.")
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_messages: int = Field(256, ge=1)
+    max_prompt_chars: int = Field(100_000, ge=1, description="Most characters of message text (or prompt) per "
+                                  "request; longer ones are refused with 400 before any model or detector runs.")
     max_tokens_cap: int = Field(2048, ge=1, description="Upper bound on max_tokens a client may ask for.")
     request_timeout_s: float = Field(120.0, gt=0, description="Whole non-streamed request; per chunk when streamed.")
     max_concurrency: int = Field(4, ge=1, description="Requests generating at once; others wait.")
     expose_trace: bool = Field(False, description="Add the guard trace to responses (field 'guard').")
+    store_path: Path | None = Field(None, description="Detector directory re-saved (atomically) after every admin "
+                                    "change to the forget targets; unset: admin changes live in memory only.")
+    watch_store: Path | None = Field(None, description="Detector directory to reload whenever its manifest changes "
+                                     "(e.g. the store_path of an admin replica, on a shared volume); unset: no reload.")
+    watch_interval_s: float = Field(5.0, gt=0, description="How often watch_store's manifest is checked.")

@@ -44,13 +44,14 @@ def _break_marker(m: re.Match[str]) -> str:
     return s[0] + " " + s[1:-1] + " " + s[-1]
 
 
-def neutralise(text: str, extra_markers: Iterable[str] = ()) -> str:
-    """Neutralise role markers and fake role headers in user text; ordinary text is returned unchanged."""
+def neutralise(text: str, extra_markers: Iterable[str] = (), role_lines: bool = True) -> str:
+    """Neutralise role markers, guard delimiters and (``role_lines``) fake role headers; ordinary text is unchanged."""
     out = _MARKERS.sub(_break_marker, text)
     for tok in extra_markers:
         if tok and len(tok) > 1 and tok in out:
             out = out.replace(tok, tok[0] + " " + tok[1:])
-    out = _ROLE_LINE.sub(lambda m: f"{m.group('lead')}(user text) {m.group('role')}", out)
+    if role_lines:
+        out = _ROLE_LINE.sub(lambda m: f"{m.group('lead')}(user text) {m.group('role')}", out)
     return _GUARD_DELIMITER.sub(lambda m: m.group(0).lower().replace(" ", "_"), out)
 
 
@@ -103,9 +104,14 @@ def guard_system_text(instruction: str, targets: Sequence[ForgetTarget]) -> str:
 
 
 def assemble(messages: Sequence[Message], instruction: str, targets: Sequence[ForgetTarget],
-             default_system: str | None = None) -> list[Message]:
-    """Build the target's messages: one system turn (guard rules first, then the client's own), then the rest."""
-    client_system = [m["content"] for m in messages if m["role"] == "system"]
+             default_system: str | None = None, extra_markers: Iterable[str] = ()) -> list[Message]:
+    """Build the target's messages: one system turn (guard rules first, then the client's own), then the rest.
+
+    The client's system text follows the guard block with its turn markers and guard delimiters
+    broken up, so it can neither end the system turn nor fake the end of the guard rules.
+    """
+    client_system = [neutralise(m["content"], extra_markers, role_lines=False) for m in messages
+                     if m["role"] == "system"]
     rest = [dict(m) for m in messages if m["role"] != "system"]
     system = guard_system_text(instruction, targets)
     app_text = "\n\n".join(client_system) if client_system else (default_system or "")

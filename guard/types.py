@@ -42,7 +42,20 @@ class GuardUnavailableError(GuardError):
 
 
 class BackendError(GuardError):
-    """A model backend failed (upstream HTTP error, engine error); the message says which and why."""
+    """A model backend failed (upstream HTTP error, engine error); the message says which and why.
+
+    ``kind`` tells the HTTP layer and the metrics what went wrong: 'unreachable', 'timeout',
+    'http_error', 'bad_response' (not JSON, wrong schema), 'stream_cut', 'stream_error' or 'error'.
+    """
+
+    KINDS = ("unreachable", "timeout", "http_error", "bad_response", "stream_cut", "stream_error", "error")
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        """Keep the message and the failure kind (one of ``KINDS``)."""
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown BackendError kind {kind!r}; accepted: {', '.join(self.KINDS)}")
+        super().__init__(message)
+        self.kind = kind
 
 
 class AdminError(GuardError):

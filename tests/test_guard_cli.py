@@ -29,3 +29,28 @@ def test_oracle_detector_from_a_task_file(tmp_path: Path) -> None:
 def test_missing_detector_dir_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(Exception):  # noqa: B017 - the detector package decides the exact type
         load_detector(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(("flags", "fail_open", "port", "mode"), [
+    ([], True, 9123, "template"),                                   # the YAML holds
+    (["--fail-closed", "--port", "9200", "--guard-mode", "llm"], False, 9200, "llm"),  # flags win
+])
+def test_yaml_settings_hold_unless_a_flag_is_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   flags: list[str], fail_open: bool, port: int, mode: str) -> None:
+    import uvicorn
+
+    import guard.api as api_mod
+    from guard.testing import ScriptedBackend
+
+    started: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda a, **kw: started.update(app=a, **kw))
+    monkeypatch.setattr(api_mod, "_as_backend", lambda spec: ScriptedBackend())  # no model load
+    task = save_task(generate_benchmark(), tmp_path / "task.json")
+    cfg = tmp_path / "deploy.yaml"
+    cfg.write_text("guard:\n  fail_open: true\n  guard_mode: template\nserver:\n  port: 9123\n  max_concurrency: 16\n")
+    out = CliRunner().invoke(app, ["--detector", str(task), "--oracle", "--config", str(cfg), *flags])
+    assert out.exit_code == 0, out.output
+    served = started["app"]
+    assert served.state.guarded.config.fail_open is fail_open and served.state.guarded.config.guard_mode == mode
+    assert started["port"] == port and served.state.config.max_concurrency == 16
+    assert served.state.config.watch_store is None  # an oracle task file is not a store directory

@@ -1,8 +1,14 @@
 """Any OpenAI-compatible HTTP server as a backend (vLLM serve, llama.cpp server, our own proxy...).
 
-httpx with separate connect/read timeouts; connect errors, 429 and 5xx are retried with backoff
-(never after a stream has started). ``response_format`` json_schema is sent for structured output;
-an upstream that rejects it (HTTP 400) is remembered and asked without it afterwards.
+httpx with separate connect/read timeouts; connect errors, timeouts, 429 and 5xx are retried with
+backoff (never after a stream has started). ``response_format`` json_schema is sent for structured
+output; an upstream that rejects it (HTTP 400) is remembered and asked without it afterwards.
+
+Every failure is a :class:`~guard.types.BackendError` whose ``kind`` says what happened: the upstream
+is unreachable, too slow ('timeout'), answered an HTTP error, sent something that is not an OpenAI
+answer ('bad_response': not JSON, wrong schema), or cut a stream off before ``data: [DONE]``
+('stream_cut'). Error messages describe the shape of a bad answer, never its text: an answer that
+fails to parse is unchecked model output and must not reach a client or a log through an error.
 """
 
 from __future__ import annotations
@@ -23,16 +29,76 @@ from guard.types import BackendError
 
 log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+_MAX_ERROR_CHARS = 200
 
 
 def _error_text(resp: httpx.Response) -> str:
-    """A short description of an upstream error response (its JSON error message where there is one)."""
+    """A short description of an upstream error response: its status and JSON error message, never a raw body."""
     try:
         body = resp.json()
-        msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("detail")
-        return f"HTTP {resp.status_code}: {msg or str(body)[:300]}"
-    except (ValueError, AttributeError):
-        return f"HTTP {resp.status_code}: {resp.text[:300]}"
+    except (ValueError, UnicodeDecodeError):
+        return f"HTTP {resp.status_code} (a non-JSON body of {len(resp.content)} bytes)"
+    msg: Any = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else body.get("detail"))
+    if isinstance(msg, str) and msg:
+        return f"HTTP {resp.status_code}: {msg[:_MAX_ERROR_CHARS]}"
+    return f"HTTP {resp.status_code} (a JSON body without an error message)"
+
+
+def _shape(data: Any) -> str:
+    """What a JSON value looks like (type and top-level keys), without its content."""
+    if isinstance(data, dict):
+        return f"an object with keys {sorted(str(k) for k in data)[:10]}"
+    return f"a JSON {type(data).__name__}"
+
+
+def _transport_kind(e: httpx.HTTPError) -> str:
+    """The BackendError kind of an httpx transport failure."""
+    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return "unreachable"
+    if isinstance(e, httpx.TimeoutException):
+        return "timeout"
+    return "bad_response"
+
+
+def parse_answer(data: Any, chat: bool) -> GenOutput:
+    """Validate an OpenAI (chat) completion body and turn it into a GenOutput; BackendError('bad_response') if it is not one."""
+    field = "choices[0].message.content" if chat else "choices[0].text"
+    what = "chat completion" if chat else "text completion"
+    choice: Any = None
+    if isinstance(data, dict) and isinstance(data.get("choices"), list) and data["choices"]:
+        choice = data["choices"][0]
+    if not isinstance(choice, dict):
+        raise BackendError(f"upstream answer is not an OpenAI {what}: no choices[0] object (got {_shape(data)})",
+                           "bad_response")
+    holder = choice.get("message") if chat else choice
+    text = holder.get("content" if chat else "text") if isinstance(holder, dict) else None
+    if text is None and chat and isinstance(holder, dict) and holder.get("role") == "assistant":
+        text = ""  # an assistant message without content (e.g. only a refusal field): an empty answer
+    if not isinstance(text, str):
+        raise BackendError(f"upstream answer is not an OpenAI {what}: {field} is missing or not a string "
+                           f"(got {_shape(holder) if holder is not None else 'nothing'})", "bad_response")
+    finish = choice.get("finish_reason")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    try:
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+    except (TypeError, ValueError) as e:
+        raise BackendError("upstream answer has non-integer usage token counts", "bad_response") from e
+    return GenOutput(text=text, finish_reason=finish if isinstance(finish, str) and finish else "stop",
+                     prompt_tokens=max(0, prompt_tokens), completion_tokens=max(0, completion_tokens))
+
+
+def _json_of(resp: httpx.Response, where: str) -> Any:
+    """The JSON body of a 200 response, or BackendError('bad_response') naming what came instead."""
+    try:
+        return resp.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        ctype = resp.headers.get("content-type", "no content-type")
+        raise BackendError(f"upstream {where} answered HTTP 200 with a body that is not JSON "
+                           f"({len(resp.content)} bytes, {ctype})", "bad_response") from e
 
 
 @BACKENDS.register("openai")
@@ -80,53 +146,38 @@ class OpenAIHTTPBackend(Backend):
                                        "json_schema": {"name": "guard_output", "schema": params.json_schema, "strict": True}}
         return body
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
         """POST with retries on transient failures; a 400 caused by response_format drops it once."""
-        last: str = ""
+        last, kind = "", "error"
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 resp = self._client.post(path, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadTimeout) as e:
-                last = f"{e.__class__.__name__}: {e}"
+            except httpx.HTTPError as e:
+                last, kind = f"{e.__class__.__name__}: {e}", _transport_kind(e)
             else:
                 if resp.status_code == 200:
-                    return resp.json()
+                    return _json_of(resp, f"{self.base_url}{path}")
                 if resp.status_code == 400 and "response_format" in body:
                     log.warning("upstream rejected response_format (%s); retrying without structured output",
                                 _error_text(resp))
                     self.supports_json_schema = False
                     body = {k: v for k, v in body.items() if k != "response_format"}
                     continue
-                last = _error_text(resp)
+                last, kind = _error_text(resp), "http_error"
                 if resp.status_code not in _RETRY_STATUS:
                     break
             if attempt < self.cfg.max_retries:
                 time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
-        raise BackendError(f"upstream {self.base_url}{path} failed: {last}")
-
-    @staticmethod
-    def _out(choice: dict[str, Any], usage: dict[str, Any] | None, chat: bool) -> GenOutput:
-        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-        return GenOutput(text=text or "", finish_reason=choice.get("finish_reason") or "stop",
-                         prompt_tokens=int((usage or {}).get("prompt_tokens") or 0),
-                         completion_tokens=int((usage or {}).get("completion_tokens") or 0))
+        raise BackendError(f"upstream {self.base_url}{path} failed: {last}", kind)
 
     def _chat_one(self, messages: Messages, params: GenParams) -> GenOutput:
         body = {**self._body(params, stream=False), "messages": [dict(m) for m in messages]}
-        data = self._post("/chat/completions", body)
-        try:
-            return self._out(data["choices"][0], data.get("usage"), chat=True)
-        except (KeyError, IndexError, TypeError) as e:
-            raise BackendError(f"upstream answer has no choices[0].message: {str(data)[:200]}") from e
+        return parse_answer(self._post("/chat/completions", body), chat=True)
 
     def _complete_one(self, text: str, params: GenParams) -> GenOutput:
         body = {**self._body(params, stream=False), "prompt": text}
         body.pop("response_format", None)
-        data = self._post("/completions", body)
-        try:
-            return self._out(data["choices"][0], data.get("usage"), chat=False)
-        except (KeyError, IndexError, TypeError) as e:
-            raise BackendError(f"upstream answer has no choices[0].text: {str(data)[:200]}") from e
+        return parse_answer(self._post("/completions", body), chat=False)
 
     # -- interface ------------------------------------------------------------------------------------
     def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
@@ -148,20 +199,22 @@ class OpenAIHTTPBackend(Backend):
                         if resp.status_code in _RETRY_STATUS and attempt < self.cfg.max_retries:
                             time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
                             continue
-                        raise BackendError(f"upstream {self.base_url}{path} failed: {err}")
+                        raise BackendError(f"upstream {self.base_url}{path} failed: {err}", "http_error")
+                    reader = _SSEReader(chat, f"{self.base_url}{path}")
                     for line in resp.iter_lines():
-                        delta = _sse_delta(line, chat)
+                        delta = reader.feed(line)
                         if delta is None:
                             return
                         if delta:
                             yield delta
+                    reader.end()
                     return
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 if attempt >= self.cfg.max_retries:
-                    raise BackendError(f"upstream {self.base_url}{path} unreachable: {e}") from e
+                    raise BackendError(f"upstream {self.base_url}{path} unreachable: {e}", "unreachable") from e
                 time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
             except httpx.HTTPError as e:
-                raise BackendError(f"upstream stream {self.base_url}{path} broke: {e.__class__.__name__}: {e}") from e
+                raise _stream_error(e, f"{self.base_url}{path}") from e
 
     def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
         """Stream a chat answer from upstream."""
@@ -178,40 +231,42 @@ class OpenAIHTTPBackend(Backend):
     async def agenerate(self, messages: Messages, params: GenParams) -> GenOutput:
         """Native async chat request (no thread)."""
         body = {**self._body(params, stream=False), "messages": [dict(m) for m in messages]}
-        last = ""
+        last, kind = "", "error"
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 resp = await self._aclient.post("/chat/completions", json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout) as e:
-                last = f"{e.__class__.__name__}: {e}"
+            except httpx.HTTPError as e:
+                last, kind = f"{e.__class__.__name__}: {e}", _transport_kind(e)
             else:
                 if resp.status_code == 200:
-                    data = resp.json()
-                    return self._out(data["choices"][0], data.get("usage"), chat=True)
-                last = _error_text(resp)
+                    return parse_answer(_json_of(resp, f"{self.base_url}/chat/completions"), chat=True)
+                last, kind = _error_text(resp), "http_error"
                 if resp.status_code not in _RETRY_STATUS:
                     break
             if attempt < self.cfg.max_retries:
                 await asyncio.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
-        raise BackendError(f"upstream {self.base_url}/chat/completions failed: {last}")
+        raise BackendError(f"upstream {self.base_url}/chat/completions failed: {last}", kind)
 
     async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
         """Native async streaming of a chat answer."""
         body = {**self._body(params, stream=True), "messages": [dict(m) for m in messages]}
         body.pop("response_format", None)
+        where = f"{self.base_url}/chat/completions"
         try:
             async with self._aclient.stream("POST", "/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
-                    raise BackendError(f"upstream stream failed: {_error_text(resp)}")
+                    raise BackendError(f"upstream stream {where} failed: {_error_text(resp)}", "http_error")
+                reader = _SSEReader(True, where)
                 async for line in resp.aiter_lines():
-                    delta = _sse_delta(line, chat=True)
+                    delta = reader.feed(line)
                     if delta is None:
                         return
                     if delta:
                         yield delta
+                reader.end()
         except httpx.HTTPError as e:
-            raise BackendError(f"upstream stream broke: {e.__class__.__name__}: {e}") from e
+            raise _stream_error(e, where) from e
 
     def ready(self) -> bool:
         """Ping ``/models`` with a short timeout."""
@@ -232,21 +287,61 @@ class OpenAIHTTPBackend(Backend):
             loop.create_task(self._aclient.aclose())
 
 
-def _sse_delta(line: str, chat: bool) -> str | None:
-    """The content delta of one SSE line: '' for non-content lines, None at ``[DONE]``."""
-    if not line.startswith("data:"):
-        return ""
-    payload = line[5:].strip()
-    if payload == "[DONE]":
-        return None
-    try:
-        data = json.loads(payload)
-    except json.JSONDecodeError:
-        return ""
-    if isinstance(data, dict) and data.get("error"):
-        raise BackendError(f"upstream stream error: {data['error']}")
-    choices = data.get("choices") or []
-    if not choices:
-        return ""
-    c = choices[0]
-    return ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
+def _stream_error(e: httpx.HTTPError, where: str) -> BackendError:
+    """The BackendError of a transport failure while a stream was open."""
+    if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return BackendError(f"upstream {where} unreachable: {e}", "unreachable")
+    if isinstance(e, httpx.TimeoutException):
+        return BackendError(f"upstream stream {where} stalled: {e.__class__.__name__}", "timeout")
+    return BackendError(f"upstream stream {where} broke off: {e.__class__.__name__}: {e}", "stream_cut")
+
+
+class _SSEReader:
+    """Parses an upstream SSE answer line by line and knows whether it ended properly."""
+
+    def __init__(self, chat: bool, where: str) -> None:
+        """``chat``: deltas are in choices[0].delta.content, else choices[0].text."""
+        self.chat = chat
+        self.where = where
+        self.finished = False
+
+    def feed(self, line: str) -> str | None:
+        """The content delta of one line: '' for non-content lines, None at ``[DONE]``."""
+        if not line.startswith("data:"):
+            return ""  # blank separators, comments (': ping'), event/id fields
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return None
+        try:
+            data = json.loads(payload)
+        except json.JSONDecodeError as e:
+            raise BackendError(f"upstream stream {self.where} sent a data line that is not JSON "
+                               f"({len(payload)} chars)", "bad_response") from e
+        if isinstance(data, dict) and data.get("error"):
+            err = data["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            raise BackendError(f"upstream stream {self.where} reported an error: {str(msg)[:_MAX_ERROR_CHARS]}",
+                               "stream_error")
+        if not isinstance(data, dict) or not isinstance(data.get("choices", []), list):
+            raise BackendError(f"upstream stream {self.where} sent a chunk that is not an OpenAI chunk "
+                               f"(got {_shape(data)})", "bad_response")
+        choices = data.get("choices") or []
+        if not choices:
+            return ""  # e.g. a final usage-only chunk
+        c = choices[0]
+        if not isinstance(c, dict):
+            raise BackendError(f"upstream stream {self.where} sent choices[0] that is not an object", "bad_response")
+        if c.get("finish_reason"):
+            self.finished = True
+        holder = c.get("delta") if self.chat else c
+        delta = holder.get("content" if self.chat else "text") if isinstance(holder, dict) else None
+        if delta is not None and not isinstance(delta, str):
+            raise BackendError(f"upstream stream {self.where} sent a delta that is not a string", "bad_response")
+        return delta or ""
+
+    def end(self) -> None:
+        """The body ended: fine after a finish_reason, else the stream was cut off (BackendError)."""
+        if not self.finished:
+            raise BackendError(f"upstream stream {self.where} ended before data: [DONE] and without a finish_reason "
+                               "(cut off mid-answer)", "stream_cut")
+
