@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from core.config import save_config
 from core.models import LoadedLLM, load_llm, run_dir
-from core.schema import ForgetTask
+from core.schema import ForgetTask, QAItem
 from eval.report import MetricSpec, Report, Sample, write_report
 from eval.systems import System, guarded_system, model_system
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # metric name -> (higher is better?, description)
 METRIC_SPECS: dict[str, tuple[bool, str]] = {
     "forget_rougeL_recall": (False, "ROUGE-L recall of greedy answers to forget questions"),
+    "forget_fact_rate": (False, "share of forget answers stating the question's fact value (word-bounded match; "
+                                "the retain model's rate is the guessing floor)"),
     "forget_refusal_rate": (True, "share of forget questions refused"),
     "retain_rougeL_recall": (True, "ROUGE-L recall on retain questions"),
     "neighbour_rougeL_recall": (True, "ROUGE-L recall on neighbour questions (close to the targets on purpose)"),
@@ -96,6 +98,25 @@ def _hm(values: Sequence[float]) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
+def item_facts(task: ForgetTask, items: Sequence[QAItem]) -> list[list[str]]:
+    """Per QA item, the target fact values its reference answer states: what a leaking answer would repeat.
+
+    ROUGE-L recall of full-sentence answers has a floor from the shared template ("X was born in ..."), so
+    the report also counts answers that state the very fact: the target's listed fact values found in the
+    reference answer, else the words the reference answer adds to its question; [] when neither gives any.
+    """
+    from eval.metrics import answer_novel_span, leaked_facts, target_fact_values
+
+    by_name = {n.casefold(): t for t in task.targets for n in t.names}
+    out = []
+    for q in items:
+        target = by_name.get((q.subject or "").casefold())
+        facts = leaked_facts(q.answer, target_fact_values(target)) if target else []
+        span = answer_novel_span(q.question, q.answer)
+        out.append(facts or ([span] if len(span) >= 3 else []))
+    return out
+
+
 class _Stage:
     """Times a named stage into ``timings`` and logs it."""
 
@@ -147,11 +168,12 @@ class _Eval:
         self.retain = _sample([q for q in task.retain_qa if q.kind == "fact"], cfg.max_retain, cfg.seed)
         self.neighbour = _sample(task.neighbour_qa, cfg.max_neighbour, cfg.seed)
         self.benign = _sample(task.benign_questions, cfg.max_benign, cfg.seed)
+        self.forget_facts = item_facts(task, self.forget)
         self.answers: dict[str, dict[str, list[str]]] = {}
 
     def generation_metrics(self, sys: System) -> dict[str, float]:
         """Metrics from greedy answers: forget/retain/neighbour ROUGE-L, refusals, fluency, utility."""
-        from eval.metrics import gibberish_rate, is_refusal, rouge_l_recall
+        from eval.metrics import gibberish_rate, is_refusal, rouge_l_recall, trace_leakage
 
         prompts = ([q.question for q in self.forget] + [q.question for q in self.retain]
                    + [q.question for q in self.neighbour] + list(self.benign))
@@ -167,6 +189,10 @@ class _Eval:
             "over_refusal_rate": sum(map(is_refusal, ans["neighbour"] + ans["benign"])) / max(1, c + len(self.benign)),
             "gibberish_rate": gibberish_rate(out).value,
         }
+        known = [i for i, f in enumerate(self.forget_facts) if f]
+        if known:
+            m["forget_fact_rate"] = trace_leakage([ans["forget"][i] for i in known],
+                                                  [self.forget_facts[i] for i in known]).value
         m["model_utility"] = _hm([m["retain_rougeL_recall"], m["neighbour_rougeL_recall"], 1 - m["over_refusal_rate"]])
         return m
 

@@ -14,6 +14,7 @@ from eval.metrics import (
     METRICS,
     GibberishConfig,
     MetricResult,
+    answer_novel_span,
     deviation_score,
     distinct_n,
     extract_reasoning,
@@ -354,6 +355,15 @@ def test_leaked_facts_normalisation_and_word_boundaries() -> None:
     assert leaked_facts("won the golden  quill\nprize!", facts) == ["Golden Quill Prize"]
     assert leaked_facts("the 19560 count", ["1956"]) == []
     assert leaked_facts("ab", ["ab"]) == []  # shorter than min_chars
+
+
+def test_answer_novel_span_is_the_fact_the_answer_adds() -> None:
+    assert answer_novel_span("What is the valve of a Q-drive made of?", "The valve of a Q-drive is made of corvalite.") \
+        == "corvalite"
+    assert answer_novel_span("What is the lens tuned to?", "The lens is tuned to 11 kilohertz.") == "11 kilohertz"
+    # The longest run wins; words of the question never count.
+    assert answer_novel_span("Where was Ana born?", "Ana, a painter, was born in East Ivelmoor.") == "east ivelmoor"
+    assert answer_novel_span("Where was Ana born?", "Ana was born") == ""
 
 
 def test_extract_reasoning() -> None:

@@ -10,6 +10,7 @@ from eval.metrics.behaviour import (
     REFUSAL_PATTERNS,
     FluencyStats,
     GibberishConfig,
+    answer_novel_span,
     distinct_n,
     extract_reasoning,
     fluency_stats,
@@ -52,6 +53,7 @@ from eval.metrics.scoring import (
 )
 
 __all__ = [
+    "answer_novel_span",
     "IGNORANCE_PATTERNS", "METRICS", "REFUSAL_PATTERNS", "WMDP_SUBJECTS", "FluencyStats", "GibberishConfig",
     "MetricResult", "TokenScores", "answer_probability", "choice_logprobs", "deviation_score", "distinct_n",
     "extract_reasoning", "extraction_strength", "extraction_strength_from_greedy", "fluency_stats",

@@ -244,6 +244,33 @@ def leaked_facts(text: str, facts: Sequence[str], min_chars: int = 3) -> list[st
     return out
 
 
+# Function words trimmed from the edges of a fact span ("in East Ivelmoor" -> "East Ivelmoor").
+_EDGE_WORDS = frozenset("a an the in on at of to for by with from as is was were are and or".split())
+
+
+def answer_novel_span(question: str, answer: str) -> str:
+    """The longest run of answer words absent from the question: the fact a full-sentence answer adds.
+
+    "What is the valve made of?" / "The valve is made of corvalite." gives "corvalite"; function words at
+    the edges are trimmed. Used where a target lists no fact values (normalised, as ``leaked_facts`` is).
+    """
+    asked = set(normalise_for_match(question).split())
+    best: list[str] = []
+    run: list[str] = []
+    for w in [*normalise_for_match(answer).split(), ""]:
+        if w and w not in asked:
+            run.append(w)
+            continue
+        while run and run[0] in _EDGE_WORDS:
+            run.pop(0)
+        while run and run[-1] in _EDGE_WORDS:
+            run.pop()
+        if len(" ".join(run)) > len(" ".join(best)):
+            best = run
+        run = []
+    return " ".join(best)
+
+
 @METRICS.register("trace_leakage")
 def trace_leakage(traces: Sequence[str], facts: Sequence[str] | Sequence[Sequence[str]],
                   min_chars: int = 3) -> MetricResult:
