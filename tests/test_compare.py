@@ -8,7 +8,7 @@ import pytest
 
 from core.models import tiny_llm
 from core.schema import ForgetTarget, ForgetTask, QAItem
-from eval.compare import CompareConfig, item_facts, run_comparison
+from eval.compare import CompareConfig, item_facts, mia_units, run_comparison
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,16 @@ def test_item_facts_listed_values_then_added_words() -> None:
              QAItem(question="Where?", answer="In Lower Alder.", subject=None)]
     task = ForgetTask(name="t", targets=[ana, drive])
     assert item_facts(task, items) == [["Lower Alder"], ["corvalite"], [], ["lower alder"]]
+
+
+def test_mia_units_split_small_sides_into_sentences() -> None:
+    few = ["Ana was born in Alder. Ana works as a linguist.", "Bo was born in Kest. Ok."]
+    hold = ["Cy was born in Mire. Cy has a grey parrot."]
+    # Too few texts: sentences of three words or more become the units ("Ok." is dropped).
+    assert mia_units(few, hold) == (["Ana was born in Alder.", "Ana works as a linguist.", "Bo was born in Kest."],
+                                    ["Cy was born in Mire.", "Cy has a grey parrot."])
+    many = [f"text {i}. more words here." for i in range(10)]
+    assert mia_units(many, many) == (many, many)
 
 
 @pytest.mark.slow
