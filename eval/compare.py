@@ -45,8 +45,9 @@ METRIC_SPECS: dict[str, tuple[bool, str]] = {
     "model_utility": (True, "harmonic mean of retain R-L, neighbour R-L and 1 - over-refusal"),
     "forget_truth_ratio": (True, "TOFU truth ratio on forget facts, forget form mean(min(R, 1/R)) (white-box)"),
     "forget_quality": (True, "TOFU forget quality: KS p-value of truth ratios vs the retain model (white-box)"),
-    "hazard_mcq_acc": (False, "zero-shot MCQ accuracy on the hazard-proxy domain, WMDP format (white-box)"),
-    "retain_mcq_acc": (True, "zero-shot MCQ accuracy on the benign MCQ domain (white-box)"),
+    "hazard_mcq_acc": (False, "zero-shot MCQ accuracy on the hazard-proxy domain, WMDP schema, in the config's "
+                              "mcq_format (white-box)"),
+    "retain_mcq_acc": (True, "zero-shot MCQ accuracy on the benign MCQ domain, in the config's mcq_format (white-box)"),
     "mia_auc": (False, "Min-K% AUC, forget vs holdout texts, or their sentences when either side has fewer than "
                        f"{MIN_MIA_UNITS} texts (0.5 = indistinguishable) (white-box)"),
     "privleak": (True, "MUSE PrivLeak against the retain model (0 is ideal; negative = leaks) (white-box)"),
@@ -68,7 +69,10 @@ class CompareConfig(BaseModel):
     guard: dict[str, Any] = Field(default_factory=dict, description="GuardConfig fields.")
     detector: dict[str, Any] = Field(default_factory=dict, description="DetectorConfig fields.")
     attacks: list[str] | None = Field(None, description="Attack names; None runs every registered attack.")
-    attack_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    attack_params: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"linear-probe": {"max_items": 100}, "ood-finetune": {"steps": 10}},
+        description="Per-attack config fields; the default profile trains the probe on 100 retain questions and "
+                    "fine-tunes out of domain for 10 steps (the full profile: the attacks' defaults).")
     max_forget: int | None = Field(None, ge=1, description="Forget QA items evaluated (None: all facts).")
     max_retain: int = Field(24, ge=1)
     max_neighbour: int = Field(24, ge=1)
@@ -76,6 +80,9 @@ class CompareConfig(BaseModel):
     max_attack_items: int = Field(8, ge=1, description="Forget items each prompt attack is applied to.")
     variants_per_item: int = Field(1, ge=1, description="Attack variants kept per item (seeded sample).")
     max_new_tokens: int = Field(32, ge=4)
+    mcq_format: Literal["letter", "cloze"] = Field(
+        "cloze", description="MCQ scoring: 'letter' (lm-eval's WMDP format, for models of WMDP's size) or 'cloze' "
+                             "(each choice's text, length-normalised: small models sit at chance with letters).")
     batch_size: int = Field(32, ge=1)
     seed: int = 0
     out: str = "runs/compare"
@@ -85,7 +92,7 @@ class CompareConfig(BaseModel):
 FULL_PROFILE: dict[str, Any] = {
     "methods": ["rmu", "r2mu", "tru", "npo", "simnpo", "graddiff", "ga", "idknll"],
     "guard_with": ["rmu", "npo"], "max_retain": 60, "max_neighbour": 44, "max_benign": 40,
-    "max_attack_items": 16, "variants_per_item": 2, "max_new_tokens": 40,
+    "max_attack_items": 16, "variants_per_item": 2, "max_new_tokens": 40, "attack_params": {},
 }
 
 
@@ -226,9 +233,9 @@ class _Eval:
             raw["truth_ratios"] = ratios
             m["forget_truth_ratio"] = truth_ratio_score(ratios, "forget").value
         if self.task.forget_mcq:
-            m["hazard_mcq_acc"] = mcq_accuracy(llm, None, self.task.forget_mcq).value
+            m["hazard_mcq_acc"] = mcq_accuracy(llm, None, self.task.forget_mcq, format=self.cfg.mcq_format).value
         if self.task.retain_mcq:
-            m["retain_mcq_acc"] = mcq_accuracy(llm, None, self.task.retain_mcq).value
+            m["retain_mcq_acc"] = mcq_accuracy(llm, None, self.task.retain_mcq, format=self.cfg.mcq_format).value
         people_texts = mia_units([t for tg in self.task.targets if tg.kind == "privacy" for t in tg.texts],
                                  self.task.holdout_texts)
         if people_texts[0] and people_texts[1]:
@@ -236,6 +243,18 @@ class _Eval:
             m["mia_auc"] = auc.value
             raw["auc"] = auc.value
         return m, raw
+
+    def attacked_rouge_many(self, sys: System, sets: dict[str, tuple[list[Any], list[str]]]) -> dict[str, float]:
+        """Forget ROUGE-L recall under each prompt attack, all attacked prompts answered in one batched call."""
+        from eval.metrics import rouge_l_recall
+
+        prompts = [p for ps, _ in sets.values() for p in ps]
+        out = sys.answer(prompts, self.cfg.max_new_tokens, self.cfg.batch_size, desc=f"{sys.name} under prompt attacks")
+        values, start = {}, 0
+        for name, (ps, refs) in sets.items():
+            ans, start = out[start:start + len(ps)], start + len(ps)
+            values[name] = rouge_l_recall(ans, refs).value if ps else float("nan")
+        return values
 
     def attacked_rouge(self, sys: System, prompts: list[Any], refs: list[str]) -> float:
         """Forget ROUGE-L recall of a system's answers to attacked prompts."""
@@ -347,12 +366,11 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
             recovery[sys.name][name] = None if math.isnan(r) else r
 
     for sys in systems:
-        for name in prompt_names:
-            if sys.kind not in make_attack(name).applies_to:
-                continue
+        applicable = {n: psets[n] for n in prompt_names if sys.kind in make_attack(n).applies_to}
+        if applicable:
             with _Stage(timings, "attacks: prompt"):
-                prompts, refs = psets[name]
-                record(sys, name, ev.attacked_rouge(sys, prompts, refs))
+                for name, value in ev.attacked_rouge_many(sys, applicable).items():
+                    record(sys, name, value)
         for name in weight_names:
             attack = make_attack(name, cfg.attack_params.get(name))
             if sys.kind not in attack.applies_to:

@@ -28,7 +28,7 @@ from eval.attacks import (
     run_prompt_attack,
 )
 from eval.attacks.obfuscate import extract_base64, homoglyphs, leetspeak, space_letters, unhomoglyph
-from eval.attacks.probe import fit_probe, synthetic_probe_data
+from eval.attacks.probe import fit_probe, hidden_features, options_of, synthetic_probe_data
 from eval.attacks.prompt import SPLIT_LAST, SPLIT_PREAMBLE, embedded_clause
 from eval.attacks.translate import translate, translate_template
 from eval.attacks.weights import quant_error_bound
@@ -411,6 +411,23 @@ def test_probe_on_tiny_model_returns_an_accuracy_in_range():
     assert flipped.n_train == 2 and flipped.n_test == 4
     with pytest.raises(AttackError, match="out of range"):
         make_attack("linear-probe", max_items=4, layer=9).score(llm, TASK)
+
+
+def test_probe_features_from_the_truncated_forward_equal_the_full_forward_states():
+    llm = tiny_llm(0)
+    items = options_of([q for q in TASK.retain_qa if q.perturbed_answers][:2])
+    for layer in (0, 1, 2, -1, -2):  # embeddings, decoder layer 0 (truncated), final state, from the end
+        got = hidden_features(llm, items, layer, batch_size=3)
+        ex = [encode_qa(llm.tokenizer, it.question, o) for it in items for o in it.options]
+        feats = []
+        for s in range(0, len(ex), 3):
+            b = pad_batch(ex[s:s + 3], llm.tokenizer.pad_token_id)
+            with torch.no_grad():
+                h = llm.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                              output_hidden_states=True).hidden_states[layer]
+            m = (b["labels"] != -100).float().unsqueeze(-1)
+            feats.append(((h * m).sum(1) / m.sum(1)).numpy())
+        np.testing.assert_allclose(got.X, np.concatenate(feats), rtol=1e-5, atol=1e-5)
 
 
 # --- recovery ---------------------------------------------------------------------------------

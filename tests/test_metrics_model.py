@@ -26,7 +26,7 @@ from eval.metrics import (
     truth_ratio,
     truth_ratios,
 )
-from eval.metrics.mcq import mcq_prompt
+from eval.metrics.mcq import cloze_logprobs, mcq_prompt
 
 QUESTIONS = ["Where was the author born?", "What is the capital of France?", "Hi"]
 ANSWERS = ["The author was born in a small coastal town.", "Paris", "The quick brown fox jumps over the lazy dog."]
@@ -139,6 +139,28 @@ def test_mcq_fast_path_matches_full_scoring(llm: LoadedLLM) -> None:
     assert res.value == pytest.approx(np.mean([p == it.answer for p, it in zip(lp.argmax(1), items, strict=True)]))
     with pytest.raises(ValueError, match="at least one"):
         mcq_accuracy(llm, None, [])
+
+
+def test_mcq_cloze_is_length_normalised_choice_likelihood(llm: LoadedLLM) -> None:
+    import torch
+
+    items = [MCQItem(question="What is the capital of France?", choices=["Paris", "Rome", "the city of Oslo"], answer=0),
+             MCQItem(question="Which is a colour?", choices=["red", "seven"], answer=1)]
+    lp = cloze_logprobs(llm, None, items)
+    assert lp.shape == (2, 3) and np.isneginf(lp[1, 2])
+    tok = llm.tokenizer
+    for i, it in enumerate(items):
+        p = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
+        for j, c in enumerate(it.choices):
+            a = tok(" " + c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = llm.model(torch.tensor([p + a])).logits[0]
+            manual = torch.log_softmax(logits.double(), -1)[len(p) - 1:-1].gather(-1, torch.tensor(a)[:, None]).sum()
+            assert lp[i, j] == pytest.approx(float(manual) / len((" " + c).encode()), abs=1e-4)
+    res = mcq_accuracy(llm, None, items, format="cloze")
+    assert res.details == {"predictions": lp.argmax(1).tolist(), "n": 2, "format": "cloze"}
+    with pytest.raises(ValueError, match="'letter' and 'cloze'"):
+        mcq_accuracy(llm, None, items, format="essay")  # type: ignore[arg-type]
 
 
 def test_tofu_split_metrics_and_utility(llm: LoadedLLM) -> None:

@@ -110,10 +110,15 @@ def fit_probe(train: ProbeData, test: ProbeData, C: float = 1.0, seed: int = 0, 
 
 def hidden_features(llm: LoadedLLM, items: Sequence[OptionItem], layer: int, batch_size: int = 16,
                     max_length: int = 256) -> ProbeData:
-    """Hidden state at ``layer`` (0 = embeddings, negative counts from the end), mean-pooled over each option's tokens."""
+    """Hidden state at ``layer`` (0 = embeddings, negative counts from the end), mean-pooled over each option's tokens.
+
+    The forward stops at the probed layer (layers above it cannot change its output), so a mid-depth probe
+    costs about half a full forward.
+    """
     import torch
 
     from core.generation import encode_qa, pad_batch
+    from training.activations import layer_output
 
     model, tok = llm.model, llm.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -126,16 +131,19 @@ def hidden_features(llm: LoadedLLM, items: Sequence[OptionItem], layer: int, bat
     if not examples:
         raise AttackError("no option items to extract hidden states from")
     device = next(model.parameters()).device
+    n_states = model.config.num_hidden_layers + 1  # hidden_states: embeddings, then one per decoder layer
+    if not -n_states <= layer < n_states:
+        raise AttackError(f"layer {layer} is out of range; the model has hidden states 0..{n_states - 1}")
+    k = layer % n_states
     feats = []
     with torch.no_grad():
         for s in range(0, len(examples), batch_size):
             batch = pad_batch(examples[s:s + batch_size], pad_id)
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        output_hidden_states=True)
-            hs = out.hidden_states
-            if not -len(hs) <= layer < len(hs):
-                raise AttackError(f"layer {layer} is out of range; the model has hidden states 0..{len(hs) - 1}")
-            h = hs[layer].float().cpu()
+            ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if 1 <= k < n_states - 1:  # the output of decoder layer k-1: stop the forward there
+                h = layer_output(model, k - 1, ids, attn).float().cpu()
+            else:  # embeddings, or the last state (after the final norm): a full forward
+                h = model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[k].float().cpu()
             mask = (batch["labels"] != -100).float().unsqueeze(-1)  # the option's tokens (answer + EOS)
             feats.append(((h * mask).sum(1) / mask.sum(1).clamp(min=1)).numpy())
     return ProbeData(X=np.concatenate(feats), y=np.asarray(y), groups=np.asarray(groups))
