@@ -244,17 +244,26 @@ class _Eval:
             raw["auc"] = auc.value
         return m, raw
 
-    def attacked_rouge_many(self, sys: System, sets: dict[str, tuple[list[Any], list[str]]]) -> dict[str, float]:
+    def attacked_rouge_many(self, sys: System, sets: dict[str, tuple[list[Any], list[str], list[str]]]) -> dict[str, float]:
         """Forget ROUGE-L recall under each prompt attack, all attacked prompts answered in one batched call."""
         from eval.metrics import rouge_l_recall
 
-        prompts = [p for ps, _ in sets.values() for p in ps]
+        prompts = [p for ps, _, _ in sets.values() for p in ps]
         out = sys.answer(prompts, self.cfg.max_new_tokens, self.cfg.batch_size, desc=f"{sys.name} under prompt attacks")
         values, start = {}, 0
-        for name, (ps, refs) in sets.items():
+        for name, (ps, refs, _) in sets.items():
             ans, start = out[start:start + len(ps)], start + len(ps)
             values[name] = rouge_l_recall(ans, refs).value if ps else float("nan")
         return values
+
+    def unattacked_rouge(self, system: str, questions: list[str], refs: list[str]) -> float:
+        """Forget ROUGE-L recall of a system's plain answers to the very questions an attack was scored on."""
+        from eval.metrics import rouge_l_recall
+
+        plain = dict(zip([q.question for q in self.forget], self.answers[system]["forget"], strict=True))
+        if not questions or any(q not in plain for q in questions):
+            return float("nan")
+        return rouge_l_recall([plain[q] for q in questions], refs).value
 
     def attacked_rouge(self, sys: System, prompts: list[Any], refs: list[str]) -> float:
         """Forget ROUGE-L recall of a system's answers to attacked prompts."""
@@ -265,12 +274,14 @@ class _Eval:
         return rouge_l_recall(sys.answer(prompts, self.cfg.max_new_tokens, self.cfg.batch_size), refs).value
 
 
-def _prompt_attack_sets(cfg: CompareConfig, task: ForgetTask, names: list[str]) -> dict[str, tuple[list[Any], list[str]]]:
-    """For each prompt attack: the attacked prompts (a seeded sample of variants per item) and references."""
+def _prompt_attack_sets(cfg: CompareConfig, task: ForgetTask, names: list[str],
+                        pool: Sequence[QAItem]) -> dict[str, tuple[list[Any], list[str], list[str]]]:
+    """For each prompt attack: the attacked prompts (a seeded sample of variants per item), their references and
+    the forget questions they attack, drawn from the privacy facts in ``pool`` (the evaluated forget items)."""
     from eval.attacks import make_attack, run_prompt_attack
 
-    people_facts = [q for t in task.targets if t.kind == "privacy" for q in t.qa if q.kind == "fact"]
-    items = _sample(people_facts, cfg.max_attack_items, cfg.seed)
+    people = {q.question for t in task.targets if t.kind == "privacy" for q in t.qa if q.kind == "fact"}
+    items = _sample([q for q in pool if q.question in people], cfg.max_attack_items, cfg.seed)
     sets = {}
     for name in names:
         attack = make_attack(name, cfg.attack_params.get(name))
@@ -280,7 +291,7 @@ def _prompt_attack_sets(cfg: CompareConfig, task: ForgetTask, names: list[str]) 
         for ap in attacked:
             by_item.setdefault(ap.question, []).append(ap)
         kept = [ap for group in by_item.values() for ap in rng.sample(group, min(cfg.variants_per_item, len(group)))]
-        sets[name] = ([ap.prompt for ap in kept], [ap.reference for ap in kept])
+        sets[name] = ([ap.prompt for ap in kept], [ap.reference for ap in kept], [ap.question for ap in kept])
     return sets
 
 
@@ -355,14 +366,14 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     attack_values: dict[str, dict[str, float | None]] = {s.name: {} for s in systems}
     recovery: dict[str, dict[str, float | None]] = {s.name: {} for s in systems}
     with _Stage(timings, "attacks: prepare"):
-        psets = _prompt_attack_sets(cfg, task, prompt_names)
-    baseline = {s.name: values[s.name]["forget_rougeL_recall"] for s in systems}
-    original = baseline["original"]
+        psets = _prompt_attack_sets(cfg, task, prompt_names, ev.forget)
 
-    def record(sys: System, name: str, value: float) -> None:
+    def record(sys: System, name: str, value: float, questions: list[str], refs: list[str]) -> None:
+        # Recovery compares like with like: the original's and this system's plain answers to the same items.
         attack_values[sys.name][name] = None if math.isnan(value) else value
         if sys.kind != "original":
-            r = recovery_ratio(original, baseline[sys.name], value)
+            r = recovery_ratio(ev.unattacked_rouge("original", questions, refs),
+                               ev.unattacked_rouge(sys.name, questions, refs), value)
             recovery[sys.name][name] = None if math.isnan(r) else r
 
     for sys in systems:
@@ -370,7 +381,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
         if applicable:
             with _Stage(timings, "attacks: prompt"):
                 for name, value in ev.attacked_rouge_many(sys, applicable).items():
-                    record(sys, name, value)
+                    record(sys, name, value, psets[name][2], psets[name][1])
         for name in weight_names:
             attack = make_attack(name, cfg.attack_params.get(name))
             if sys.kind not in attack.applies_to:
@@ -381,8 +392,9 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                 if hasattr(attack, "training_items"):
                     held = {q.question for q in attack.training_items(task)}
                 items = [q for q in ev.forget if q.question not in held] or ev.forget
+                qs, refs = [q.question for q in items], [q.answer for q in items]
                 asys = model_system(f"{sys.name}/{name}", attacked_llm, sys.kind)
-                record(sys, name, ev.attacked_rouge(asys, [q.question for q in items], [q.answer for q in items]))
+                record(sys, name, ev.attacked_rouge(asys, qs, refs), qs, refs)
                 del attacked_llm, asys
         for name in probe_names:
             attack = make_attack(name, cfg.attack_params.get(name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -42,6 +43,21 @@ def test_mia_units_split_small_sides_into_sentences() -> None:
                                     ["Cy was born in Mire.", "Cy has a grey parrot."])
     many = [f"text {i}. more words here." for i in range(10)]
     assert mia_units(many, many) == (many, many)
+
+
+def test_recovery_baseline_is_the_plain_answers_to_the_attacked_questions() -> None:
+    from eval.benchmark import BenchmarkConfig, generate_benchmark
+    from eval.compare import _Eval
+
+    ev = _Eval(CompareConfig(), generate_benchmark(BenchmarkConfig(seed=0)))
+    qs, refs = [q.question for q in ev.forget[:3]], [q.answer for q in ev.forget[:3]]
+    ev.answers["sys"] = {"forget": [q.answer for q in ev.forget]}
+    assert ev.unattacked_rouge("sys", qs, refs) == pytest.approx(1.0)
+    ev.answers["sys"]["forget"][1] = "no idea"
+    assert ev.unattacked_rouge("sys", qs, refs) == pytest.approx(2 / 3)
+    assert ev.unattacked_rouge("sys", qs[2:], refs[2:]) == pytest.approx(1.0)  # only the items asked about count
+    # A question that was not evaluated plainly has no baseline: the recovery ratio is left undefined.
+    assert math.isnan(ev.unattacked_rouge("sys", [*qs, "Who is nobody?"], [*refs, "Nobody."]))
 
 
 @pytest.mark.slow
