@@ -419,6 +419,8 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               f"neighbour, {len(ev.benign)} benign questions; answers capped at {cfg.max_new_tokens} tokens, greedy.",
               f"prompt attacks on {cfg.max_attack_items} forget facts, {cfg.variants_per_item} variant(s) each; "
               "weight attacks evaluated on forget facts not used to train the attack.",
+              "recovery ratios compare each attack with the plain answers of the original and of the system to the "
+              "same questions; attacks that ask new questions (multihop) have none.",
               "white-box metrics (truth ratio, MCQ, MIA, probe) are not applicable to guarded systems: an attacker "
               "with the weights drops the guard; the weights are those of the row without 'guard'.",
               f"detector threshold {detector.threshold:.4f} (target FPR {detector.config.target_fpr}).",
