@@ -89,10 +89,12 @@ class CompareConfig(BaseModel):
     profile: Literal["default", "full"] = "default"
 
 
+# Every method and attack, more items. Sized from a measured run on the 2-core CPU: with 2 variants per
+# attacked item the evaluation alone took over 45 min, prompt attacks about 9 min of it per variant.
 FULL_PROFILE: dict[str, Any] = {
     "methods": ["rmu", "r2mu", "tru", "npo", "simnpo", "graddiff", "ga", "idknll"],
     "guard_with": ["rmu", "npo"], "max_retain": 60, "max_neighbour": 44, "max_benign": 40,
-    "max_attack_items": 16, "variants_per_item": 2, "max_new_tokens": 40, "attack_params": {},
+    "max_attack_items": 16, "variants_per_item": 1, "max_new_tokens": 40, "attack_params": {},
 }
 
 
