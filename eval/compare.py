@@ -196,6 +196,8 @@ class _Eval:
         self.neighbour = _sample(task.neighbour_qa, cfg.max_neighbour, cfg.seed)
         self.benign = _sample(task.benign_questions, cfg.max_benign, cfg.seed)
         self.forget_facts = item_facts(task, self.forget)
+        self.mia_texts = mia_units([t for tg in task.targets if tg.kind == "privacy" for t in tg.texts],
+                                   task.holdout_texts)
         self.answers: dict[str, dict[str, list[str]]] = {}
 
     def generation_metrics(self, sys: System) -> dict[str, float]:
@@ -238,10 +240,9 @@ class _Eval:
             m["hazard_mcq_acc"] = mcq_accuracy(llm, None, self.task.forget_mcq, format=self.cfg.mcq_format).value
         if self.task.retain_mcq:
             m["retain_mcq_acc"] = mcq_accuracy(llm, None, self.task.retain_mcq, format=self.cfg.mcq_format).value
-        people_texts = mia_units([t for tg in self.task.targets if tg.kind == "privacy" for t in tg.texts],
-                                 self.task.holdout_texts)
-        if people_texts[0] and people_texts[1]:
-            auc = mia_auc(min_k_prob(llm, None, people_texts[0]), min_k_prob(llm, None, people_texts[1]))
+        members, non_members = self.mia_texts
+        if members and non_members:
+            auc = mia_auc(min_k_prob(llm, None, members), min_k_prob(llm, None, non_members))
             m["mia_auc"] = auc.value
             raw["auc"] = auc.value
         return m, raw
