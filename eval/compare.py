@@ -89,8 +89,8 @@ class CompareConfig(BaseModel):
     profile: Literal["default", "full"] = "default"
 
 
-# Every method and attack, more items. Sized from a measured run on the 2-core CPU: with 2 variants per
-# attacked item the evaluation alone took over 45 min, prompt attacks about 9 min of it per variant.
+# Every method and attack, more items. Sized from measured runs on the 2-core CPU (warm cache): with 2
+# variants per attacked item it took 45.1 min; with 1, 39 min (prompt attacks 642 s, weight attacks 1130 s).
 FULL_PROFILE: dict[str, Any] = {
     "methods": ["rmu", "r2mu", "tru", "npo", "simnpo", "graddiff", "ga", "idknll"],
     "guard_with": ["rmu", "npo"], "max_retain": 60, "max_neighbour": 44, "max_benign": 40,
