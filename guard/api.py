@@ -14,9 +14,10 @@ Failure policy (fail closed by default):
 
 The async API (``agenerate``, ``acomplete``, ``astream``, ``astream_complete``; the HTTP server uses it)
 never runs detector work on the event loop, and micro-batches it: the prompts (and the finished answers'
-output checks) of requests arriving within ``detector_batch_window_ms`` share one ``detect_batch``
-(``detect_leak_batch``) call in a worker thread (see :mod:`guard.batching`). A failed or late batch
-call fails every request of the batch through the policy above. The sync API is unchanged.
+output checks) of concurrent requests share one ``detect_batch`` (``detect_leak_batch``) call in a
+worker thread (see :mod:`guard.batching`); texts that arrive while a call runs form the next one. A
+failed or late batch call fails every request of the batch through the policy above. An HTTP upstream
+is called on its async client (no thread). The sync API is unchanged.
 """
 
 from __future__ import annotations
@@ -485,18 +486,18 @@ class GuardedLLM:
         return await self._arun(text, self._params(params, overrides), raw=True)
 
     async def _arun(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardResult:
-        """One request through the async pipeline: batched checks, the target call in a worker thread."""
+        """One request through the async pipeline: batched checks, then the backend's async call (native for HTTP
+        upstreams, a worker thread for in-process models)."""
         pl = await self._aplan(prompt, raw)
         try:
             if pl.refusal is not None:
                 return GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace)
             t0 = time.perf_counter()
             if pl.raw_text is not None:
-                outs = await asyncio.to_thread(self.target.complete_batch, [pl.raw_text], params)
+                o = await self.target.acomplete(pl.raw_text, params)
             else:
-                outs = await asyncio.to_thread(self.target.generate_batch, [pl.messages or []], params)
+                o = await self.target.agenerate(pl.messages or [], params)
             pl.trace.add_time("generate", time.perf_counter() - t0)
-            o = outs[0]
             return self._answer(pl, o, await self._acheck(pl, o.text))
         finally:
             pl.trace.add_time("total", time.perf_counter() - pl.t0)

@@ -55,8 +55,10 @@ class GuardConfig(_Cfg):
     guard_max_new_tokens: int = Field(64, ge=8, le=1024)
     guard_timeout_s: float = Field(30.0, gt=0, description="Guard generation later than this uses the template.")
     detector_timeout_s: float = Field(10.0, gt=0, description="A detector call later than this is a failure.")
-    detector_batch_window_ms: float = Field(2.0, ge=0, le=1000, description="Async path (the server): prompts and "
-                                            "answers arriving within this window share one detector call.")
+    detector_batch_window_ms: float = Field(0.0, ge=0, le=1000, description="Async path (the server): how long an idle "
+                                            "batcher waits for more texts before its call. 0: it calls on the next "
+                                            "event-loop turn; under load batches still form, from the texts that "
+                                            "arrive while the previous call runs.")
     detector_max_batch: int = Field(64, ge=1, le=4096, description="Async path: most texts per batched detector call.")
     detector_max_inflight: int = Field(1, ge=1, le=64, description="Async path: batched calls of each kind (prompt, "
                                        "output check) running at once; more texts wait and form the next batch.")

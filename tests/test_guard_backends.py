@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 
@@ -94,7 +95,16 @@ def test_http_generate_sends_openai_request() -> None:
     assert body["max_tokens"] == 7 and body["stop"] == ["\n"] and body["messages"] == MSGS
 
 
-def test_http_retries_transient_errors_then_fails_clearly() -> None:
+def _ask(be: OpenAIHTTPBackend, how: str, params: GenParams | None = None) -> str:
+    """One chat answer through the sync or the native async client."""
+    p = params or GenParams()
+    if how == "sync":
+        return be.generate(MSGS, p).text
+    return asyncio.run(be.agenerate(MSGS, p)).text
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_http_retries_transient_errors_then_fails_clearly(how: str) -> None:
     calls = {"n": 0}
 
     def flaky(req: httpx.Request) -> httpx.Response:
@@ -102,22 +112,29 @@ def test_http_retries_transient_errors_then_fails_clearly() -> None:
         return httpx.Response(503, json={"error": {"message": "overloaded"}}) if calls["n"] < 3 else \
             httpx.Response(200, json=_chat_body("ok"))
 
-    assert _backend(flaky).generate(MSGS, GenParams()).text == "ok" and calls["n"] == 3
+    assert _ask(_backend(flaky), how) == "ok" and calls["n"] == 3
 
     def down(req: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
         raise httpx.ConnectError("refused", request=req)
 
-    with pytest.raises(BackendError, match="refused"):
-        _backend(down, retries=1).generate(MSGS, GenParams())
+    calls["n"] = 0
+    with pytest.raises(BackendError, match="refused") as e:
+        _ask(_backend(down, retries=1), how)
+    assert e.value.kind == "unreachable" and calls["n"] == 2
 
     def bad(req: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
         return httpx.Response(401, json={"error": {"message": "bad key"}})
 
-    with pytest.raises(BackendError, match="401: bad key"):
-        _backend(bad).generate(MSGS, GenParams())
+    calls["n"] = 0
+    with pytest.raises(BackendError, match="401: bad key") as e:
+        _ask(_backend(bad), how)
+    assert e.value.kind == "http_error" and calls["n"] == 1  # a client error is not retried
 
 
-def test_http_response_format_and_fallback_when_rejected() -> None:
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_http_response_format_and_fallback_when_rejected(how: str) -> None:
     bodies: list[dict] = []
 
     def handler(req: httpx.Request) -> httpx.Response:
@@ -128,9 +145,11 @@ def test_http_response_format_and_fallback_when_rejected() -> None:
         return httpx.Response(200, json=_chat_body("{}"))
 
     be = _backend(handler)
-    be.generate(MSGS, GenParams(json_schema={"type": "object"}))
+    assert _ask(be, how, GenParams(json_schema={"type": "object"})) == "{}"
     assert bodies[0]["response_format"]["type"] == "json_schema" and "response_format" not in bodies[1]
     assert be.supports_json_schema is False
+    _ask(be, how, GenParams(json_schema={"type": "object"}))
+    assert len(bodies) == 3 and "response_format" not in bodies[2]  # remembered: asked without it at once
 
 
 def test_http_stream_parses_sse() -> None:
@@ -156,7 +175,47 @@ async def test_http_async_paths() -> None:
 
     be = _backend(handler)
     assert (await be.agenerate(MSGS, GenParams())).text == "async ok"
+    assert [o.text for o in await be.agenerate_batch([MSGS, MSGS], GenParams())] == ["async ok", "async ok"]
     assert [d async for d in be.astream(MSGS, GenParams())] == ["a"]
+
+
+async def test_http_async_calls_use_the_async_client_only() -> None:
+    """agenerate/acomplete hold no worker thread: the sync client is never touched on the async path."""
+    paths: list[str] = []
+
+    def sync_handler(req: httpx.Request) -> httpx.Response:
+        raise AssertionError("the async path used the sync client")
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        paths.append(req.url.path)
+        body = json.loads(req.content)
+        if req.url.path.endswith("/completions") and "prompt" in body:
+            return httpx.Response(200, json={"choices": [{"text": body["prompt"] + "!", "finish_reason": "length"}]})
+        return httpx.Response(200, json=_chat_body("chat ok"))
+
+    cfg = BackendConfig(kind="openai", base_url="http://upstream.test/v1", model="m", max_retries=0)
+    be = OpenAIHTTPBackend(cfg, transport=httpx.MockTransport(sync_handler), async_transport=httpx.MockTransport(handler))
+    out = await be.acomplete("go", GenParams())
+    assert (out.text, out.finish_reason) == ("go!", "length")
+    assert (await be.agenerate(MSGS, GenParams())).text == "chat ok"
+    assert paths == ["/v1/completions", "/v1/chat/completions"]
+
+
+def test_http_async_client_per_event_loop() -> None:
+    """Connections pooled on one event loop are unusable on another: each loop gets its own client."""
+    be = _backend(lambda req: httpx.Response(200, json=_chat_body("ok")))
+
+    async def ask() -> tuple[str, httpx.AsyncClient]:
+        return (await be.agenerate(MSGS, GenParams())).text, be._async_client()
+
+    (t1, c1), (t2, c2) = asyncio.run(ask()), asyncio.run(ask())
+    assert (t1, t2) == ("ok", "ok") and c1 is not c2
+
+    async def same_loop() -> bool:
+        return be._async_client() is be._async_client()
+
+    assert asyncio.run(same_loop())
+    be.close()
 
 
 def test_make_backend_openai() -> None:

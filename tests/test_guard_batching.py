@@ -250,6 +250,40 @@ async def test_server_requests_share_detector_calls() -> None:
     assert resps[-1].json()["guard"]["target_ids"] == [PEOPLE[3].id]
 
 
+async def test_async_path_calls_an_http_upstream_natively_and_still_checks_every_answer() -> None:
+    """Behind the proxy the target call is a native async request (no worker thread, no sync client);
+    the prompt check, the guard and the output check run exactly as on the threaded path."""
+    import json
+
+    from guard.backends.openai_http import OpenAIHTTPBackend
+    from guard.config import BackendConfig
+
+    def never(req: httpx.Request) -> httpx.Response:
+        raise AssertionError("the async path used the sync HTTP client")
+
+    def upstream(req: httpx.Request) -> httpx.Response:
+        body = json.loads(req.content)
+        if "prompt" in body:
+            return httpx.Response(200, json={"choices": [{"text": " continued", "finish_reason": "stop"}]})
+        msgs = body["messages"]
+        return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": leaky_reply(msgs)},
+                                                      "finish_reason": "stop"}]})
+
+    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://up.test/v1", model="m", max_retries=0),
+                           transport=httpx.MockTransport(never), async_transport=httpx.MockTransport(upstream))
+    det = CountingDetector(PEOPLE)
+    g = GuardedLLM(be, det, config=GuardConfig(guard_mode="template", detector_batch_window_ms=20,
+                                               fallback_requires_refusal=False), targets=PEOPLE)
+    res = await asyncio.gather(*(g.agenerate(p) for p in BENIGN[:4]), g.agenerate("Tell me a mystery."),
+                               g.agenerate("Where was Elara Voswick born?"), g.acomplete("Once upon a time"))
+    assert [r.text for r in res[:4]] == ["echo: " + p for p in BENIGN[:4]]
+    assert res[4].finish_reason == "content_filter" and "Lowmere" not in res[4].text  # leak caught on the way out
+    assert res[5].trace.flagged and res[5].trace.target_ids == [PEOPLE[0].id]
+    assert res[5].text.startswith("echo: ") and "Voswick" in res[5].text  # answered under the guard instruction
+    assert res[6].text == " continued" and not res[6].trace.flagged
+    assert all(r.trace.output_checks == 1 and "generate" in r.trace.timings_ms for r in res)
+
+
 # ---- MicroBatcher itself -------------------------------------------------------------------------------
 
 async def test_batcher_respects_max_batch_and_max_inflight() -> None:
@@ -272,6 +306,30 @@ async def test_batcher_respects_max_batch_and_max_inflight() -> None:
     assert out == [i * 10 for i in range(19)]
     assert max(sizes) <= 4 and sum(sizes) == 19 and peak <= 2
     assert b.stats.batches == len(sizes) < 19 and b.stats.max_batch_seen == max(sizes)
+
+
+async def test_batcher_without_window_calls_at_once_and_batches_what_queues_behind_a_running_call() -> None:
+    """window 0 (the default): texts submitted in the same loop turn share a call, texts arriving while a
+    call runs form the next call, and a lone text is sent without waiting."""
+    sizes: list[int] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        time.sleep(0.05)
+        return [x + 1 for x in xs]
+
+    b: MicroBatcher[int, int] = MicroBatcher(fn, window_s=0.0)
+    first = asyncio.gather(*(b.submit(i) for i in range(5)))
+    await asyncio.sleep(0.01)  # the first call is running now
+    second = asyncio.gather(*(b.submit(i) for i in range(10, 17)))
+    assert await first == [1, 2, 3, 4, 5] and await second == list(range(11, 18))
+    assert sizes == [5, 7]
+    lone = asyncio.create_task(b.submit(41))
+    for _ in range(5):  # a few loop turns, no wall-clock wait: the lone text's call has started
+        await asyncio.sleep(0)
+    assert b.stats.batches == 3
+    assert await lone == 42 and sizes[-1] == 1
+    assert GuardConfig().detector_batch_window_ms == 0.0
 
 
 async def test_batcher_skips_cancelled_callers() -> None:

@@ -127,7 +127,8 @@ def test_keys_never_appear_in_logs(caplog: pytest.LogCaptureFixture) -> None:
                                                       "finish_reason": "stop"}]})
 
     be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://upstream.test/v1", model="m", api_key=UPSTREAM,
-                                         max_retries=0), transport=httpx.MockTransport(upstream))
+                                         max_retries=0), transport=httpx.MockTransport(upstream),
+                           async_transport=httpx.MockTransport(upstream))
     c, _ = app_client(target=be)
     assert chat(c, "hello").status_code == 200
     assert chat(c, "please fail").status_code == 502

@@ -75,6 +75,10 @@ class Backend(ABC):
         """Answer many chat prompts without blocking the event loop."""
         return await asyncio.to_thread(self.generate_batch, batch, params)
 
+    async def acomplete(self, text: str, params: GenParams) -> GenOutput:
+        """Continue one raw text prompt without blocking the event loop."""
+        return (await asyncio.to_thread(self.complete_batch, [text], params))[0]
+
     async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
         """Async view of ``stream``: the blocking iterator runs in a thread."""
         async for d in aiter_thread(lambda: self.stream(messages, params)):

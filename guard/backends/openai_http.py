@@ -17,7 +17,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import weakref
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -121,8 +122,10 @@ class OpenAIHTTPBackend(Backend):
             headers["Authorization"] = f"Bearer {cfg.api_key.get_secret_value()}"
         timeout = httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s)
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
-        self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout,
-                                          transport=async_transport)
+        self._aclient_args: dict[str, Any] = {"base_url": self.base_url, "headers": headers, "timeout": timeout,
+                                              "transport": async_transport}
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = \
+            weakref.WeakKeyDictionary()
         self.supports_json_schema = True
         self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.batch_size), thread_name_prefix="openai-http")
 
@@ -146,38 +149,79 @@ class OpenAIHTTPBackend(Backend):
                                        "json_schema": {"name": "guard_output", "schema": params.json_schema, "strict": True}}
         return body
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        """POST with retries on transient failures; a 400 caused by response_format drops it once."""
+    def _attempts(self, path: str, body: dict[str, Any]) -> Generator[dict[str, Any] | float, Any, Any]:
+        """The retry policy without I/O, shared by the sync and async clients: yields a body to POST (and
+        receives its response or httpx error) or a pause in seconds; returns the JSON answer."""
         last, kind = "", "error"
         for attempt in range(self.cfg.max_retries + 1):
-            try:
-                resp = self._client.post(path, json=body)
-            except httpx.HTTPError as e:
-                last, kind = f"{e.__class__.__name__}: {e}", _transport_kind(e)
+            reply = yield body
+            if isinstance(reply, httpx.HTTPError):
+                last, kind = f"{reply.__class__.__name__}: {reply}", _transport_kind(reply)
             else:
-                if resp.status_code == 200:
-                    return _json_of(resp, f"{self.base_url}{path}")
-                if resp.status_code == 400 and "response_format" in body:
+                if reply.status_code == 200:
+                    return _json_of(reply, f"{self.base_url}{path}")
+                if reply.status_code == 400 and "response_format" in body:
                     log.warning("upstream rejected response_format (%s); retrying without structured output",
-                                _error_text(resp))
+                                _error_text(reply))
                     self.supports_json_schema = False
                     body = {k: v for k, v in body.items() if k != "response_format"}
                     continue
-                last, kind = _error_text(resp), "http_error"
-                if resp.status_code not in _RETRY_STATUS:
+                last, kind = _error_text(reply), "http_error"
+                if reply.status_code not in _RETRY_STATUS:
                     break
             if attempt < self.cfg.max_retries:
-                time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
+                yield self.cfg.retry_backoff_s * (2 ** attempt)
         raise BackendError(f"upstream {self.base_url}{path} failed: {last}", kind)
 
-    def _chat_one(self, messages: Messages, params: GenParams) -> GenOutput:
-        body = {**self._body(params, stream=False), "messages": [dict(m) for m in messages]}
-        return parse_answer(self._post("/chat/completions", body), chat=True)
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST with retries on transient failures; a 400 caused by response_format drops it once."""
+        policy = self._attempts(path, body)
+        step = next(policy)
+        while True:
+            reply: Any = None
+            if isinstance(step, dict):
+                try:
+                    reply = self._client.post(path, json=step)
+                except httpx.HTTPError as e:
+                    reply = e
+            else:
+                time.sleep(step)
+            try:
+                step = policy.send(reply)
+            except StopIteration as done:
+                return done.value
 
-    def _complete_one(self, text: str, params: GenParams) -> GenOutput:
+    async def _apost(self, path: str, body: dict[str, Any]) -> Any:
+        """``_post`` on the async client: the event loop is never blocked and no thread is held."""
+        policy = self._attempts(path, body)
+        step = next(policy)
+        while True:
+            reply: Any = None
+            if isinstance(step, dict):
+                try:
+                    reply = await self._async_client().post(path, json=step)
+                except httpx.HTTPError as e:
+                    reply = e
+            else:
+                await asyncio.sleep(step)
+            try:
+                step = policy.send(reply)
+            except StopIteration as done:
+                return done.value
+
+    def _chat_body(self, messages: Messages, params: GenParams) -> dict[str, Any]:
+        return {**self._body(params, stream=False), "messages": [dict(m) for m in messages]}
+
+    def _complete_body(self, text: str, params: GenParams) -> dict[str, Any]:
         body = {**self._body(params, stream=False), "prompt": text}
         body.pop("response_format", None)
-        return parse_answer(self._post("/completions", body), chat=False)
+        return body
+
+    def _chat_one(self, messages: Messages, params: GenParams) -> GenOutput:
+        return parse_answer(self._post("/chat/completions", self._chat_body(messages, params)), chat=True)
+
+    def _complete_one(self, text: str, params: GenParams) -> GenOutput:
+        return parse_answer(self._post("/completions", self._complete_body(text, params)), chat=False)
 
     # -- interface ------------------------------------------------------------------------------------
     def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
@@ -229,23 +273,16 @@ class OpenAIHTTPBackend(Backend):
         return self._sse("/completions", body, chat=False)
 
     async def agenerate(self, messages: Messages, params: GenParams) -> GenOutput:
-        """Native async chat request (no thread)."""
-        body = {**self._body(params, stream=False), "messages": [dict(m) for m in messages]}
-        last, kind = "", "error"
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                resp = await self._aclient.post("/chat/completions", json=body)
-            except httpx.HTTPError as e:
-                last, kind = f"{e.__class__.__name__}: {e}", _transport_kind(e)
-            else:
-                if resp.status_code == 200:
-                    return parse_answer(_json_of(resp, f"{self.base_url}/chat/completions"), chat=True)
-                last, kind = _error_text(resp), "http_error"
-                if resp.status_code not in _RETRY_STATUS:
-                    break
-            if attempt < self.cfg.max_retries:
-                await asyncio.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
-        raise BackendError(f"upstream {self.base_url}/chat/completions failed: {last}", kind)
+        """Native async chat request (no thread), with the same retries as ``generate``."""
+        return parse_answer(await self._apost("/chat/completions", self._chat_body(messages, params)), chat=True)
+
+    async def agenerate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
+        """Native async: the prompts are sent concurrently on the async client."""
+        return list(await asyncio.gather(*(self.agenerate(m, params) for m in batch)))
+
+    async def acomplete(self, text: str, params: GenParams) -> GenOutput:
+        """Native async raw completion (no thread), with the same retries as ``complete_batch``."""
+        return parse_answer(await self._apost("/completions", self._complete_body(text, params)), chat=False)
 
     async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
         """Native async streaming of a chat answer."""
@@ -253,7 +290,7 @@ class OpenAIHTTPBackend(Backend):
         body.pop("response_format", None)
         where = f"{self.base_url}/chat/completions"
         try:
-            async with self._aclient.stream("POST", "/chat/completions", json=body) as resp:
+            async with self._async_client().stream("POST", "/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise BackendError(f"upstream stream {where} failed: {_error_text(resp)}", "http_error")
@@ -268,6 +305,15 @@ class OpenAIHTTPBackend(Backend):
         except httpx.HTTPError as e:
             raise _stream_error(e, where) from e
 
+    def _async_client(self) -> httpx.AsyncClient:
+        """The async client of the running event loop: an AsyncClient's pooled connections belong to the loop
+        that opened them, so a backend used from several loops (``asyncio.run`` twice) gets one per loop."""
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            client = self._aclients[loop] = httpx.AsyncClient(**self._aclient_args)
+        return client
+
     def ready(self) -> bool:
         """Ping ``/models`` with a short timeout."""
         try:
@@ -276,15 +322,19 @@ class OpenAIHTTPBackend(Backend):
             return False
 
     def close(self) -> None:
-        """Close the HTTP clients and the worker pool."""
+        """Close the HTTP clients and the worker pool (async clients of loops that have ended are dropped)."""
         self._client.close()
         self._pool.shutdown(wait=False)
         try:
-            loop = asyncio.get_running_loop()
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
-            asyncio.run(self._aclient.aclose())
-        else:
-            loop.create_task(self._aclient.aclose())
+            running = None
+        clients, self._aclients = list(self._aclients.items()), weakref.WeakKeyDictionary()
+        for loop, client in clients:
+            if loop is running:
+                loop.create_task(client.aclose())
+            elif not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(client.aclose())
 
 
 def _stream_error(e: httpx.HTTPError, where: str) -> BackendError:
