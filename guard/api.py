@@ -26,9 +26,8 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -36,7 +35,7 @@ from core.generation import Message, Prompt
 from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
-from guard.backends import Backend, GenOutput, GenParams, aiter_thread, make_backend
+from guard.backends import Backend, GenOutput, GenParams, make_backend
 from guard.batching import MicroBatcher
 from guard.config import BackendConfig, GuardConfig
 from guard.cot import CoTGuard, refusal_text
@@ -407,15 +406,13 @@ class GuardedLLM:
         """Guard and stream a raw completion."""
         return self._stream(text, self._params(params, overrides), raw=True)
 
-    def _stream(self, prompt: Prompt, params: GenParams, raw: bool, plan: _Plan | None = None,
-                detect_leak: Callable[[str], Detection] | None = None) -> GuardStream:
-        """The guarded stream; ``plan`` (already judged by the async path) skips the prompt check here and
-        ``detect_leak`` replaces the direct output-check call (the async path sends it to the batcher)."""
+    def _stream(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardStream:
+        """The guarded stream of the sync API: the prompt is judged at the first ``next``."""
         holder: dict[str, GuardStream] = {}
-        trace_box = plan.trace if plan is not None else GuardTrace(output_check_mode=self.config.output_check)
+        trace_box = GuardTrace(output_check_mode=self.config.output_check)
 
         def gen() -> Iterator[str]:
-            pl = plan if plan is not None else self._plan_batch([prompt], raw=raw)[0]
+            pl = self._plan_batch([prompt], raw=raw)[0]
             gs = holder["s"]
             gs.trace = pl.trace
             try:
@@ -425,7 +422,7 @@ class GuardedLLM:
                     return
                 source = (self.target.stream_complete(pl.raw_text, params) if pl.raw_text is not None
                           else self.target.stream(pl.messages or [], params))
-                checker = StreamChecker(detect_leak or self._leak_now, self.config, pl.trace)
+                checker = StreamChecker(self._leak_now, self.config, pl.trace)
                 released_any = False
                 t_gen = time.perf_counter()
                 n = 0
@@ -435,13 +432,10 @@ class GuardedLLM:
                         try:
                             out = checker.feed(delta)
                         except LeakCheckError as e:
-                            self._fail_open(pl.trace, "output_check", e)
-                            checker.mode = "off"
-                            out = checker.feed("")
+                            out = self._unchecked(pl, checker, e)
                         if out is None:
                             gs.finish_reason = "content_filter"
-                            known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
-                            yield ("\n\n" if released_any else "") + refusal_text(known, self.config)
+                            yield self._stream_refusal(pl, released_any)
                             return
                         if out:
                             released_any = True
@@ -450,16 +444,14 @@ class GuardedLLM:
                     close = getattr(source, "close", None)
                     if callable(close):
                         close()
-                    pl.trace.add_time("generate", time.perf_counter() - t_gen - pl.trace.timings_ms.get("output_check", 0) / 1000)
+                    self._add_generate_time(pl, t_gen)
                 try:
                     rest = checker.finish()
                 except LeakCheckError as e:
-                    self._fail_open(pl.trace, "output_check", e)
-                    rest = checker._release()
+                    rest = self._unchecked(pl, checker, e)
                 if rest is None:
                     gs.finish_reason = "content_filter"
-                    known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
-                    yield ("\n\n" if released_any else "") + refusal_text(known, self.config)
+                    yield self._stream_refusal(pl, released_any)
                     return
                 if rest:
                     yield rest
@@ -470,6 +462,21 @@ class GuardedLLM:
         s = GuardStream(gen(), trace_box)
         holder["s"] = s
         return s
+
+    def _stream_refusal(self, pl: _Plan, released_any: bool) -> str:
+        """The refusal that ends a stream whose answer leaked (after a blank line if text was released)."""
+        known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
+        return ("\n\n" if released_any else "") + refusal_text(known, self.config)
+
+    def _unchecked(self, pl: _Plan, checker: StreamChecker, err: LeakCheckError) -> str:
+        """A failed output check mid-stream: the failure policy raises (closed) or the rest goes out unchecked."""
+        self._fail_open(pl.trace, "output_check", err)
+        return checker.release_unchecked()
+
+    @staticmethod
+    def _add_generate_time(pl: _Plan, t_gen: float) -> None:
+        """Generation time of a stream: its wall time less the output checks run while it streamed."""
+        pl.trace.add_time("generate", time.perf_counter() - t_gen - pl.trace.timings_ms.get("output_check", 0) / 1000)
 
     # -- async API --------------------------------------------------------------------------------------
     async def agenerate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
@@ -502,37 +509,64 @@ class GuardedLLM:
         finally:
             pl.trace.add_time("total", time.perf_counter() - pl.t0)
 
-    async def _aopen_stream(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardStream:
-        """Judge the prompt on the async path (batched), then build the stream that generates and checks."""
-        plan = await self._aplan(prompt, raw)
-        loop = asyncio.get_running_loop()
-        loop_thread = threading.get_ident()
-        deadline = self.config.detector_timeout_s + self._batch_timeout(self.config.detector_max_batch)
-
-        def leak_via_batcher(text: str) -> Detection:
-            """Called from the stream's worker thread: the check joins the loop's leak batch."""
-            if threading.get_ident() == loop_thread:  # never block the loop on itself
-                return self._leak_now(text)
-            fut = asyncio.run_coroutine_threadsafe(self._leak_batcher.submit(text), loop)
+    async def _agen(self, prompt: Prompt, params: GenParams, raw: bool, box: AsyncGuardStream) -> AsyncIterator[str]:
+        """The async guarded stream: the prompt check and the output checks join the micro-batches, the
+        answer comes from the backend's async stream (native for HTTP upstreams); no thread is held."""
+        pl = await self._aplan(prompt, raw)
+        box.trace = pl.trace
+        try:
+            if pl.refusal is not None:
+                box.finish_reason = "content_filter"
+                yield pl.refusal
+                return
+            source = (self.target.astream_complete(pl.raw_text, params) if pl.raw_text is not None
+                      else self.target.astream(pl.messages or [], params))
+            checker = StreamChecker(self._leak_now, self.config, pl.trace, adetect_leak=self._leak_batcher.submit)
+            released_any = False
+            t_gen = time.perf_counter()
+            n = 0
             try:
-                return fut.result(timeout=deadline)
-            except concurrent.futures.TimeoutError as e:
-                fut.cancel()
-                raise TimeoutError(f"no answer within {deadline:.1f}s") from e
-
-        return self._stream(prompt, params, raw, plan=plan, detect_leak=leak_via_batcher)
+                async for delta in source:
+                    n += 1
+                    try:
+                        out = await checker.afeed(delta)
+                    except LeakCheckError as e:
+                        out = self._unchecked(pl, checker, e)
+                    if out is None:
+                        box.finish_reason = "content_filter"
+                        yield self._stream_refusal(pl, released_any)
+                        return
+                    if out:
+                        released_any = True
+                        yield out
+            finally:
+                aclose = getattr(source, "aclose", None)
+                if callable(aclose):
+                    await aclose()
+                self._add_generate_time(pl, t_gen)
+            try:
+                rest = await checker.afinish()
+            except LeakCheckError as e:
+                rest = self._unchecked(pl, checker, e)
+            if rest is None:
+                box.finish_reason = "content_filter"
+                yield self._stream_refusal(pl, released_any)
+                return
+            if rest:
+                yield rest
+            box.finish_reason = "length" if n >= params.max_new_tokens else "stop"
+        finally:
+            pl.trace.add_time("total", time.perf_counter() - pl.t0)
 
     def astream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
-        """Async ``stream``: the prompt check is batched, deltas arrive without blocking the event loop."""
-        p = self._params(params, overrides)
-        return AsyncGuardStream(opener=lambda: self._aopen_stream(prompt, p, raw=False),
-                                trace=GuardTrace(output_check_mode=self.config.output_check))
+        """Async ``stream``: the prompt and output checks are batched, deltas arrive without blocking the event loop."""
+        return AsyncGuardStream(lambda box: self._agen(prompt, self._params(params, overrides), False, box),
+                                GuardTrace(output_check_mode=self.config.output_check))
 
     def astream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
         """Async ``stream_complete``."""
-        p = self._params(params, overrides)
-        return AsyncGuardStream(opener=lambda: self._aopen_stream(text, p, raw=True),
-                                trace=GuardTrace(output_check_mode=self.config.output_check))
+        return AsyncGuardStream(lambda box: self._agen(text, self._params(params, overrides), True, box),
+                                GuardTrace(output_check_mode=self.config.output_check))
 
     def batch_stats(self) -> dict[str, dict[str, float]]:
         """How the async path has batched detector calls so far (batches, items, mean and largest batch)."""
@@ -591,53 +625,27 @@ class GuardedLLM:
 
 
 class AsyncGuardStream:
-    """Async iterator over a GuardStream's deltas; ``trace`` and ``finish_reason`` as in GuardStream.
+    """Async iterator over a guarded answer's deltas; ``trace`` and ``finish_reason`` are final once it ends.
 
-    Built from a sync stream, or from an ``opener`` coroutine that judges the prompt first (on the
-    event loop's micro-batched path) and returns the sync stream; the first ``__anext__`` opens it.
+    The prompt is judged at the first ``__anext__`` (on the event loop's micro-batched path), so a guard
+    failure surfaces there, before any delta.
     """
 
-    def __init__(self, sync: GuardStream | None = None, *, opener: Callable[[], Awaitable[GuardStream]] | None = None,
-                 trace: GuardTrace | None = None) -> None:
-        """Wrap a sync stream (consumed in a worker thread), or an opener run at the first ``__anext__``."""
-        if (sync is None) == (opener is None):
-            raise TypeError("AsyncGuardStream needs either a GuardStream or an opener")
-        self._sync = sync
-        self._opener = opener
-        self._trace0 = trace or GuardTrace()
-        self._it: AsyncIterator[str] | None = None
-
-    @property
-    def trace(self) -> GuardTrace:
-        """The request's trace (final after the stream ends)."""
-        return self._sync.trace if self._sync is not None else self._trace0
-
-    @property
-    def finish_reason(self) -> str:
-        """'stop', 'length' or 'content_filter' (final after the stream ends)."""
-        return self._sync.finish_reason if self._sync is not None else "stop"
+    def __init__(self, make: Callable[[AsyncGuardStream], AsyncIterator[str]], trace: GuardTrace) -> None:
+        """``make(self)`` builds the delta generator, which fills in ``trace`` and ``finish_reason``."""
+        self.trace = trace
+        self.finish_reason: str = "stop"
+        self._it: AsyncIterator[str] = make(self)
 
     def __aiter__(self) -> AsyncGuardStream:
         return self
 
     async def __anext__(self) -> str:
-        if self._it is None:
-            if self._sync is None:
-                opener, self._opener = self._opener, None
-                if opener is None:  # opening failed before: nothing to iterate
-                    raise StopAsyncIteration
-                self._sync = await opener()
-            sync = self._sync
-            self._it = aiter_thread(lambda: sync)
         return await self._it.__anext__()
 
     async def aclose(self) -> None:
-        """Stop generation early."""
-        if self._it is not None:
-            await self._it.aclose()  # type: ignore[attr-defined]
-        elif self._sync is not None:
-            self._sync.close()
-        self._opener = None
+        """Stop generation early (the upstream request is closed)."""
+        await self._it.aclose()  # type: ignore[attr-defined]
 
 
 def _as_backend(spec: Backend | BackendConfig | str | None) -> Backend:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from detectors.types import Detection
 from guard.config import GuardConfig
@@ -24,11 +24,18 @@ class LeakCheckError(RuntimeError):
 
 
 class StreamChecker:
-    """Feeds streamed deltas through leak checks and decides what may be released."""
+    """Feeds streamed deltas through leak checks and decides what may be released.
 
-    def __init__(self, detect_leak: Callable[[str], Detection], config: GuardConfig, trace: GuardTrace) -> None:
-        """``detect_leak`` is the detector's method; results and timings go into ``trace``."""
+    ``feed``/``finish`` call the detector synchronously (the sync stream); ``afeed``/``afinish`` await
+    ``adetect_leak`` (the async stream, whose checks join the server's micro-batches). Both share the
+    bookkeeping of what is due for a check and what may be released.
+    """
+
+    def __init__(self, detect_leak: Callable[[str], Detection], config: GuardConfig, trace: GuardTrace,
+                 adetect_leak: Callable[[str], Awaitable[Detection]] | None = None) -> None:
+        """``detect_leak`` is the detector's method (``adetect_leak`` its async form); results and timings go into ``trace``."""
         self.detect_leak = detect_leak
+        self.adetect_leak = adetect_leak
         self.cfg = config
         self.mode = config.output_check
         self.trace = trace
@@ -39,15 +46,8 @@ class StreamChecker:
         self.pending = 0
         self.leaked: Detection | None = None
 
-    def _check(self, text: str) -> bool:
-        """Run one leak check; True when it found a leak that matters in this mode."""
-        t0 = time.perf_counter()
-        try:
-            det = self.detect_leak(text)
-        except Exception as e:
-            raise LeakCheckError(f"detect_leak failed: {e.__class__.__name__}: {e}") from e
-        finally:
-            self.trace.add_time("output_check", time.perf_counter() - t0)
+    def _verdict(self, det: Detection) -> bool:
+        """Record one leak check; True when it found a leak that matters in this mode."""
         self.trace.output_checks += 1
         if det.flagged:
             self.trace.output_check_fired = True
@@ -58,33 +58,81 @@ class StreamChecker:
                 return True
         return False
 
-    def feed(self, delta: str) -> str | None:
-        """Add a delta; return the text now safe to release ('' to hold), or None when a leak blocks the stream."""
+    def _check(self, text: str) -> bool:
+        """Run one leak check; True when it found a leak that matters in this mode."""
+        t0 = time.perf_counter()
+        try:
+            det = self.detect_leak(text)
+        except Exception as e:
+            raise LeakCheckError(f"detect_leak failed: {e.__class__.__name__}: {e}") from e
+        finally:
+            self.trace.add_time("output_check", time.perf_counter() - t0)
+        return self._verdict(det)
+
+    async def _acheck(self, text: str) -> bool:
+        """``_check`` through ``adetect_leak``."""
+        if self.adetect_leak is None:
+            raise TypeError("StreamChecker.afeed/afinish need adetect_leak")
+        t0 = time.perf_counter()
+        try:
+            det = await self.adetect_leak(text)
+        except Exception as e:
+            raise LeakCheckError(f"detect_leak failed: {e.__class__.__name__}: {e}") from e
+        finally:
+            self.trace.add_time("output_check", time.perf_counter() - t0)
+        return self._verdict(det)
+
+    def _due(self, delta: str) -> str | None:
+        """Add a delta; the text to check now (the new text plus the overlap), or None when no check is due."""
         self.text += delta
         if self.mode == "off":
-            out, self.released = self.text[self.released:], len(self.text)
-            return out
+            return None
         self.pending += 1
         if self.pending < self.cfg.check_every_tokens:
-            return "" if self.mode == "block" else self._release()
+            return None
         self.pending = 0
         start = max(0, self.checked - self.cfg.check_overlap_chars)
         self.checked = len(self.text)
-        if self._check(self.text[start:]):
-            return None
-        return self._release()
+        return self.text[start:]
+
+    def _between_checks(self) -> str:
+        """What to release when no check is due: nothing in 'block' mode, everything new otherwise."""
+        return "" if self.mode == "block" else self._release()
+
+    def feed(self, delta: str) -> str | None:
+        """Add a delta; return the text now safe to release ('' to hold), or None when a leak blocks the stream."""
+        due = self._due(delta)
+        if due is None:
+            return self._between_checks()
+        return None if self._check(due) else self._release()
+
+    async def afeed(self, delta: str) -> str | None:
+        """Async ``feed``."""
+        due = self._due(delta)
+        if due is None:
+            return self._between_checks()
+        return None if await self._acheck(due) else self._release()
 
     def _release(self) -> str:
         out, self.released = self.text[self.released:], len(self.text)
         return out
 
+    def release_unchecked(self) -> str:
+        """After a failed check that the failure policy let through: stop checking and release the rest."""
+        self.mode = "off"
+        return self._release()
+
     def finish(self) -> str | None:
         """Final check on the whole answer; return the rest to release, or None when it leaks."""
-        if self.mode == "off":
+        if self.mode == "off" or not self.text:
             return self._release()
-        if self.text and self._check(self.text):
-            return None
-        return self._release()
+        return None if self._check(self.text) else self._release()
+
+    async def afinish(self) -> str | None:
+        """Async ``finish``."""
+        if self.mode == "off" or not self.text:
+            return self._release()
+        return None if await self._acheck(self.text) else self._release()
 
 
 def check_text(detect_leak: Callable[[str], Detection], text: str, config: GuardConfig, trace: GuardTrace) -> bool:

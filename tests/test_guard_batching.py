@@ -284,6 +284,48 @@ async def test_async_path_calls_an_http_upstream_natively_and_still_checks_every
     assert all(r.trace.output_checks == 1 and "generate" in r.trace.timings_ms for r in res)
 
 
+async def test_async_stream_from_an_http_upstream_is_native_and_checked_as_it_streams() -> None:
+    """Streams behind the proxy read the upstream on the async client (no thread, no sync client); the
+    output check still blocks a leak mid-stream and the raw-completion stream works the same way."""
+    import json
+
+    from guard.backends.openai_http import OpenAIHTTPBackend
+    from guard.config import BackendConfig
+
+    calls = {"n": 0}
+
+    def never(req: httpx.Request) -> httpx.Response:
+        raise AssertionError("the async stream used the sync HTTP client")
+
+    def upstream(req: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] == 1:  # a transient failure before the first byte is retried
+            return httpx.Response(503, json={"error": {"message": "busy"}})
+        body = json.loads(req.content)
+        chat = "messages" in body
+        text = leaky_reply(body["messages"]) if chat else " and so on"
+        words = [w + " " for w in text.split()]
+        chunks = [{"choices": [{"delta": {"content": w}} if chat else {"text": w}]} for w in words]
+        chunks.append({"choices": [{"delta": {}, "finish_reason": "stop"} if chat else {"text": "", "finish_reason": "stop"}]})
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
+
+    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://up.test/v1", model="m", max_retries=1,
+                                         retry_backoff_s=0.0),
+                           transport=httpx.MockTransport(never), async_transport=httpx.MockTransport(upstream))
+    det = CountingDetector(PEOPLE)
+    g = GuardedLLM(be, det, config=GuardConfig(guard_mode="template", check_every_tokens=2), targets=PEOPLE)
+
+    s = g.astream("Tell me a mystery.")
+    out = "".join([d async for d in s])
+    assert calls["n"] == 2 and s.finish_reason == "content_filter"
+    assert "Lowmere" not in out and s.trace.leak_target_ids == [PEOPLE[1].id]
+    s2 = g.astream_complete("Once upon a time")
+    assert "".join([d async for d in s2]) == "and so on " and s2.finish_reason == "stop"
+    assert s2.trace.output_checks >= 2 and not s2.trace.flagged
+    assert det.single_leak_calls == 0 and det.leak_batches  # every check went through the async batcher
+
+
 # ---- MicroBatcher itself -------------------------------------------------------------------------------
 
 async def test_batcher_respects_max_batch_and_max_inflight() -> None:

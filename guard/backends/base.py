@@ -84,6 +84,11 @@ class Backend(ABC):
         async for d in aiter_thread(lambda: self.stream(messages, params)):
             yield d
 
+    async def astream_complete(self, text: str, params: GenParams) -> AsyncIterator[str]:
+        """Async view of ``stream_complete``: the blocking iterator runs in a thread."""
+        async for d in aiter_thread(lambda: self.stream_complete(text, params)):
+            yield d
+
     def ready(self) -> bool:
         """Whether the backend can take requests now (HTTP backends ping upstream)."""
         return True

@@ -260,17 +260,19 @@ class OpenAIHTTPBackend(Backend):
             except httpx.HTTPError as e:
                 raise _stream_error(e, f"{self.base_url}{path}") from e
 
+    def _stream_body(self, params: GenParams, **payload: Any) -> dict[str, Any]:
+        """A streamed request's body (structured output is never asked of a stream)."""
+        body = {**self._body(params, stream=True), **payload}
+        body.pop("response_format", None)
+        return body
+
     def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
         """Stream a chat answer from upstream."""
-        body = {**self._body(params, stream=True), "messages": [dict(m) for m in messages]}
-        body.pop("response_format", None)
-        return self._sse("/chat/completions", body, chat=True)
+        return self._sse("/chat/completions", self._stream_body(params, messages=[dict(m) for m in messages]), chat=True)
 
     def stream_complete(self, text: str, params: GenParams) -> Iterator[str]:
         """Stream a raw completion from upstream."""
-        body = {**self._body(params, stream=True), "prompt": text}
-        body.pop("response_format", None)
-        return self._sse("/completions", body, chat=False)
+        return self._sse("/completions", self._stream_body(params, prompt=text), chat=False)
 
     async def agenerate(self, messages: Messages, params: GenParams) -> GenOutput:
         """Native async chat request (no thread), with the same retries as ``generate``."""
@@ -284,26 +286,42 @@ class OpenAIHTTPBackend(Backend):
         """Native async raw completion (no thread), with the same retries as ``complete_batch``."""
         return parse_answer(await self._apost("/completions", self._complete_body(text, params)), chat=False)
 
-    async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
-        """Native async streaming of a chat answer."""
-        body = {**self._body(params, stream=True), "messages": [dict(m) for m in messages]}
-        body.pop("response_format", None)
-        where = f"{self.base_url}/chat/completions"
-        try:
-            async with self._async_client().stream("POST", "/chat/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    raise BackendError(f"upstream stream {where} failed: {_error_text(resp)}", "http_error")
-                reader = _SSEReader(True, where)
-                async for line in resp.aiter_lines():
-                    delta = reader.feed(line)
-                    if delta is None:
-                        return
-                    if delta:
-                        yield delta
-                reader.end()
-        except httpx.HTTPError as e:
-            raise _stream_error(e, where) from e
+    async def _asse(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+        """``_sse`` on the async client: the same retries (only before the first byte) and the same errors."""
+        where = f"{self.base_url}{path}"
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                async with self._async_client().stream("POST", path, json=body) as resp:
+                    if resp.status_code != 200:
+                        await resp.aread()
+                        err = _error_text(resp)
+                        if resp.status_code in _RETRY_STATUS and attempt < self.cfg.max_retries:
+                            await asyncio.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
+                            continue
+                        raise BackendError(f"upstream {where} failed: {err}", "http_error")
+                    reader = _SSEReader(chat, where)
+                    async for line in resp.aiter_lines():
+                        delta = reader.feed(line)
+                        if delta is None:
+                            return
+                        if delta:
+                            yield delta
+                    reader.end()
+                    return
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                if attempt >= self.cfg.max_retries:
+                    raise BackendError(f"upstream {where} unreachable: {e}", "unreachable") from e
+                await asyncio.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
+            except httpx.HTTPError as e:
+                raise _stream_error(e, where) from e
+
+    def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
+        """Native async streaming of a chat answer (no thread)."""
+        return self._asse("/chat/completions", self._stream_body(params, messages=[dict(m) for m in messages]), chat=True)
+
+    def astream_complete(self, text: str, params: GenParams) -> AsyncIterator[str]:
+        """Native async streaming of a raw completion (no thread)."""
+        return self._asse("/completions", self._stream_body(params, prompt=text), chat=False)
 
     def _async_client(self) -> httpx.AsyncClient:
         """The async client of the running event loop: an AsyncClient's pooled connections belong to the loop
