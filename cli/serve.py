@@ -71,7 +71,7 @@ def serve(
     from core.config import load_config
     from guard.api import GuardedLLM
     from guard.config import BackendConfig, GuardConfig, ServerConfig
-    from guard.server import create_app
+    from guard.server import create_app, set_malloc_mmap_threshold
 
     sections: dict[str, Any] = {}
     if config is not None:
@@ -95,6 +95,7 @@ def serve(
     else:
         target = BackendConfig(kind=backend, model=model)  # type: ignore[arg-type]
     guard_cfg = BackendConfig(kind=backend if not upstream else "transformers", model=guard_model) if guard_model else None
+    set_malloc_mmap_threshold(scfg.malloc_mmap_threshold_kb)  # before the models allocate
     try:
         det = load_detector(detector, oracle)
     except (ValueError, OSError) as e:  # detectors.persistence.DetectorFormatError is a ValueError

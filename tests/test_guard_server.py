@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -148,3 +152,31 @@ def test_expose_trace() -> None:
     c, _ = client(expose_trace=True)
     body = chat(c, "Where was Elara Voswick born?").json()
     assert body["guard"]["flagged"] is True and body["guard"]["target_ids"] == ["person-000"]
+
+
+_MMAP_PROBE = r"""
+import ctypes, ctypes.util, sys
+from guard.server import set_malloc_mmap_threshold
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+applied = set_malloc_mmap_threshold(int(sys.argv[1])) if sys.argv[1] != "none" else False
+big = libc.malloc(4 << 20)  # mapped separately under any threshold; freeing it raises glibc's adaptive one
+libc.free(big)
+p = libc.malloc(512 << 10)
+is_mmapped = bool(ctypes.c_size_t.from_address(p - ctypes.sizeof(ctypes.c_size_t)).value & 2)  # chunk flag
+print(applied, is_mmapped)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_malloc_mmap_threshold_keeps_large_blocks_out_of_the_heap() -> None:
+    """With the threshold set, a 512 KiB block is mapped on its own (returned to the OS when freed); with
+    glibc's default, freeing a 4 MiB block raises the threshold and the same block stays in the heap."""
+    def probe(arg: str) -> str:
+        return subprocess.run([sys.executable, "-c", _MMAP_PROBE, arg], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.split()
+
+    assert probe("128") == ["True", "True"]
+    assert probe("none") == ["False", "False"]
+    assert ServerConfig().malloc_mmap_threshold_kb == 128

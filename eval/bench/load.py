@@ -86,6 +86,9 @@ class LoadConfig(BaseModel):
     max_batch: int | None = Field(None, ge=1, description="GuardConfig.detector_max_batch (None: its default).")
     max_inflight: int | None = Field(None, ge=1, description="GuardConfig.detector_max_inflight (None: its default).")
     proxy_max_concurrency: int = Field(64, ge=1, description="ServerConfig.max_concurrency of the proxy.")
+    malloc_mmap_threshold_kb: int | None = Field(128, ge=1, description="ServerConfig.malloc_mmap_threshold_kb of the "
+                                                 "proxy, set at its start as `unlearn-guard serve` does (None: glibc's "
+                                                 "default).")
     timeout_s: float = Field(60.0, gt=0, description="Client and proxy upstream timeout.")
     startup_timeout_s: float = Field(600.0, gt=0)
     seed: int = 0
@@ -227,8 +230,9 @@ def proxy_app(cfg: LoadConfig, upstream: str, det_dir: Path) -> Any:
     from guard.api import GuardedLLM
     from guard.backends.openai_http import OpenAIHTTPBackend
     from guard.config import BackendConfig, GuardConfig, ServerConfig
-    from guard.server import create_app
+    from guard.server import create_app, set_malloc_mmap_threshold
 
+    set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_kb)
     det = Detector.load(det_dir)
     det.detect_batch(["warm-up prompt"])
     det.detect_leak_batch(["warm-up answer"])
@@ -712,7 +716,8 @@ def run(cfg: LoadConfig) -> dict[str, Any]:
     atomic_write_json(cfg.out_dir / f"{name}.json", rep)
     note = (f"Guard proxy load benchmark ({name}); machine: {env['cpus']} CPUs, nice {env['niceness']}, "
             f"OMP_NUM_THREADS={env['omp_num_threads']}, load average at start {env['load_avg_at_start']}, "
-            f"commit {env['git_commit']}.\nAdded latency = proxy percentile - direct percentile, same requests, "
+            f"commit {env['git_commit']}; proxy: encoder {cfg.encoder}, malloc_mmap_threshold_kb "
+            f"{cfg.malloc_mmap_threshold_kb}, env {cfg.proxy_env or '{}'}.\nAdded latency = proxy percentile - direct percentile, same requests, "
             f"same concurrency, same run.\n\n")
     atomic_write_text(cfg.out_dir / f"{name}.md", note + table + "\n")
     rep["table"] = table
@@ -756,6 +761,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-inflight", type=int)
     p.add_argument("--proxy-max-concurrency", type=int)
+    p.add_argument("--malloc-mmap-threshold-kb", type=lambda v: "none" if v.lower() == "none" else int(v),
+                   help="The proxy's ServerConfig.malloc_mmap_threshold_kb (default 128; 'none': glibc's default).")
     p.add_argument("--timeout-s", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--encoder")
@@ -785,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = {k: v for k, v in vars(args).items() if v is not None and k not in internal}
         if "proxy_env" in opts:
             opts["proxy_env"] = dict(opts["proxy_env"])
+        if opts.get("malloc_mmap_threshold_kb") == "none":
+            opts["malloc_mmap_threshold_kb"] = None
         cfg = LoadConfig(**opts)
     if args.role == "build-detector":
         build_detector(cfg)
