@@ -39,7 +39,7 @@ from guard.backends import Backend, GenOutput, GenParams, make_backend
 from guard.batching import MicroBatcher
 from guard.config import BackendConfig, GuardConfig
 from guard.cot import CoTGuard, refusal_text
-from guard.output_check import LeakCheckError, StreamChecker, check_text
+from guard.output_check import LeakCheckError, StreamChecker, acheck_text, check_text
 from guard.prompt import assemble, neutralise, sanitise_messages, special_tokens_of, user_text
 from guard.types import (
     AdminError,
@@ -310,18 +310,20 @@ class GuardedLLM:
                 pl.messages = assemble(pl.messages or [], dec.cot_instruction, pl.targets, self.config.system_prompt,
                                        self._markers)
 
-    def _check(self, pl: _Plan, text: str, detect_leak: Callable[[str], Detection] | None = None) -> str | None:
+    def _leak_refusal(self, pl: _Plan, after_text: bool = False) -> str:
+        """The policy's refusal for an answer the output check blocked (after a blank line when a stream
+        has already released text)."""
+        known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
+        return ("\n\n" if after_text else "") + refusal_text(known, self.config)
+
+    def _check(self, pl: _Plan, text: str) -> str | None:
         """Output check of a finished answer: the refusal to substitute, or None to keep it."""
-        tr = pl.trace
         try:
-            blocked = check_text(detect_leak or self._leak_now, text, self.config, tr)
+            blocked = check_text(self._leak_now, text, self.config, pl.trace)
         except LeakCheckError as e:
-            self._fail_open(tr, "output_check", e)
+            self._fail_open(pl.trace, "output_check", e)
             return None
-        if blocked:
-            known = [t for t in self._resolve(tr.leak_target_ids) if not t.meta.get("unresolved")]
-            return refusal_text(known, self.config)
-        return None
+        return self._leak_refusal(pl) if blocked else None
 
     def _leak_now(self, text: str) -> Detection:
         """One output check with a deadline, waited for in the calling thread (the sync path)."""
@@ -329,25 +331,12 @@ class GuardedLLM:
 
     async def _acheck(self, pl: _Plan, text: str) -> str | None:
         """Async ``_check``: the leak check goes through the micro-batcher; same policy on failure."""
-        if self.config.output_check == "off" or not text:
-            return self._check(pl, text)  # check_text makes no detector call here
-        t0 = time.perf_counter()
-        det: Detection | None = None
-        err: Exception | None = None
         try:
-            det = await self._leak_batcher.submit(text)
-        except Exception as e:  # noqa: BLE001 - handed to check_text, which applies the failure policy
-            err = e
-
-        def answer(_text: str) -> Detection:
-            if err is not None or det is None:
-                raise err or RuntimeError("leak check gave no answer")
-            return det
-
-        try:
-            return self._check(pl, text, answer)
-        finally:
-            pl.trace.add_time("output_check", time.perf_counter() - t0)
+            blocked = await acheck_text(self._leak_batcher.submit, text, self.config, pl.trace)
+        except LeakCheckError as e:
+            self._fail_open(pl.trace, "output_check", e)
+            return None
+        return self._leak_refusal(pl) if blocked else None
 
     def _answer(self, pl: _Plan, o: GenOutput, substitute: str | None) -> GuardResult:
         """The result of a generated answer: the model's text, or the refusal the output check substituted."""
@@ -435,7 +424,7 @@ class GuardedLLM:
                             out = self._unchecked(pl, checker, e)
                         if out is None:
                             gs.finish_reason = "content_filter"
-                            yield self._stream_refusal(pl, released_any)
+                            yield self._leak_refusal(pl, released_any)
                             return
                         if out:
                             released_any = True
@@ -451,7 +440,7 @@ class GuardedLLM:
                     rest = self._unchecked(pl, checker, e)
                 if rest is None:
                     gs.finish_reason = "content_filter"
-                    yield self._stream_refusal(pl, released_any)
+                    yield self._leak_refusal(pl, released_any)
                     return
                 if rest:
                     yield rest
@@ -463,10 +452,6 @@ class GuardedLLM:
         holder["s"] = s
         return s
 
-    def _stream_refusal(self, pl: _Plan, released_any: bool) -> str:
-        """The refusal that ends a stream whose answer leaked (after a blank line if text was released)."""
-        known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
-        return ("\n\n" if released_any else "") + refusal_text(known, self.config)
 
     def _unchecked(self, pl: _Plan, checker: StreamChecker, err: LeakCheckError) -> str:
         """A failed output check mid-stream: the failure policy raises (closed) or the rest goes out unchecked."""
@@ -521,7 +506,7 @@ class GuardedLLM:
                 return
             source = (self.target.astream_complete(pl.raw_text, params) if pl.raw_text is not None
                       else self.target.astream(pl.messages or [], params))
-            checker = StreamChecker(self._leak_now, self.config, pl.trace, adetect_leak=self._leak_batcher.submit)
+            checker = StreamChecker(None, self.config, pl.trace, adetect_leak=self._leak_batcher.submit)
             released_any = False
             t_gen = time.perf_counter()
             n = 0
@@ -534,7 +519,7 @@ class GuardedLLM:
                         out = self._unchecked(pl, checker, e)
                     if out is None:
                         box.finish_reason = "content_filter"
-                        yield self._stream_refusal(pl, released_any)
+                        yield self._leak_refusal(pl, released_any)
                         return
                     if out:
                         released_any = True
@@ -550,7 +535,7 @@ class GuardedLLM:
                 rest = self._unchecked(pl, checker, e)
             if rest is None:
                 box.finish_reason = "content_filter"
-                yield self._stream_refusal(pl, released_any)
+                yield self._leak_refusal(pl, released_any)
                 return
             if rest:
                 yield rest

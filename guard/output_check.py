@@ -8,9 +8,10 @@ never leaves; a leak stops generation and the policy's refusal is substituted. '
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from detectors.types import Detection
 from guard.config import GuardConfig
@@ -31,9 +32,10 @@ class StreamChecker:
     bookkeeping of what is due for a check and what may be released.
     """
 
-    def __init__(self, detect_leak: Callable[[str], Detection], config: GuardConfig, trace: GuardTrace,
+    def __init__(self, detect_leak: Callable[[str], Detection] | None, config: GuardConfig, trace: GuardTrace,
                  adetect_leak: Callable[[str], Awaitable[Detection]] | None = None) -> None:
-        """``detect_leak`` is the detector's method (``adetect_leak`` its async form); results and timings go into ``trace``."""
+        """``detect_leak`` is the detector's method for ``feed``/``finish``, ``adetect_leak`` its async form for
+        ``afeed``/``afinish`` (a checker needs only the one it is driven with); results and timings go into ``trace``."""
         self.detect_leak = detect_leak
         self.adetect_leak = adetect_leak
         self.cfg = config
@@ -58,28 +60,31 @@ class StreamChecker:
                 return True
         return False
 
-    def _check(self, text: str) -> bool:
-        """Run one leak check; True when it found a leak that matters in this mode."""
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Around one detector call: its time goes into the trace, any failure becomes a LeakCheckError."""
         t0 = time.perf_counter()
         try:
-            det = self.detect_leak(text)
+            yield
         except Exception as e:
             raise LeakCheckError(f"detect_leak failed: {e.__class__.__name__}: {e}") from e
         finally:
             self.trace.add_time("output_check", time.perf_counter() - t0)
+
+    def _check(self, text: str) -> bool:
+        """Run one leak check; True when it found a leak that matters in this mode."""
+        if self.detect_leak is None:
+            raise TypeError("StreamChecker.feed/finish need detect_leak")
+        with self._timed():
+            det = self.detect_leak(text)
         return self._verdict(det)
 
     async def _acheck(self, text: str) -> bool:
         """``_check`` through ``adetect_leak``."""
         if self.adetect_leak is None:
             raise TypeError("StreamChecker.afeed/afinish need adetect_leak")
-        t0 = time.perf_counter()
-        try:
+        with self._timed():
             det = await self.adetect_leak(text)
-        except Exception as e:
-            raise LeakCheckError(f"detect_leak failed: {e.__class__.__name__}: {e}") from e
-        finally:
-            self.trace.add_time("output_check", time.perf_counter() - t0)
         return self._verdict(det)
 
     def _due(self, delta: str) -> str | None:
@@ -137,9 +142,14 @@ class StreamChecker:
 
 def check_text(detect_leak: Callable[[str], Detection], text: str, config: GuardConfig, trace: GuardTrace) -> bool:
     """Check a finished answer; True when it must be replaced by the refusal (block mode and a leak)."""
-    if config.output_check == "off" or not text:
-        trace.output_check_mode = config.output_check
-        return False
     checker = StreamChecker(detect_leak, config, trace)
     checker.text = text
-    return checker.finish() is None
+    return checker.finish() is None  # 'off' or an empty answer: no detector call
+
+
+async def acheck_text(adetect_leak: Callable[[str], Awaitable[Detection]], text: str, config: GuardConfig,
+                      trace: GuardTrace) -> bool:
+    """Async ``check_text`` (the server's path: the check joins the micro-batches)."""
+    checker = StreamChecker(None, config, trace, adetect_leak=adetect_leak)
+    checker.text = text
+    return await checker.afinish() is None

@@ -232,19 +232,28 @@ class OpenAIHTTPBackend(Backend):
         """Send raw completions concurrently."""
         return list(self._pool.map(lambda t: self._complete_one(t, params), texts))
 
+    def _reopen_pause(self, where: str, attempt: int, failure: httpx.Response | httpx.HTTPError) -> float:
+        """A stream that failed before its first byte (an error status, or no connection): the pause before the
+        next attempt, or, when it is not worth retrying or the retries are spent, its BackendError raised."""
+        last = attempt >= self.cfg.max_retries
+        if isinstance(failure, httpx.Response):
+            if last or failure.status_code not in _RETRY_STATUS:
+                raise BackendError(f"upstream {where} failed: {_error_text(failure)}", "http_error")
+        elif last:
+            raise BackendError(f"upstream {where} unreachable: {failure}", "unreachable") from failure
+        return self.cfg.retry_backoff_s * (2 ** attempt)
+
     def _sse(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str]:
         """Stream an SSE response and yield content deltas; retried only before the first byte."""
+        where = f"{self.base_url}{path}"
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 with self._client.stream("POST", path, json=body) as resp:
                     if resp.status_code != 200:
                         resp.read()
-                        err = _error_text(resp)
-                        if resp.status_code in _RETRY_STATUS and attempt < self.cfg.max_retries:
-                            time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
-                            continue
-                        raise BackendError(f"upstream {self.base_url}{path} failed: {err}", "http_error")
-                    reader = _SSEReader(chat, f"{self.base_url}{path}")
+                        time.sleep(self._reopen_pause(where, attempt, resp))
+                        continue
+                    reader = _SSEReader(chat, where)
                     for line in resp.iter_lines():
                         delta = reader.feed(line)
                         if delta is None:
@@ -254,11 +263,9 @@ class OpenAIHTTPBackend(Backend):
                     reader.end()
                     return
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if attempt >= self.cfg.max_retries:
-                    raise BackendError(f"upstream {self.base_url}{path} unreachable: {e}", "unreachable") from e
-                time.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
+                time.sleep(self._reopen_pause(where, attempt, e))
             except httpx.HTTPError as e:
-                raise _stream_error(e, f"{self.base_url}{path}") from e
+                raise _stream_error(e, where) from e
 
     def _stream_body(self, params: GenParams, **payload: Any) -> dict[str, Any]:
         """A streamed request's body (structured output is never asked of a stream)."""
@@ -294,11 +301,8 @@ class OpenAIHTTPBackend(Backend):
                 async with self._async_client().stream("POST", path, json=body) as resp:
                     if resp.status_code != 200:
                         await resp.aread()
-                        err = _error_text(resp)
-                        if resp.status_code in _RETRY_STATUS and attempt < self.cfg.max_retries:
-                            await asyncio.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
-                            continue
-                        raise BackendError(f"upstream {where} failed: {err}", "http_error")
+                        await asyncio.sleep(self._reopen_pause(where, attempt, resp))
+                        continue
                     reader = _SSEReader(chat, where)
                     async for line in resp.aiter_lines():
                         delta = reader.feed(line)
@@ -309,9 +313,7 @@ class OpenAIHTTPBackend(Backend):
                     reader.end()
                     return
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if attempt >= self.cfg.max_retries:
-                    raise BackendError(f"upstream {where} unreachable: {e}", "unreachable") from e
-                await asyncio.sleep(self.cfg.retry_backoff_s * (2 ** attempt))
+                await asyncio.sleep(self._reopen_pause(where, attempt, e))
             except httpx.HTTPError as e:
                 raise _stream_error(e, where) from e
 
