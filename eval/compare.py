@@ -247,12 +247,13 @@ class _Eval:
             raw["auc"] = auc.value
         return m, raw
 
-    def attacked_rouge_many(self, sys: System, sets: dict[str, tuple[list[Any], list[str], list[str]]]) -> dict[str, float]:
-        """Forget ROUGE-L recall under each prompt attack, all attacked prompts answered in one batched call."""
+    def attacked_rouge(self, sys: System, sets: dict[str, tuple[list[Any], list[str], list[str]]]) -> dict[str, float]:
+        """Forget ROUGE-L recall under each attack (its prompts, references and questions), every prompt answered in
+        one batched call; NaN for an attack without prompts."""
         from eval.metrics import rouge_l_recall
 
         prompts = [p for ps, _, _ in sets.values() for p in ps]
-        out = sys.answer(prompts, self.cfg.max_new_tokens, self.cfg.batch_size, desc=f"{sys.name} under prompt attacks")
+        out = sys.answer(prompts, self.cfg.max_new_tokens, self.cfg.batch_size, desc=f"{sys.name} under attack")
         values, start = {}, 0
         for name, (ps, refs, _) in sets.items():
             ans, start = out[start:start + len(ps)], start + len(ps)
@@ -267,14 +268,6 @@ class _Eval:
         if not questions or any(q not in plain for q in questions):
             return float("nan")
         return rouge_l_recall([plain[q] for q in questions], refs).value
-
-    def attacked_rouge(self, sys: System, prompts: list[Any], refs: list[str]) -> float:
-        """Forget ROUGE-L recall of a system's answers to attacked prompts."""
-        from eval.metrics import rouge_l_recall
-
-        if not prompts:
-            return float("nan")
-        return rouge_l_recall(sys.answer(prompts, self.cfg.max_new_tokens, self.cfg.batch_size), refs).value
 
 
 def _prompt_attack_sets(cfg: CompareConfig, task: ForgetTask, names: list[str],
@@ -383,7 +376,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
         applicable = {n: psets[n] for n in prompt_names if sys.kind in make_attack(n).applies_to}
         if applicable:
             with _Stage(timings, "attacks: prompt"):
-                for name, value in ev.attacked_rouge_many(sys, applicable).items():
+                for name, value in ev.attacked_rouge(sys, applicable).items():
                     record(sys, name, value, psets[name][2], psets[name][1])
         for name in weight_names:
             attack = make_attack(name, cfg.attack_params.get(name))
@@ -397,7 +390,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                 items = [q for q in ev.forget if q.question not in held] or ev.forget
                 qs, refs = [q.question for q in items], [q.answer for q in items]
                 asys = model_system(f"{sys.name}/{name}", attacked_llm, sys.kind)
-                record(sys, name, ev.attacked_rouge(asys, qs, refs), qs, refs)
+                record(sys, name, ev.attacked_rouge(asys, {name: (qs, refs, qs)})[name], qs, refs)
                 del attacked_llm, asys
         for name in probe_names:
             attack = make_attack(name, cfg.attack_params.get(name))

@@ -717,8 +717,8 @@ def run(cfg: LoadConfig) -> dict[str, Any]:
     note = (f"Guard proxy load benchmark ({name}); machine: {env['cpus']} CPUs, nice {env['niceness']}, "
             f"OMP_NUM_THREADS={env['omp_num_threads']}, load average at start {env['load_avg_at_start']}, "
             f"commit {env['git_commit']}; proxy: encoder {cfg.encoder}, malloc_mmap_threshold_kb "
-            f"{cfg.malloc_mmap_threshold_kb}, env {cfg.proxy_env or '{}'}.\nAdded latency = proxy percentile - direct percentile, same requests, "
-            f"same concurrency, same run.\n\n")
+            f"{cfg.malloc_mmap_threshold_kb}, env {cfg.proxy_env or '{}'}.\n"
+            "Added latency = proxy percentile - direct percentile, same requests, same concurrency, same run.\n\n")
     atomic_write_text(cfg.out_dir / f"{name}.md", note + table + "\n")
     rep["table"] = table
     return rep
