@@ -49,7 +49,7 @@ def test_registry_has_every_metric() -> None:
     assert set(METRICS.names()) >= {
         "rougeL_recall", "answer_prob", "truth_ratio", "forget_quality", "model_utility", "extraction_strength",
         "mcq_accuracy", "min_k_prob", "mia_auc", "privleak", "refusal_rate", "over_refusal_rate",
-        "gibberish_rate", "distinct_n", "trace_leakage", "dds", "dus"}
+        "gibberish_rate", "distinct_n", "trace_leakage", "dds", "dus", "rougeL_f1", "tofu_utility"}
     assert METRICS.get("privleak") is privleak
     assert RougeMetricResult is MetricResult  # moved to base, still importable from rouge
 
@@ -71,6 +71,11 @@ def test_rouge_l_recall_hand_value_and_package() -> None:
     assert res.value == pytest.approx(np.mean(res.per_item))
     with pytest.raises(ValueError, match="pair up"):
         rouge_l_recall(["a"], ["a", "b"])
+
+
+def test_rouge_l_of_no_pairs_is_nan_not_perfect_forgetting() -> None:
+    empty = rouge_l_recall([], [])
+    assert math.isnan(empty.value) and empty.per_item == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,8 +180,8 @@ def test_mcq_prompt_is_lm_eval_format() -> None:
     item = MCQItem(question="  What is 2+2? ", choices=["3", "4", "5", "6"], answer=1, subject="biology")
     assert mcq_prompt(item) == ("The following are multiple choice questions (with answers) about biology.\n\n"
                                 "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
-    assert mcq_prompt(item, subject="computer security").startswith(
-        "The following are multiple choice questions (with answers) about computer security.\n\n")
+    assert mcq_prompt(item, subject="cybersecurity").startswith(
+        "The following are multiple choice questions (with answers) about cybersecurity.\n\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,8 +198,9 @@ def test_min_k_on_hand_built_logits() -> None:
     expected = [math.log(1 / 3), math.log(0.5), 1.0 - math.log(math.e + 2)]
     assert lp == pytest.approx(expected, abs=1e-6)
     assert lp == pytest.approx(torch.log_softmax(logits, -1)[0].gather(-1, targets[0, :, None])[:, 0].numpy(), abs=1e-6)
-    # k = 20% of 3 tokens rounds down to 0 -> at least one token: the minimum.
+    # k = 20% (and the default 40%) of 3 tokens rounds down to 0 -> at least one token: the minimum.
     assert min_k_from_logprobs(lp, 0.2) == pytest.approx(math.log(1 / 3), abs=1e-6)
+    assert min_k_from_logprobs(lp) == pytest.approx(math.log(1 / 3), abs=1e-6)
     assert min_k_from_logprobs(lp, 0.7) == pytest.approx(np.mean(sorted(expected)[:2]), abs=1e-6)
     assert min_k_from_logprobs(lp, 1.0) == pytest.approx(np.mean(expected), abs=1e-6)
 
@@ -218,11 +224,11 @@ def test_mia_auc_hand_value() -> None:
 
 
 def test_privleak_arithmetic() -> None:
-    muse = privleak(0.9, 0.5)  # MUSE reports 1 - AUC: (0.1 - 0.5) / 0.5
-    assert muse.value == pytest.approx(-0.8) and muse.details["percent"] == pytest.approx(-80.0)
-    assert privleak(0.9, 0.5, muse_convention=False).value == pytest.approx(0.8)  # (0.9 - 0.5) / 0.5
+    muse = privleak(0.9, 0.5)  # MUSE reports 1 - AUC: (0.1 - 0.5) / 0.5 * 100
+    assert muse.value == pytest.approx(-80.0) and muse.details["fraction"] == pytest.approx(-0.8)
+    assert privleak(0.9, 0.5, muse_convention=False).value == pytest.approx(80.0)  # (0.9 - 0.5) / 0.5 * 100
     assert privleak(0.5, 0.5).value == 0.0
-    assert privleak(MetricResult(name="mia_auc", value=1.0), 0.4).value == pytest.approx(-1.0)  # target model
+    assert privleak(MetricResult(name="mia_auc", value=1.0), 0.4).value == pytest.approx(-100.0)  # target model
     with pytest.raises(ValueError, match="undefined"):
         privleak(0.3, 1.0)
     with pytest.raises(ValueError, match=r"AUC in \[0, 1\]"):

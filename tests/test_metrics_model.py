@@ -18,11 +18,13 @@ from eval.metrics import (
     mcq_accuracy,
     min_k_from_logprobs,
     min_k_prob,
+    model_utility,
     score_answers,
     score_continuations,
     score_texts,
     tofu_model_utility,
     tofu_split_metrics,
+    tofu_utility,
     truth_ratio,
     truth_ratios,
 )
@@ -112,11 +114,14 @@ def test_min_k_prob_matches_manual(llm: LoadedLLM) -> None:
 
     text = "His father was a teacher and his mother was a nurse who worked in the city hospital."
     res = min_k_prob(llm, None, [text, "x"], k=0.2)
+    default = min_k_prob(llm, None, [text])
     ids = llm.tokenizer(text)["input_ids"]
     with torch.no_grad():
         logits = llm.model(torch.tensor([ids])).logits[0]
     lp = torch.log_softmax(logits.double(), -1)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
     assert res.per_item[0] == pytest.approx(min_k_from_logprobs(lp, 0.2), abs=1e-4)
+    k40 = np.sort(lp)[:int(len(lp) * 0.4)].mean()  # the 40% least likely tokens
+    assert default.details["k"] == 0.4 and default.per_item[0] == pytest.approx(k40, abs=1e-4)
     assert math.isnan(res.per_item[1]) and res.value == pytest.approx(res.per_item[0])  # 1-token text unscorable
     assert score_texts(llm, None, [text], max_length=5)[0].n == 4
 
@@ -145,9 +150,11 @@ def test_mcq_cloze_is_length_normalised_choice_likelihood(llm: LoadedLLM) -> Non
     import torch
 
     items = [MCQItem(question="What is the capital of France?", choices=["Paris", "Rome", "the city of Oslo"], answer=0),
-             MCQItem(question="Which is a colour?", choices=["red", "seven"], answer=1)]
+             MCQItem(question="Which is a colour?", choices=["red", "seven", "café"], answer=1),
+             MCQItem(question="Is it?", choices=["yes", "no"], answer=0)]
     lp = cloze_logprobs(llm, None, items)
-    assert lp.shape == (2, 3) and np.isneginf(lp[1, 2])
+    lp_bytes = cloze_logprobs(llm, None, items, norm="bytes")
+    assert lp.shape == (3, 3) and np.isneginf(lp[2, 2]) and np.isfinite(lp[:2]).all()
     tok = llm.tokenizer
     for i, it in enumerate(items):
         p = tok(f"Question: {it.question}\nAnswer:", add_special_tokens=False)["input_ids"]
@@ -156,9 +163,13 @@ def test_mcq_cloze_is_length_normalised_choice_likelihood(llm: LoadedLLM) -> Non
             with torch.no_grad():
                 logits = llm.model(torch.tensor([p + a])).logits[0]
             manual = torch.log_softmax(logits.double(), -1)[len(p) - 1:-1].gather(-1, torch.tensor(a)[:, None]).sum()
-            assert lp[i, j] == pytest.approx(float(manual) / len((" " + c).encode()), abs=1e-4)
+            # lm-eval's acc_norm: " " + choice is scored, the length is the choice's alone, in characters.
+            assert lp[i, j] == pytest.approx(float(manual) / len(c), abs=1e-4)
+            assert lp_bytes[i, j] == pytest.approx(float(manual) / len(c.encode("utf-8")), abs=1e-4)
     res = mcq_accuracy(llm, None, items, format="cloze")
-    assert res.details == {"predictions": lp.argmax(1).tolist(), "n": 2, "format": "cloze"}
+    assert res.details == {"predictions": lp.argmax(1).tolist(), "n": 3, "format": "cloze", "norm": "chars"}
+    res_b = mcq_accuracy(llm, None, items, format="cloze", norm="bytes")
+    assert res_b.details["predictions"] == lp_bytes.argmax(1).tolist() and res_b.details["norm"] == "bytes"
     with pytest.raises(ValueError, match="'letter' and 'cloze'"):
         mcq_accuracy(llm, None, items, format="essay")  # type: ignore[arg-type]
 
@@ -174,3 +185,60 @@ def test_tofu_split_metrics_and_utility(llm: LoadedLLM) -> None:
     assert 0.0 < res["world_facts"]["prob"].value < 1.0
     mu = tofu_model_utility({**res, "forget": res["retain"]})
     assert len(mu.details["components"]) == 6 and all(not k.startswith("forget") for k in mu.details["components"])
+
+
+def _logp(llm: LoadedLLM, question: str, answer: str) -> float:
+    """Length-normalised log-probability of one answer."""
+    return math.log(answer_probability(llm, None, [question], [answer]).value)
+
+
+def test_tofu_option_splits_compare_the_answer_not_a_paraphrase(llm: LoadedLLM) -> None:
+    # open-unlearning's ra/wf truth ratio uses *_Q_A_Prob (the answer), retain's the paraphrase.
+    item = QAItem(question=QUESTIONS[1], answer="Paris", paraphrased_answer="The city of Paris",
+                  perturbed_answers=["Rome", "Oslo"], kind="world_facts")
+    res = tofu_split_metrics(llm, None, [item], "world_facts", predictions=["Paris"])
+    ans, pert = _logp(llm, item.question, "Paris"), [_logp(llm, item.question, a) for a in item.perturbed_answers]
+    r = math.exp(np.mean(pert) - ans)
+    assert res["truth_ratio"].details["ratios"] == pytest.approx([r], rel=1e-4)
+    assert res["truth_ratio"].value == pytest.approx(max(0.0, 1 - r), rel=1e-4, abs=1e-6)
+    p = [math.exp(x) for x in (ans, *pert)]
+    assert res["prob"].value == pytest.approx(p[0] / sum(p), rel=1e-4)
+    retain = tofu_split_metrics(llm, None, [item.model_copy(update={"kind": "fact"})], "retain", predictions=["Paris"])
+    para = _logp(llm, item.question, "The city of Paris")
+    assert retain["truth_ratio"].details["ratios"] == pytest.approx([math.exp(np.mean(pert) - para)], rel=1e-4)
+    with pytest.raises(ValueError, match="no perturbed_answers"):
+        tofu_split_metrics(llm, None, [QAItem(question="q", answer="a")], "real_authors", predictions=["a"])
+
+
+def test_tofu_utility_is_the_harmonic_mean_of_nine_components(llm: LoadedLLM) -> None:
+    from scipy.stats import hmean
+
+    retain = [QAItem(question=QUESTIONS[0], answer=ANSWERS[0], paraphrased_answer="A small coastal town.",
+                     perturbed_answers=["A big city.", "A mountain village."])]
+    authors = [QAItem(question="Who wrote Hamlet?", answer="William Shakespeare",
+                      perturbed_answers=["Charles Dickens", "Jane Austen"], kind="real_authors")]
+    facts = [QAItem(question=QUESTIONS[1], answer="Paris", perturbed_answers=["Rome", "Oslo"], kind="world_facts")]
+    preds = {"retain": [ANSWERS[0]], "real_authors": ["Charles Dickens"], "world_facts": ["Paris, France"]}
+    # rougeL_recall of "Charles Dickens" against "William Shakespeare" is 0: utility 0, as scipy's hmean.
+    mu = tofu_utility(llm, None, retain, authors, facts, predictions=preds)
+    comps = mu.details["components"]
+    assert set(comps) == {f"{s}/{m}" for s in ("retain", "real_authors", "world_facts")
+                          for m in ("prob", "rougeL_recall", "truth_ratio")}
+    assert mu.name == "tofu_model_utility" and mu.details["n"] == {"retain": 1, "real_authors": 1, "world_facts": 1}
+    for split, items in (("retain", retain), ("real_authors", authors), ("world_facts", facts)):
+        each = tofu_split_metrics(llm, None, items, split, predictions=preds[split])  # type: ignore[arg-type]
+        for m, r in each.items():
+            assert comps[f"{split}/{m}"] == pytest.approx(r.value, rel=1e-6)
+    assert comps["retain/rougeL_recall"] == pytest.approx(1.0) and comps["real_authors/rougeL_recall"] == 0.0
+    assert mu.value == 0.0 and mu.per_item == pytest.approx(list(comps.values()))
+    preds["real_authors"] = ["William Shakespeare"]
+    mu = tofu_utility(llm, None, retain, authors, facts, predictions=preds)
+    vals = list(mu.details["components"].values())
+    assert len(vals) == 9 and mu.value == pytest.approx(hmean(vals) if min(vals) > 0 else 0.0)
+    assert model_utility([0.5, 0.25, 1.0]).value == pytest.approx(hmean([0.5, 0.25, 1.0]))
+    with pytest.raises(ValueError, match="no perturbed_answers"):
+        tofu_utility(llm, None, [QAItem(question="q", answer="a")], authors, facts, predictions=preds)
+    with pytest.raises(ValueError, match="needs real_authors items"):
+        tofu_utility(llm, None, retain, [], facts, predictions=preds)
+    with pytest.raises(ValueError, match="unknown splits"):
+        tofu_utility(llm, None, retain, authors, facts, predictions={"forget": ["x"]})

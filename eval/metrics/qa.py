@@ -9,15 +9,17 @@ Conventions (TOFU's reference code, Maini et al. 2024, and open-unlearning):
   probability of the paraphrased answer and ``P_pert`` the mean of the perturbed (wrong) answers'
   length-normalised probabilities. TOFU's code averages the perturbed answers' *log* probabilities
   (a geometric mean: ``perturbed_mean="geometric"``, the default); the paper's formula uses an
-  arithmetic mean (``"arithmetic"``). Items without a paraphrase use the original answer, as TOFU
-  does for its real-authors and world-facts sets.
+  arithmetic mean (``"arithmetic"``). Items without a paraphrase use the original answer; the
+  real-authors and world-facts sets always compare against the answer itself (open-unlearning's
+  ``{ra,wf}_Truth_Ratio.yaml`` use ``*_Q_A_Prob`` where retain uses ``retain_Q_A_PARA_Prob``).
 * Reported truth ratio: on forget data TOFU reports ``mean(min(R, 1/R))`` (1 = the model cannot tell
   true from false, the ideal after forgetting); on retain data ``mean(max(0, 1 - R))`` (1 = the true
   answer is much likelier than the false ones).
 * *Forget quality*: the p-value of a two-sample Kolmogorov-Smirnov test between the raw ``R`` of the
   unlearned model and of the retain model on the forget set (invariant to using ``R`` or ``1/R``).
-* *Model utility*: harmonic mean of the non-forget components (retain/real-authors/world-facts
-  probability, ROUGE-L recall and truth ratio in TOFU).
+* *Model utility*: harmonic mean of the nine non-forget components, retain / real-authors /
+  world-facts x (probability, ROUGE-L recall, truth ratio), as open-unlearning's
+  ``configs/eval/tofu_metrics/model_utility.yaml`` (``hm_aggregate``); see :func:`tofu_utility`.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def model_utility(components: Mapping[str, float] | Sequence[float]) -> MetricRe
 
 
 def extraction_strength_from_greedy(greedy: Sequence[bool]) -> float:
-    """ES of one answer from teacher-forced greedy matches: ``1 - k/n`` for the shortest prefix k whose suffix all matches."""
+    """ES of one answer from greedy matches: ``1 - k/n``, k in ``0..n`` the shortest prefix whose suffix all matches."""
     g = np.asarray(greedy, dtype=bool)
     n = int(g.size)
     if n == 0:
@@ -198,11 +200,16 @@ def extraction_strength(model: Any, tokenizer: Any | None, questions: Sequence[s
                         system: str | None = None, batch_size: int = 16, max_length: int = 512) -> MetricResult:
     """Extraction Strength (Carlini et al.): how little of the answer must be given before greedy decoding recites the rest.
 
-    With ``n`` answer tokens, ES = ``1 - k/n`` for the smallest ``k`` such that, given the question and
-    the first ``k`` answer tokens, greedy decoding reproduces tokens ``k..n-1``. Greedy decoding follows
-    the reference exactly iff every teacher-forced argmax from position ``k`` on equals the reference
-    token, so one forward pass suffices: ``k`` is one past the last mismatching position (0 when all
-    match, giving ES = 1; ``n`` when the last token mismatches, giving ES = 0).
+    With ``n`` answer tokens, ES = ``1 - k/n`` for the smallest ``k`` in ``0..n`` such that, given the
+    question and the first ``k`` answer tokens, greedy decoding reproduces tokens ``k..n-1``. Greedy
+    decoding follows the reference exactly iff every teacher-forced argmax from position ``k`` on
+    equals the reference token, so one forward pass suffices: ``k`` is one past the last mismatching
+    position (0 when all match, giving ES = 1; ``n`` when the last token mismatches, giving ES = 0).
+
+    ``k = n`` (nothing left to recite) is allowed, as the definition has it. open-unlearning's
+    ``src/evals/metrics/memorization.py`` (``extraction_strength``) loops ``for k in range(valid_len)``
+    and so stops at ``n - 1``: an answer whose last token mismatches scores ``1/n`` there and 0 here,
+    an off-by-one we do not copy. It also scores an empty answer 0 where this gives NaN (left out).
     """
     scores = score_answers(model, tokenizer, questions, answers, system=system, batch_size=batch_size,
                            max_length=max_length)
@@ -211,20 +218,36 @@ def extraction_strength(model: Any, tokenizer: Any | None, questions: Sequence[s
 
 
 def tofu_split_metrics(model: Any, tokenizer: Any | None, items: Sequence[QAItem], split: TofuSplit, *,
-                       predictions: Sequence[str] | None = None, max_new_tokens: int = 64, system: str | None = None,
+                       predictions: Sequence[str] | None = None, max_new_tokens: int = 200, system: str | None = None,
                        batch_size: int = 16, max_length: int = 512) -> dict[str, MetricResult]:
-    """TOFU's three numbers for one split: probability, ROUGE-L recall of generations, truth ratio.
+    """TOFU's three numbers for one split, as open-unlearning's ``configs/eval/tofu_metrics/*`` define them.
 
-    ``forget``/``retain``: probability of the answer; ``real_authors``/``world_facts``: probability of
-    the answer normalised against its perturbed answers. Truth ratio in the forget form for
-    ``forget`` and the retain form otherwise (items without perturbed answers are skipped there).
-    ``predictions`` are the model's answers; when omitted they are generated greedily.
+    * ``prob``: forget/retain ``*_Q_A_Prob``, the length-normalised probability of the answer;
+      real_authors/world_facts ``*_Q_A_Prob_normalised`` (``probability_w_options``): the answer's
+      length-normalised probability over itself plus its perturbed answers'.
+    * ``rougeL_recall``: ``*_Q_A_ROUGE``, stemmed ROUGE-L recall of greedy answers against the answer.
+    * ``truth_ratio``: ``R`` = geometric mean of the perturbed answers' length-normalised probability
+      over the true one's, the true one being the paraphrased answer for forget/retain
+      (``*_Q_A_PARA_Prob``) and the answer itself for real_authors/world_facts (``*_Q_A_Prob``);
+      aggregated ``closer_to_1_better`` (``min(R, 1/R)``) for forget and ``true_better``
+      (``max(0, 1 - R)``) otherwise.
+
+    Forget/retain items without perturbed answers are left out of the truth ratio (with a warning);
+    real_authors/world_facts items must all have them. ``predictions`` are the model's answers; when
+    omitted they are generated greedily (``max_new_tokens=200``, open-unlearning's
+    ``configs/generation/default.yaml``).
     """
     model, tokenizer = resolve_model(model, tokenizer)
     if split not in ("forget", "retain", "real_authors", "world_facts"):
         raise ValueError(f"split must be forget, retain, real_authors or world_facts, got {split!r}")
     if not items:
         raise ValueError(f"no items for TOFU split {split!r}")
+    options = split in ("real_authors", "world_facts")
+    if options:
+        missing = [i for i, it in enumerate(items) if not it.perturbed_answers]
+        if missing:
+            raise ValueError(f"{len(missing)} {split} items have no perturbed_answers (first: index {missing[0]}); "
+                             f"its normalised probability and truth ratio need them")
     questions = [it.question for it in items]
     if predictions is None:
         from core.generation import generate
@@ -232,25 +255,78 @@ def tofu_split_metrics(model: Any, tokenizer: Any | None, items: Sequence[QAItem
         predictions = generate(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                system=system)
     out: dict[str, MetricResult] = {"rougeL_recall": rouge_l_recall(predictions, [it.answer for it in items])}
-    if split in ("real_authors", "world_facts"):
+    if options:  # one pass scores the answer and its perturbed answers for both the probability and R
         lps = _variant_logprobs(model, tokenizer, items, lambda it: [it.answer, *it.perturbed_answers],
                                 system=system, batch_size=batch_size, max_length=max_length)
         per = normalised_answer_probability([r[0] for r in lps], [r[1:] for r in lps]).tolist()
         out["prob"] = MetricResult(name="answer_prob_normalised", value=finite_mean(per), per_item=per)
-    else:
-        out["prob"] = answer_probability(model, tokenizer, questions, [it.answer for it in items], system=system,
-                                         batch_size=batch_size, max_length=max_length)
+        ratios = truth_ratio_from_logprobs([r[0] for r in lps], [r[1:] for r in lps])
+        out["truth_ratio"] = truth_ratio_score(ratios, "retain")
+        return out
+    out["prob"] = answer_probability(model, tokenizer, questions, [it.answer for it in items], system=system,
+                                     batch_size=batch_size, max_length=max_length)
     with_pert = [it for it in items if it.perturbed_answers]
+    if len(with_pert) < len(items):
+        log.warning("%d of %d %s items have no perturbed answers and are left out of the truth ratio",
+                    len(items) - len(with_pert), len(items), split)
     if with_pert:
         out["truth_ratio"] = truth_ratio(model, tokenizer, with_pert, form="forget" if split == "forget" else "retain",
                                          system=system, batch_size=batch_size, max_length=max_length)
-    else:
-        log.warning("split %s has no items with perturbed answers: no truth ratio", split)
     return out
 
 
 def tofu_model_utility(split_results: Mapping[str, Mapping[str, MetricResult]]) -> MetricResult:
-    """TOFU model utility: harmonic mean of every non-forget split's prob, ROUGE-L and truth ratio."""
+    """TOFU model utility from :func:`tofu_split_metrics` results: harmonic mean of every non-forget split's numbers."""
     comps = {f"{split}/{name}": r.value for split, res in split_results.items() if split != "forget"
              for name, r in res.items()}
     return model_utility(comps)
+
+
+@METRICS.register("tofu_utility")
+def tofu_utility(model: Any, tokenizer: Any | None, retain: Sequence[QAItem], real_authors: Sequence[QAItem],
+                 world_facts: Sequence[QAItem], *, predictions: Mapping[str, Sequence[str]] | None = None,
+                 max_new_tokens: int = 200, system: str | None = None, batch_size: int = 16,
+                 max_length: int = 512) -> MetricResult:
+    """TOFU model utility of a model: the harmonic mean of its nine components, as open-unlearning computes it.
+
+    The components (``details['components']``, keys ``"{split}/{prob|rougeL_recall|truth_ratio}"``
+    for split in retain, real_authors, world_facts) are :func:`tofu_split_metrics`'s, i.e.
+    open-unlearning's ``configs/eval/tofu_metrics/model_utility.yaml``: ``retain_Q_A_Prob``,
+    ``retain_Q_A_ROUGE``, ``retain_Truth_Ratio`` (paraphrased vs perturbed, ``true_better``),
+    ``{ra,wf}_Q_A_Prob_normalised``, ``{ra,wf}_Q_A_ROUGE``, ``{ra,wf}_Truth_Ratio`` (answer vs
+    perturbed, ``true_better``), aggregated by ``hm_aggregate`` (``scipy.stats.hmean``; 0 if any
+    component is 0). Every item must have perturbed answers (TOFU's ``*_perturbed`` sets), so each
+    split's three numbers are over the same items; ``predictions`` maps a split name to the model's
+    answers to skip generating them.
+
+    Deviations that remain from open-unlearning (``src/evals/metrics/memorization.py``,
+    ``src/evals/metrics/utils.py``, ``src/data/utils.py``):
+
+    * probabilities average over the answer's own tokens; open-unlearning's labels also cover the
+      end-of-turn/EOS tokens its chat encoding appends (``preprocess_chat_instance``);
+    * no ``1e-10`` in the denominators of the normalised probability and the truth ratio;
+    * the question is rendered with the tokenizer's chat template (``core.generation.chat_text``),
+      not a per-model template config, and an over-long prompt is cut from the left (answer kept).
+    """
+    splits: dict[TofuSplit, Sequence[QAItem]] = {"retain": retain, "real_authors": real_authors,
+                                                 "world_facts": world_facts}
+    for name, items in splits.items():
+        if not items:
+            raise ValueError(f"TOFU model utility needs {name} items; got none")
+        missing = [i for i, it in enumerate(items) if not it.perturbed_answers]
+        if missing:
+            raise ValueError(f"{len(missing)} {name} items have no perturbed_answers (first: index {missing[0]}); "
+                             f"pass TOFU's perturbed items (retain_perturbed, real_authors_perturbed, "
+                             f"world_facts_perturbed)")
+    preds: dict[str, Sequence[str]] = dict(predictions or {})
+    unknown = set(preds) - set(splits)
+    if unknown:
+        raise ValueError(f"predictions for unknown splits {sorted(unknown)}; "
+                         f"expected retain, real_authors, world_facts")
+    results = {name: tofu_split_metrics(model, tokenizer, items, name, predictions=preds.get(name),
+                                        max_new_tokens=max_new_tokens, system=system, batch_size=batch_size,
+                                        max_length=max_length)
+               for name, items in splits.items()}
+    mu = tofu_model_utility(results)
+    return mu.model_copy(update={"name": "tofu_model_utility",
+                                 "details": {**mu.details, "n": {k: len(v) for k, v in splits.items()}}})
