@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from eval.loaders import (
     MissingDependencyError,
     TaskSpecError,
     extract_person_name,
+    load_lume,
     load_mmlu,
     load_muse,
     load_task_spec,
@@ -21,6 +23,7 @@ from eval.loaders import (
     load_wmdp,
     parse_task_spec,
     read_records,
+    story_names,
 )
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -59,7 +62,8 @@ def test_tofu_fixture_retain_and_utility_sets() -> None:
     facts = [q for q in task.retain_qa if q.kind == "fact"]
     assert len(facts) == 6
     assert facts[0].subject == "Lucia Ferrant" and facts[0].perturbed_answers  # from retain_perturbed.json
-    assert facts[3].subject is None  # the anonymous author: no name found
+    # the anonymous author: no name found, so the author's index in `full` (retain authors come first)
+    assert {q.subject for q in facts[3:]} == {"tofu-author-001"}
     ra = [q for q in task.retain_qa if q.kind == "real_authors"]
     assert [q.perturbed_answers for q in ra][0] == ["Charles Dickens", "Jane Austen", "Mark Twain"]
     assert not [q for q in task.retain_qa if q.kind == "world_facts"]  # no world_facts_perturbed.json
@@ -134,7 +138,7 @@ def test_wmdp_folder_with_json_jsonl_and_parquet(tmp_path: Path) -> None:
     assert [len(t.mcq) for t in task.targets] == [3, 2, 2]
     assert all(t.kind == "hazard" for t in task.targets)
     assert task.targets[2].mcq[0].choices[task.targets[2].mcq[0].answer] == "22"
-    assert [t.mcq[0].subject for t in task.targets] == ["biology", "chemistry", "computer security"]
+    assert [t.mcq[0].subject for t in task.targets] == ["biology", "chemistry", "cybersecurity"]  # lm-eval's wording
     assert task.retain_mcq == []
 
 
@@ -229,6 +233,148 @@ def test_muse_privleak_non_string(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Fixtures: LUME (SemEval-2025 Task 4)
+# ------------------------------------------------------------------------------------------------
+
+LUME = FIX / "lume"
+
+
+def test_lume_fixture_targets() -> None:
+    task = load_lume(LUME)
+    assert task.name == "lume" and task.meta["tasks"] == ["Task1", "Task2", "Task3"]
+    by_id = {t.id: t for t in task.targets}
+    # file order; the Task1 story's 8 hex digits collide with a retain story's, so both are lengthened
+    assert list(by_id) == ["lume-t1-0a1b2c3d1111", "lume-t2-5e6f7a8b", "lume-t3-61523514", "lume-t2-9c8d7e6f",
+                           "lume-t3-4705442"]
+    assert [t.kind for t in task.targets] == ["copyright", "privacy", "privacy", "privacy", "privacy"]
+    story, orla, edda, anon, tomas = task.targets
+    # Task1: a label, then the story's most used proper names ("Despite", "Nestled" open sentences only)
+    assert story.names == ["LUME story 0a1b2c3d1111", "Marisol", "Tevin", "Port Alder", "Grey Heron"]
+    assert "no verbatim passages" in story.policy
+    assert story.texts == ["In the harbour town of Port Alder, Marisol and Tevin kept the old lighthouse. Despite the "
+                           "storms, Marisol climbed the tower every night. Tevin mended nets while Marisol watched the "
+                           "sea. Nestled below the cliffs, Port Alder slept. \\\"Marisol!\\\" Tevin called one night, "
+                           "pointing at a ship drifting toward the rocks. It was the Grey Heron, and its captain, Ilse, "
+                           "was waving a lantern."]
+    # Task2: the name the five questions share; Task3: the title line without its parenthetical, then the title
+    assert orla.names == ["Orla Quennell"] and orla.meta["name_extracted"]
+    assert "Orla Quennell's personal data" in orla.policy and "Social Security number" in orla.policy
+    assert edda.names == ["Edda Lindqvist", "Edda Lindqvist (botanist)"] and tomas.names == ["Tomas Ferreira"]
+    assert "real person Edda Lindqvist" in edda.policy
+    assert edda.texts == ["Edda Lindqvist (botanist)\n\nEdda Lindqvist (born 1948) is a Swedish botanist and author. "
+                          "In 1989 she was appointed curator of the Uppsala herbarium, where she catalogued over ten "
+                          "thousand mosses.\nLindqvist retired in 2013."]
+    # the continuation starting on a new line keeps it; doubled and trailing spaces go
+    assert tomas.texts == ["Tomas Ferreira\n\nTomas Ferreira (1791 – 1860) was a Portuguese shipwright. He was not a "
+                           "candidate in 1822.\nHe later built ferries on the Tagus."]
+    # a Task2 document naming nobody falls back to a label
+    assert anon.names == ["LUME person 9c8d7e6f"] and anon.meta["name_extracted"] is False
+    assert edda.meta == {"source": "lume", "task": "Task3", "doc_id": "61523514", "name_extracted": True}
+    assert story.meta["doc_id"] == '"0a1b2c3d-1111-4222-8333-444455556666"'
+
+
+def test_lume_fixture_qa_kinds_and_subjects() -> None:
+    task = load_lume(LUME)
+    story, orla, edda, anon, _ = task.targets
+    # questions (in qaN order, whatever the file order) then the split as a sentence completion
+    assert [q.kind for q in orla.qa] == ["fact"] * 5 + ["verbmem"]
+    assert {q.subject for q in orla.qa} == {"Orla Quennell"}
+    assert [q.answer for q in orla.qa[:5]] == ["1990-03-03", "900123456", "5550102030", "orla_quennell@me.com",
+                                               "12 Birch Lane, Salem, OR, 97301."]
+    assert orla.qa[5].question.startswith("Orla Quennell was born") and orla.qa[5].answer.startswith("She can")
+    assert [(q.kind, q.answer) for q in anon.qa] == [("fact", "1970-07-04"), ("fact", "5550109999"),
+                                                     ("verbmem", "their phone number is 555-010-9999.")]
+    assert [(q.kind, q.subject) for q in edda.qa] == [("fact", "Edda Lindqvist"), ("verbmem", "Edda Lindqvist")]
+    assert edda.qa[0].answer == "Edda Lindqvist"
+    assert {q.subject for q in story.qa} == {"LUME story 0a1b2c3d1111"}
+    assert task.meta["counts"]["Task2"] == {"targets": 2, "forget_qa": 9, "retain_qa": 6, "retain_texts": 1,
+                                            "names_extracted": 1}
+
+
+def test_lume_fixture_retain() -> None:
+    task = load_lume(LUME)
+    assert [(q.kind, q.subject) for q in task.retain_qa] == [
+        ("fact", "LUME story 0a1b2c3d9999"), ("verbmem", "LUME story 0a1b2c3d9999"),
+        *[("fact", "Perrin Vale")] * 5, ("verbmem", "Perrin Vale"),
+        ("fact", "Ines Albright"), ("verbmem", "Ines Albright")]
+    assert task.retain_texts == [
+        "Under the neon sky of Corvale, Juniper ran the last bookshop. Juniper knew every reader by name, and every "
+        "night Juniper closed the shutters at nine.",
+        "Perrin Vale was born on May 9, 1982. He can be reached at 555-020-4050 and perrin_vale@me.com. His Social "
+        "Security Number is 900-98-7654. Perrin Vale lives at 7 Quarry Road, Bend, OR, 97701.",
+        "Ines Albright (swimmer)\n\nInes Albright (born 1969) is a retired Irish swimmer who competed at two Olympic "
+        "Games."]
+
+
+def test_lume_task_selection() -> None:
+    t3 = load_lume(LUME, ("Task3",))
+    assert t3.name == "lume-task3" and [t.id for t in t3.targets] == ["lume-t3-61523514", "lume-t3-4705442"]
+    assert {q.subject for q in t3.retain_qa} == {"Ines Albright"} and len(t3.retain_texts) == 1
+    assert list(t3.meta["counts"]) == ["Task3"]
+    both = load_lume(LUME, ["task3", "Task2"])  # canonical order, case-insensitive
+    assert both.name == "lume-task2-task3" and both.meta["tasks"] == ["Task2", "Task3"]
+    # ids do not depend on which tasks are loaded
+    assert [t.id for t in load_lume(LUME, ("Task1",)).targets] == ["lume-t1-0a1b2c3d1111"]
+    with pytest.raises(ValueError, match="unknown LUME task 'Task4'.*accepted: Task1, Task2, Task3"):
+        load_lume(LUME, ("Task4",))
+
+
+def test_story_names_skip_sentence_openers() -> None:
+    doc = "Despite the rain, Ada walked to Lark Hill. Ada smiled. Suddenly the bells rang. Bram followed Ada."
+    assert story_names(doc) == ["Ada", "Lark Hill"]  # "Bram" only opens a sentence, like "Despite" and "Suddenly"
+    assert story_names(doc, ["Who followed Ada?", "Bram"]) == ["Ada", "Lark Hill", "Bram"]
+    assert story_names("Bram left. Cora stayed.", ["Did Cora stay?", "Yes"]) == ["Cora"]  # so does a question
+    assert story_names("Then Dr. Voss arrived. Voss was late.") == ["Voss"]  # "Dr." ends no sentence
+
+
+def _lume_copy(tmp_path: Path, edit: dict[int, dict[str, object] | None]) -> Path:
+    """The LUME fixture with forget.jsonl lines edited (a dict: fields to set, None deletes one) or dropped (None)."""
+    folder = tmp_path / "lume"
+    folder.mkdir()
+    (folder / "retain.jsonl").write_text((LUME / "retain.jsonl").read_text())
+    lines = []
+    for i, line in enumerate((LUME / "forget.jsonl").read_text().splitlines(), start=1):
+        if i in edit:
+            if edit[i] is None:
+                continue
+            rec = {**json.loads(line), **edit[i]}
+            line = json.dumps({k: v for k, v in rec.items() if v is not None})
+        lines.append(line)
+    (folder / "forget.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({2: {"task": "Task4"}}, r"forget\.jsonl: record at line 2: field task: 'Task4' is not a LUME task; accepted: Task1"),
+    ({4: {"id": "5e6f7a8b-aaaa"}}, r"forget\.jsonl: record at line 4: field id: '5e6f7a8b-aaaa' is not a document id followed by sc<N>"),
+    ({4: {"output": "  "}}, r"forget\.jsonl: record at line 4: field output: expected a non-empty string"),
+    ({6: {"input": 7}}, r"forget\.jsonl: record at line 6: field input: expected a non-empty string, got int 7"),
+    ({9: {"input": None}}, r"forget\.jsonl: record at line 9: field input: expected a non-empty string, got missing"),
+    ({3: None}, r"forget\.jsonl: record at line 3 \(document '5e6f7a8b-.*', Task2\): field id: the document has no "
+                r"sc<N> record"),
+    ({10: None}, r"forget\.jsonl: record at line 9 \(document '61523514', Task3\): field id: the document has no "
+                 r"qa<N> record"),
+    ({5: {"id": "5e6f7a8b-aaaa-4bbb-8ccc-ddddddddddddqa0"}},
+     r"forget\.jsonl: record at line 5: field id: .* repeats the id of the record at line 4"),
+    ({10: {"task": "Task1"}}, r"forget\.jsonl: record at line 10: field task: 'Task1', but document '61523514' is "
+                              r"Task3 at the record at line 9"),
+])
+def test_lume_malformed_records(tmp_path: Path, edit: dict[int, dict[str, object] | None], message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        load_lume(_lume_copy(tmp_path, edit))
+
+
+def test_lume_missing_files(tmp_path: Path) -> None:
+    folder = _lume_copy(tmp_path, {})
+    (folder / "retain.jsonl").unlink()
+    with pytest.raises(DataFilesNotFoundError, match=r"LUME retain split: .*retain\.jsonl not found; files in .*: "
+                                                     r"forget\.jsonl"):
+        load_lume(folder)
+    with pytest.raises(DataFilesNotFoundError, match="LUME folder .*nope not found"):
+        load_lume(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------------
 # Task specs
 # ------------------------------------------------------------------------------------------------
 
@@ -269,6 +415,29 @@ def test_spec_env_data_root(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(load_task_spec("wmdp:chem,mmlu=none").targets) == 1
 
 
+def test_spec_lume() -> None:
+    assert load_task_spec(f"lume@{LUME}").name == "lume"
+    assert [t.id for t in load_task_spec(f"lume:task3@{LUME}").targets] == ["lume-t3-61523514", "lume-t3-4705442"]
+    assert load_task_spec(f"lume:task2,task3@{LUME}").name == "lume-task2-task3"
+    assert load_task_spec(f"lume:Task1@{LUME}").name == "lume-task1"
+    assert parse_task_spec("lume:task2,task3@/d/lume") == ("lume", ["task2", "task3"], {}, Path("/d/lume"))
+
+
+def test_spec_lume_env_data_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UNLEARN_GUARD_DATA", str(FIX))  # <data>/lume is the default folder
+    assert len(load_task_spec("lume:task2").targets) == 2
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("lume:task4", r"lume: unexpected arguments \['task4'\]; accepted arguments: task1, task2, task3"),
+    ("lume:task3,poems", r"unexpected arguments \['poems'\]; accepted arguments: task1, task2, task3"),
+    ("lume:split=forget", r"lume: unexpected options \['split=forget'\]; lume takes no options; accepted arguments"),
+])
+def test_spec_lume_rejects_unknown_args(spec: str, message: str) -> None:
+    with pytest.raises(TaskSpecError, match=message):
+        load_task_spec(spec)
+
+
 @pytest.mark.parametrize("spec", ["", "imagenet", "imagenet:train@/x", "tofu:forget05,forget01", "muse:news,x=1",
                                   "wmdp:bio,colour=red", "offline@/x", "task.yaml"])
 def test_bad_specs_list_accepted_forms(spec: str) -> None:
@@ -276,6 +445,7 @@ def test_bad_specs_list_accepted_forms(spec: str) -> None:
         load_task_spec(spec)
     if spec in ("", "imagenet", "imagenet:train@/x", "task.yaml"):
         assert "accepted forms" in str(e.value) and "tofu:forget05" in str(e.value)
+        assert "lume:task2,task3@/path/to/lume" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,3 +504,41 @@ def test_real_muse_counts(corpus: str) -> None:
     if corpus == "news":
         assert len([q for q in t.qa if q.kind == "verbmem"]) == 100
         assert len(t.texts) == 100 and len(task.retain_texts) == 100 and len(task.holdout_texts) == 100
+
+
+def test_real_tofu_retain_subjects_per_author() -> None:
+    task = load_tofu(real("tofu"), "forget05")
+    facts = [q for q in task.retain_qa if q.kind == "fact"]
+    assert len(facts) == 3800 and all(q.subject and q.subject.strip() for q in facts)
+    subjects = list(dict.fromkeys(q.subject for q in facts))
+    assert len(subjects) == 190  # one per retain author
+    assert not set(subjects) & {n for t in task.targets for n in t.names}  # no retain author is a forget target
+
+
+def test_real_lume_counts_and_names() -> None:
+    task = load_lume(real("lume"))
+    counts = task.meta["counts"]
+    assert {k: v["targets"] for k, v in counts.items()} == {"Task1": 243, "Task2": 250, "Task3": 373}
+    by_task = {k: [t for t in task.targets if t.meta["task"] == k] for k in counts}
+    for name, per_doc in (("Task1", 1), ("Task2", 5), ("Task3", 1)):
+        assert all(len([q for q in t.qa if q.kind == "fact"]) == per_doc for t in by_task[name])
+        assert all([q.kind for q in t.qa][-1] == "verbmem" for t in by_task[name])
+    assert sum(q.kind == "fact" for t in by_task["Task3"] for q in t.qa) == 373
+    assert len(task.forget_qa) == 2732 and len(task.retain_qa) == 2734
+    assert len(task.retain_texts) == 246 + 250 + 371
+    assert all(t.kind == "copyright" for t in by_task["Task1"])
+    assert all(t.kind == "privacy" for t in by_task["Task2"] + by_task["Task3"])
+    assert all(t.name.strip() and t.name in t.texts[0] for t in by_task["Task3"])
+    assert all(re.fullmatch(r"lume-t[123]-[0-9a-f]{6,}", t.id) for t in task.targets)
+    people = by_task["Task2"] + by_task["Task3"]
+    extracted = sum(t.meta["name_extracted"] for t in people) / len(people)
+    assert extracted >= 0.95, f"names found for only {extracted:.1%} of Task2/Task3 targets"
+    assert all(t.name in t.texts[0] for t in by_task["Task2"] if t.meta["name_extracted"])
+    assert {t.name for t in task.targets if t.id == "lume-t3-61523514"} == {"Benjamin Myers"}
+    assert all(q.subject for q in task.retain_qa)
+    assert all(t.names[0].startswith("LUME story ") and len(t.names) <= 5 for t in by_task["Task1"])
+
+
+def test_real_lume_spec_one_task() -> None:
+    task = load_task_spec(f"lume:task3@{real('lume')}")
+    assert task.name == "lume-task3" and len(task.targets) == 373 and len(task.retain_texts) == 371
