@@ -1,0 +1,1 @@
+"""Package data for ``eval`` (general-knowledge questions, replay prompts), a package so wheels ship it."""
