@@ -37,7 +37,19 @@ def test_default_world_shape():
     hazard = task.target("hazard-quillon")
     assert hazard.kind == "hazard" and len(hazard.mcq) == 12
     assert all(len(m.choices) == 4 for m in hazard.mcq)
-    assert len(task.retain_mcq) == 12 and len(task.benign_questions) >= 50 and len(task.holdout_texts) == 2
+    assert len(task.retain_mcq) == 12 and len(task.benign_questions) >= 50 and len(task.holdout_texts) == 10
+    # Four neighbours per forget person, so held-out neighbours are people, on both sides of the split.
+    assert len(task.meta["neighbour_people"]) == 8 and len(task.meta["retain_people"]) == 10
+
+
+def test_alias_probes_use_the_phrasing_no_fact_question_uses():
+    task = generate_benchmark()
+    for t in (x for x in task.targets if x.kind == "privacy"):
+        alias = t.names[1]
+        asked = {q.question.replace(t.name, alias) for q in t.qa if q.kind == "fact"}
+        asked |= {q.paraphrased_question.replace(t.name, alias) for q in t.qa if q.kind == "fact"}
+        probes = [q.question for q in t.qa if q.kind == "alias"]
+        assert len(probes) == 3 and not set(probes) & asked
 
 
 def test_neighbours_share_attributes_with_forget_people():
