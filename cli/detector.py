@@ -2,7 +2,8 @@
 
     unlearn-guard detector build --task offline --out runs/detector
     unlearn-guard detector build --task offline --out runs/det-fold0 --holdout-fold 0   # for `eval`
-    unlearn-guard detector eval --task offline --json runs/detector-eval.json            # 4-fold cross-fit
+    unlearn-guard detector eval --task offline --json runs/detector-eval.json            # request -> held-out
+    unlearn-guard detector eval --task offline --mode cross-fit                          # 4-fold cross-fit
     unlearn-guard detector eval --detector runs/det-fold0 --task offline                 # its held-out fold
     unlearn-guard detector add-target --detector runs/detector --targets new.jsonl
 
@@ -120,27 +121,41 @@ def build(
 @app.command("eval")
 def eval_(
     task: Annotated[str, typer.Option("--task", help="Task file or spec.")],
-    detector: Annotated[Path | None, typer.Option("--detector", help="Saved detector; without it, a K-fold "
-                                                  "cross-fit builds one detector per fold.")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="'split' (default): build from the comparison's forget "
+                                      "request, score (a) the request, (b) held-out questions about the targets, "
+                                      "(c) held-out people and questions; 'cross-fit': K folds over facts.")] = "split",
+    detector: Annotated[Path | None, typer.Option("--detector", help="Evaluate this saved detector on its held-out "
+                                                  "fold (built with `build --holdout-fold`) instead.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     folds: Annotated[int, typer.Option("--folds", help="Folds of the cross-fit.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split.")] = 0,
-    target_fpr: Annotated[float | None, typer.Option("--target-fpr", help="Cross-fit only.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML with DetectorConfig fields (cross-fit).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split (or of the cross-fit).")] = 0,
+    request_fraction: Annotated[float, typer.Option("--request-fraction", help="Split: share of each target's "
+                                                    "facts in the request.")] = 0.5,
+    target_fpr: Annotated[float | None, typer.Option("--target-fpr", help="Target FPR of the built detector(s).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with DetectorConfig fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=_SET_HELP)] = None,
 ) -> None:
-    """Held-out TPR per forget group, FPR per negative group (neighbour, retain, benign) and AUROC."""
+    """Held-out TPR per forget group, FPR per negative group (neighbour, retain, benign, general) and AUROC."""
     from tqdm.auto import tqdm
 
     from core.io import atomic_write_json
     from detectors.detector import Detector
     from detectors.evaluation import cross_validate, evaluate_detector
 
+    if mode not in ("split", "cross-fit"):
+        raise _fail(ValueError(f"--mode {mode!r}: accepted values are 'split' and 'cross-fit'"))
     try:
         t = load_task_arg(task)
         if detector is not None:
             det = Detector.load(detector)
             report = evaluate_detector(det, t)
+        elif mode == "split":
+            from eval.detector_eval import split_detector_eval
+            from eval.split import SplitConfig
+
+            cfg = _config(config, set_, target_fpr)
+            report, split = split_detector_eval(t, cfg, SplitConfig(seed=seed, request_fraction=request_fraction))
+            typer.echo(f"split: {split.counts()}")
         else:
             cfg = _config(config, set_, target_fpr)
             with tqdm(total=folds, desc="cross-fit", unit="fold") as bar:

@@ -211,6 +211,32 @@ def _report(task: ForgetTask, mode: str, folds: int, cfg: DetectorConfig, pool: 
                       config=cfg.model_dump())
 
 
+def evaluate_groups(det: Detector, task_name: str, mode: str, prompt_pos: dict[str, list[str]],
+                    prompt_neg: dict[str, list[str]], leak_pos: dict[str, list[str]] | None = None,
+                    leak_neg: dict[str, list[str]] | None = None,
+                    auroc_sides: dict[str, tuple[list[str], list[str]]] | None = None) -> EvalReport:
+    """Score given held-out groups with a built detector: TPR per positive group, FPR per negative group.
+
+    ``auroc_sides`` names extra AUROCs, each over (positive groups, negative groups) of both channels, e.g.
+    ``{"(b) vs (c)": ([...], [...])}``; the pooled ones of :func:`cross_validate` are reported too.
+    """
+    t0 = time.perf_counter()
+    split = FoldSplit(0, 1, ForgetTask(name=task_name), [])
+    split.pos, split.neg = dict(prompt_pos), dict(prompt_neg)
+    split.leak_pos, split.leak_neg = dict(leak_pos or {}), dict(leak_neg or {})
+    pool = _Pool()
+    _score_split(det, split, pool)
+    rep = _report(ForgetTask(name=task_name), mode, 1, det.config, pool, [det.threshold],
+                  [det.calibration["prompt"].fpr_calibration], time.perf_counter() - t0)
+    for label, (pos_groups, neg_groups) in (auroc_sides or {}).items():
+        for ch in ("prompt", "leak"):
+            p = [x for g in pos_groups for x in pool.scores.get((ch, g, True), [])]
+            n = [x for g in neg_groups for x in pool.scores.get((ch, g, False), [])]
+            if p and n:
+                rep.auroc[f"{ch} {label}"] = auroc(p, n)
+    return rep
+
+
 def cross_validate(task: ForgetTask, config: DetectorConfig | None = None, encoder: Encoder | None = None,
                    folds: int = 4, seed: int = 0,
                    progress: Callable[[int, int], None] | None = None) -> EvalReport:

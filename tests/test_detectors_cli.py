@@ -49,7 +49,8 @@ def test_build_eval_add_remove(tmp_path: Path) -> None:
 
 def test_cross_fit_eval_and_errors(tmp_path: Path) -> None:
     js = tmp_path / "cv.json"
-    res = runner.invoke(app, ["eval", "--task", "offline:seed=1", "--folds", "2", "--json", str(js), *FAST])
+    res = runner.invoke(app, ["eval", "--task", "offline:seed=1", "--mode", "cross-fit", "--folds", "2", "--json",
+                              str(js), *FAST])
     assert res.exit_code == 0, res.output
     rep = json.loads(js.read_text())
     assert rep["mode"] == "cross-fit" and rep["folds"] == 2 and len(rep["thresholds"]) == 2
@@ -59,3 +60,21 @@ def test_cross_fit_eval_and_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "error" in res.output
     res = runner.invoke(app, ["build", "--task", "offline", "--out", str(tmp_path / "x"), "--set", "top_k=1"])
     assert res.exit_code == 2 and "top_k" in res.output
+
+
+def test_split_eval_reports_request_heldout_and_negatives(tmp_path: Path) -> None:
+    js = tmp_path / "split.json"
+    res = runner.invoke(app, ["eval", "--task", "offline", "--json", str(js), *FAST])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(js.read_text())
+    assert rep["mode"].startswith("split")
+    groups = {(g["channel"], g["group"]): g for g in rep["groups"]}
+    # (a), (b) and (c) all reported, each from the split; (c) is people the detector never stored.
+    assert {"a:question", "b:unseen_fact", "b:paraphrase", "b:multihop"} <= {g for c, g in groups if c == "prompt"}
+    assert {"c:neighbour", "c:retain", "c:benign", "c:general"} <= {g for c, g in groups if c == "prompt"}
+    assert groups[("prompt", "a:question")]["rate"] >= 0.9
+    assert groups[("prompt", "c:neighbour")]["n"] == rep["config"]["split"]["counts"]["negatives"]["neighbour"]
+    assert groups[("leak", "b:unseen_answer")]["n"] == rep["config"]["split"]["counts"]["held_out"]["unseen_fact"]
+    assert "prompt (b) vs (c)" in rep["auroc"] and "split:" in res.output
+    res = runner.invoke(app, ["eval", "--task", "offline", "--mode", "nope", *FAST])
+    assert res.exit_code == 2 and "cross-fit" in res.output
