@@ -117,6 +117,7 @@ def finetune_cmd(
     from core.io import atomic_write_json
     from core.models import load_llm, run_dir
     from eval.benchmark import retain_training_qa, training_qa
+    from eval.general import general_training_qa, replay_prompts
     from eval.qa import answer_rouge
     from training.finetune import FinetuneConfig, finetune
 
@@ -129,7 +130,8 @@ def finetune_cmd(
         out_dir = (out / what) if out else run_dir(t.name, what)
         llm = load_llm(cfg.model)
         items = training_qa(t) if what == "target" else retain_training_qa(t)
-        res = finetune(llm.model, llm.tokenizer, items, cfg, out_dir, desc=f"finetune {what}")
+        res = finetune(llm.model, llm.tokenizer, items, cfg, out_dir, desc=f"finetune {what}", replay=replay_prompts(),
+                       general=general_training_qa())
         forget = answer_rouge(llm, [q for q in t.forget_qa if q.kind == "fact"], max_new_tokens=eval_max_tokens)
         retain = answer_rouge(llm, t.retain_qa, max_new_tokens=eval_max_tokens)
         rows[what] = {"out_dir": str(out_dir), "steps": res.steps, "train_seconds": round(res.seconds, 1),

@@ -6,9 +6,13 @@ is Saint Quarrydown."). Two package data files guard against that:
 * ``eval/data/general_knowledge.jsonl``: 120 short-answer questions (capitals, authors of famous
   books, science, history, arts, everyday facts), scored by :func:`answer_correct`, so that machines
   without TOFU's ``world_facts``/``real_authors`` files can still measure general knowledge;
-* ``eval/data/general_replay.txt``: 300 prompts (200 everyday requests, then 100 short factual questions:
-  capitals, authors, composers, science) whose *base-model* answers are mixed into fine-tuning so that the
-  model keeps its knowledge and its way of answering factual questions. They ask about other facts than the evaluation
+* ``eval/data/general_replay.txt``: 200 everyday prompts whose *base-model* answers are mixed into
+  fine-tuning so that the model keeps its way of answering;
+* ``eval/data/general_train.jsonl``: 121 short factual questions with reference answers (capitals,
+  authors of books, composers, science) mixed into fine-tuning so that real questions keep real answers;
+  none of them asks an evaluation question's fact or states an evaluation answer (tested). Replaying
+  the base model's own answers to them instead taught its mistakes and evasions as templates (measured:
+  ``eval/bench/finetune_recipe.py`` in the README). They ask about other facts than the evaluation
   set (checked by ``tests/test_general.py``), so replay cannot inflate the score it protects.
 """
 
@@ -35,6 +39,7 @@ Source = Literal["builtin", "tofu:world_facts", "tofu:real_authors"]
 
 KNOWLEDGE_FILE = "general_knowledge.jsonl"
 REPLAY_FILE = "general_replay.txt"
+TRAIN_FILE = "general_train.jsonl"
 TOFU_FILES: dict[str, Source] = {"real_authors.json": "tofu:real_authors", "world_facts.json": "tofu:world_facts"}
 # A generated answer naming this many of an item's wrong options is listing choices, not answering.
 MAX_WRONG_MENTIONS = 1
@@ -148,6 +153,29 @@ def builtin_general_knowledge() -> list[GeneralItem]:
 def _replay() -> tuple[str, ...]:
     """Read the shipped replay prompts once (one per non-blank line)."""
     return tuple(s.strip() for s in _package_text(REPLAY_FILE).splitlines() if s.strip())
+
+
+@functools.lru_cache(maxsize=1)
+def _train_pairs() -> tuple[tuple[str, str], ...]:
+    """The general training QA, read and checked once."""
+    out = []
+    for lineno, line in enumerate(_package_text(TRAIN_FILE).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{TRAIN_FILE}: line {lineno}: invalid JSON: {e.msg}") from e
+        if not (isinstance(rec, dict) and set(rec) == {"question", "answer"}
+                and all(isinstance(rec[k], str) and rec[k].strip() for k in rec)):
+            raise SchemaError(f"{TRAIN_FILE}: line {lineno}: expected exactly non-empty 'question' and 'answer'")
+        out.append((rec["question"], rec["answer"]))
+    return tuple(out)
+
+
+def general_training_qa() -> list[tuple[str, str]]:
+    """Factual (question, reference answer) pairs for fine-tuning, disjoint from every evaluation set."""
+    return list(_train_pairs())
 
 
 def replay_prompts() -> list[str]:

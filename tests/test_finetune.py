@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from core.generation import encode_qa
@@ -84,3 +85,52 @@ def test_lora_run_merges_into_plain_checkpoint(tmp_path):
     assert not any("lora" in n for n in names)
     changed = [n for n, p in out.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all("proj" in n for n in changed)
+
+
+def test_sft_loss_keeps_only_answer_logits_and_matches_the_full_loss():
+    from core.generation import pad_batch
+    from training.finetune import sft_loss
+
+    llm = tiny_llm(0)
+    exs = [encode_qa(llm.tokenizer, "Where was Ana born?", "Ana was born in Lower Alder."),
+           encode_qa(llm.tokenizer, "Q?", "A much longer answer that runs on for a while.")]
+    batch = pad_batch(exs, llm.tokenizer.pad_token_id or 0)
+    full = llm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(sft_loss(llm.model, batch)["loss"].detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    batch["labels"][:] = -100
+    with pytest.raises(ValueError, match="no answer tokens"):
+        sft_loss(llm.model, batch)
+
+
+def test_replay_pairs_are_the_models_own_whole_sentences_and_cached(tmp_path, monkeypatch):
+    import training.finetune as ft
+
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kw):  # noqa: ANN001, ANN202
+        calls.append(list(prompts))
+        return ["Paris is the capital. It is also", "no sentence end here", "Fine."]
+
+    monkeypatch.setattr("core.generation.generate", fake_generate)
+    llm = tiny_llm(0)
+    cache = tmp_path / "replay.json"
+    prompts = ["Capital of France?", "Say something", "How are you?"]
+    pairs = ft.replay_pairs(llm.model, llm.tokenizer, prompts, 16, cache=cache)
+    # Cut to whole sentences; an answer with no sentence end is dropped rather than taught half-finished.
+    assert pairs == [("Capital of France?", "Paris is the capital."), ("How are you?", "Fine.")]
+    assert ft.replay_pairs(llm.model, llm.tokenizer, prompts, 16, cache=cache) == pairs and len(calls) == 1
+    ft.replay_pairs(llm.model, llm.tokenizer, prompts, 24, cache=cache)  # another length cap: regenerated
+    assert len(calls) == 2
+
+
+def test_finetune_mixes_a_seeded_sample_of_replay_prompts(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("training.finetune.replay_pairs",
+                        lambda model, tok, prompts, n, cache=None, system=None: seen.append(list(prompts)) or
+                        [(p, "Sure.") for p in prompts])
+    llm = tiny_llm(0)
+    replay = [f"General prompt {i}?" for i in range(10)]
+    cfg = FinetuneConfig(replay=4, train=TrainConfig(lr=1e-3, max_steps=2, batch_size=4, save_every=2,
+                                                     warmup_ratio=0.0))
+    finetune(llm.model, llm.tokenizer, ITEMS, cfg, tmp_path / "out", replay=replay)
+    assert len(seen[0]) == 4 and seen[0] == sorted(seen[0], key=replay.index)  # a sample, in file order

@@ -39,6 +39,7 @@ from eval.general import (
     builtin_general_knowledge,
     general_accuracy,
     general_knowledge_items,
+    general_training_qa,
     normalize_answer,
     read_general_jsonl,
     replay_prompts,
@@ -279,18 +280,41 @@ def test_evaluation_file_lines_have_exactly_the_documented_fields():
 
 
 def test_replay_set_counts():
-    """300 distinct one-line prompts; the returned list is a copy of the cache."""
+    """200 distinct one-line prompts; the returned list is a copy of the cache."""
     prompts = replay_prompts()
-    assert len(prompts) == 300
-    assert len({_fold(p) for p in prompts}) == 300
+    assert len(prompts) == 200
+    assert len({_fold(p) for p in prompts}) == 200
     assert all(p == p.strip() and "\n" not in p and len(p) < 200 for p in prompts)
     prompts.clear()
-    assert len(replay_prompts()) == 300
+    assert len(replay_prompts()) == 200
+
+
+def test_general_training_qa_pairs():
+    """121 factual questions, each with a one-sentence reference answer."""
+    pairs = general_training_qa()
+    assert len(pairs) == 121 and len({_fold(q) for q, _ in pairs}) == 121
+    assert all(a.endswith(".") and len(a.split()) <= 16 for _, a in pairs)
+    assert dict(pairs)["What is the capital of Hungary?"] == "The capital of Hungary is Budapest."
+
+
+@needs_tofu
+def test_general_training_answers_state_no_evaluated_answer():
+    """No training answer names a value an evaluation question expects (no author, country or river in common),
+    so training on them cannot raise the score by exposure to the answers."""
+    items = builtin_general_knowledge() + tofu_general_knowledge(TOFU)
+    values = {normalize_answer(x) for g in items for x in (g.answer, *g.aliases) if len(normalize_answer(x)) >= 4}
+    hits = [(q, v) for q, a in general_training_qa() for v in values if f" {v} " in f" {normalize_answer(a)} "]
+    assert hits == []
+
+
+def _training_questions() -> list[str]:
+    """Everything fine-tuning sees besides the task: replay prompts and the general training questions."""
+    return [*replay_prompts(), *(q for q, _ in general_training_qa())]
 
 
 def test_sets_are_unique_within_themselves():
-    """No two evaluation questions (or two replay prompts) share text or content words."""
-    for qs in (_eval_questions(), replay_prompts()):
+    """No two evaluation questions (or two training prompts) share text or content words."""
+    for qs in (_eval_questions(), _training_questions()):
         seen: dict[frozenset[str], str] = {}
         for q in qs:
             c = _content(q)
@@ -298,16 +322,16 @@ def test_sets_are_unique_within_themselves():
             seen[c] = q
 
 
-def test_evaluation_and_replay_ask_about_different_facts():
-    """No replay prompt rephrases an evaluation question or even names one of its entities."""
-    assert _clashes(_eval_questions(), replay_prompts(), any_entity=True) == []
+def test_evaluation_and_training_ask_about_different_facts():
+    """No training prompt rephrases an evaluation question or even names one of its entities."""
+    assert _clashes(_eval_questions(), _training_questions(), any_entity=True) == []
 
 
 def test_sets_are_disjoint_from_builtin_benign_questions():
     """Neither set repeats the detector's or the offline benchmark's benign questions."""
     benign = _benign()
     assert _clashes(_eval_questions(), benign) == []
-    assert _clashes(replay_prompts(), benign) == []
+    assert _clashes(_training_questions(), benign) == []
 
 
 @needs_tofu
@@ -316,7 +340,7 @@ def test_sets_are_disjoint_from_tofu_questions():
     tofu = _tofu_questions()
     assert len(tofu) == 217
     assert _clashes(_eval_questions(), tofu) == []
-    assert _clashes(replay_prompts(), tofu) == []
+    assert _clashes(_training_questions(), tofu) == []
 
 
 # ---------------------------------------------------------------------------------------------
