@@ -32,13 +32,21 @@ def _default_model(task_name: str) -> str:
     return str(target) if (target / "config.json").exists() else _EMBEDDED
 
 
-def _rouge_pair(llm, task, max_new_tokens: int) -> dict[str, float]:  # noqa: ANN001
-    """Forget-fact and retain ROUGE-L recall of a loaded model (eval.qa.answer_rouge)."""
+_EVAL_SETS = (("forget (a)", "in_request"), ("forget (b)", "unseen_fact"), ("retain (c)", "retain"),
+              ("neighbour (c)", "neighbour"))
+
+
+def _rouge_sets(llm, split, max_new_tokens: int, max_items: int = 40) -> dict[str, float | None]:  # noqa: ANN001
+    """ROUGE-L recall of a loaded model on the split's request (a), held-out unseen facts (b) and held-out people (c)."""
     from eval.qa import answer_rouge
 
-    forget = answer_rouge(llm, [q for q in task.forget_qa if q.kind == "fact"], max_new_tokens=max_new_tokens)
-    retain = answer_rouge(llm, task.retain_qa, max_new_tokens=max_new_tokens)
-    return {"forget_rougeL_recall": round(forget.value, 4), "retain_rougeL_recall": round(retain.value, 4)}
+    items = {"in_request": split.in_request, "unseen_fact": split.held_out.get("unseen_fact", []),
+             "retain": split.negatives.get("retain", []), "neighbour": split.negatives.get("neighbour", [])}
+    out: dict[str, float | None] = {}
+    for label, key in _EVAL_SETS:
+        qs = [q for q in items[key] if q.kind in ("fact", "knowmem")][:max_items]
+        out[label] = round(answer_rouge(llm, qs, max_new_tokens=max_new_tokens).value, 4) if qs else None
+    return out
 
 
 @app.command("train")
@@ -50,10 +58,17 @@ def train_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML UnlearnConfig (method params under `params:`).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field, e.g. --set params.layer=7 "
                                                                  "--set train.lr=1e-4.")] = None,
-    evaluate: bool = typer.Option(False, "--eval", help="Report forget/retain ROUGE-L before and after."),
+    evaluate: bool = typer.Option(False, "--eval", help="Unlearn the comparison's forget request only and report "
+                                                         "ROUGE-L before and after on (a) the request's questions, (b) "
+                                                         "held-out facts, (c) held-out people."),
+    split_seed: int = typer.Option(0, help="Seed of the request / held-out split used by --eval."),
     eval_max_tokens: int = typer.Option(48, help="Answer length cap for --eval."),
 ) -> None:
-    """Unlearn a task's forget targets with one method; the effective config is saved beside the checkpoint."""
+    """Unlearn a task's forget targets with one method; the effective config is saved beside the checkpoint.
+
+    With ``--eval`` the method receives only the forget request of the task's split (as in ``compare``), so the
+    held-out figures are about facts and people it never saw.
+    """
     from core.config import load_config, save_config
     from core.models import load_llm
     from core.registry import UnknownNameError
@@ -67,27 +82,34 @@ def train_cmd(
     except UnknownNameError as e:
         raise typer.BadParameter(str(e), param_hint="--method") from None
     t = _task(task)
+    split = None
+    if evaluate:
+        from eval.general import general_items_for
+        from eval.split import SplitConfig, split_task
+
+        split = split_task(t, SplitConfig(seed=split_seed), general_items_for(t))
     model_spec = model or (cfg.model if "model" in cfg.model_fields_set else _default_model(t.name))
     cfg = cfg.model_copy(update={"method": name, "model": model_spec, "train": effective_train(spec, cfg.train),
                                  "params": spec.config.model_validate(cfg.params).model_dump(mode="json")})
-    out_dir = out or run_dir(t.name, f"unlearn-{name}")
+    out_dir = out or run_dir(t.name, f"unlearn-{name}" + ("" if split is None else f"-request{split_seed}"))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir.with_name(out_dir.name + ".config.yaml"))
     llm = load_llm(model_spec)
     typer.echo(f"{name}: {spec.summary}; model {model_spec} ({llm.num_layers} layers), task {t.name}, out {out_dir}")
     row: dict = {"method": name, "model": model_spec, "out_dir": str(out_dir)}
-    if evaluate:
-        row["before"] = _rouge_pair(llm, t, eval_max_tokens)
+    if split is not None:
+        row["split"] = split.counts()
+        row["before"] = _rouge_sets(llm, split, eval_max_tokens)
     t0 = time.perf_counter()
-    res = unlearn(llm.model, llm.tokenizer, t, cfg, out_dir)
+    res = unlearn(llm.model, llm.tokenizer, t if split is None else split.request, cfg, out_dir)
     row.update({"wall_seconds": round(time.perf_counter() - t0, 1), "steps": res.train.steps,
                 "train_seconds": round(res.train.seconds, 1), "final_terms": res.train.final_terms, "info": res.info})
-    if evaluate:
-        row["after"] = _rouge_pair(load_llm(str(out_dir)), t, eval_max_tokens)
-        b, a = row["before"], row["after"]
-        typer.echo(f"{'':8} {'forget R-L':>11} {'retain R-L':>11}")
-        typer.echo(f"{'before':8} {b['forget_rougeL_recall']:>11} {b['retain_rougeL_recall']:>11}")
-        typer.echo(f"{'after':8} {a['forget_rougeL_recall']:>11} {a['retain_rougeL_recall']:>11}")
+    if split is not None:
+        row["after"] = _rouge_sets(load_llm(str(out_dir)), split, eval_max_tokens)
+        labels = [label for label, _ in _EVAL_SETS]
+        typer.echo("ROUGE-L recall " + " ".join(f"{x:>14}" for x in labels))
+        for when in ("before", "after"):
+            typer.echo(f"{when:14} " + " ".join(f"{'-' if row[when][x] is None else row[when][x]:>14}" for x in labels))
     typer.echo(json.dumps(row, indent=1, default=str))
 
 

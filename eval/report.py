@@ -8,6 +8,7 @@ front, and the attack heat map.
 from __future__ import annotations
 
 import html
+import json
 import math
 from pathlib import Path
 
@@ -22,6 +23,22 @@ class MetricSpec(BaseModel):
     name: str
     higher_is_better: bool | None = None
     description: str = ""
+    ideal: float | None = Field(None, description="Where closer is better (PrivLeak: 0); overrides the direction.")
+    count: bool = Field(False, description="A count (shown without decimals), not a rate.")
+
+    def direction(self) -> str:
+        """How to read the column, for the legend."""
+        if self.ideal is not None:
+            return f"closer to {self.ideal:g} is better"
+        if self.higher_is_better is None:
+            return "a count" if self.count else "context"
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+    def badness(self, value: float) -> float:
+        """The value on a lower-is-better scale, for Pareto fronts: distance to ``ideal``, or the negated value."""
+        if self.ideal is not None:
+            return abs(value - self.ideal)
+        return -value if self.higher_is_better else value
 
 
 class Sample(BaseModel):
@@ -45,27 +62,55 @@ class Report(BaseModel):
                                                               description="system -> attack -> forget metric under attack")
     attack_recovery: dict[str, dict[str, float | None]] = Field(default_factory=dict,
                                                                 description="system -> attack -> recovery ratio")
-    attack_metric: str = "forget_rougeL_recall"
-    forget_axis: str = "forget_rougeL_recall"
-    utility_axis: str = "retain_rougeL_recall"
+    attack_metric: str = "forget_fact_rate"
+    forget_axis: str = "forget_fact_rate_b"
+    utility_axis: str = "utility_hm"
+    details: dict = Field(default_factory=dict, description="Per-system and per-attack breakdowns (by group, ROUGE).")
     samples: list[Sample] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
+    split: dict = Field(default_factory=dict, description="Counts of the forget request and of each evaluated set.")
+    parity: dict = Field(default_factory=dict, description="The information-parity check (overlaps must be 0).")
     config: dict = Field(default_factory=dict)
 
+    def spec(self, name: str) -> MetricSpec:
+        """The spec of a metric column (a lower-is-better spec for an unknown name)."""
+        return next((m for m in self.metrics if m.name == name), MetricSpec(name=name, higher_is_better=False))
 
-def _fmt(v: float | None) -> str:
-    """A cell: three decimals, or a dash for not-applicable."""
+
+def _fmt(v: float | None, count: bool = False) -> str:
+    """A cell: three decimals (a whole number for counts), or a dash for not-applicable or undefined."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
-    return f"{v:.3f}"
+    return f"{v:.0f}" if count else f"{v:.3f}"
 
 
-def _table(rows: list[str], cols: list[str], cell: dict[str, dict[str, float | None]], corner: str) -> list[list[str]]:
+def _table(rows: list[str], cols: list[str], cell: dict[str, dict[str, float | None]], corner: str,
+           counts: frozenset[str] = frozenset()) -> list[list[str]]:
     """A table as a list of string rows (header first)."""
     out = [[corner, *cols]]
     for r in rows:
-        out.append([r, *[_fmt(cell.get(r, {}).get(c)) for c in cols]])
+        out.append([r, *[_fmt(cell.get(r, {}).get(c), c in counts) for c in cols]])
+    return out
+
+
+def _metric_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
+    """The systems x metrics table in readable groups: forget (a), (b), negatives (c), guard, white-box."""
+    groups = [("Forget: the request's own questions (a)", lambda n: n.endswith("_a") and not n.startswith("guard")),
+              ("Forget: held-out questions about the targets (b)", lambda n: n.endswith("_b") and not n.startswith("guard")),
+              ("Utility on held-out negatives (c)", lambda n: n.endswith("_c") and not n.startswith("guard")
+               or n in ("utility_hm", "tofu_model_utility", "gibberish_rate", "retain_mcq_acc")),
+              ("Guard", lambda n: n.startswith("guard")),
+              ("White-box", lambda n: True)]
+    left = [m.name for m in report.metrics]
+    counts = frozenset(m.name for m in report.metrics if m.count)
+    out = []
+    for title, pick in groups:
+        cols = [n for n in left if pick(n)]
+        left = [n for n in left if n not in cols]
+        rows = [s for s in report.systems if any(report.values.get(s, {}).get(c) is not None for c in cols)]
+        if cols and rows:
+            out.append((title, _table(rows, cols, report.values, "system", counts)))
     return out
 
 
@@ -84,13 +129,28 @@ def _html_table(t: list[list[str]]) -> str:
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Systems not dominated on (lower forget, higher utility), sorted by forget score."""
+    """Systems not dominated on (lower forget badness, higher utility), sorted by forget badness."""
     front = []
     for name, (f, u) in points.items():
         dominated = any((f2 <= f and u2 >= u) and (f2 < f or u2 > u) for n2, (f2, u2) in points.items() if n2 != name)
         if not dominated:
             front.append(name)
     return sorted(front, key=lambda n: points[n][0])
+
+
+def pareto_points(report: Report) -> dict[str, tuple[float, float]]:
+    """Each system's (forget badness, utility) on the report's axes, for systems that have both values.
+
+    The forget axis is put on a lower-is-better scale by its spec (PrivLeak: the distance to 0), so the
+    front is right whatever metric the axis shows.
+    """
+    spec = report.spec(report.forget_axis)
+    pts = {}
+    for s in report.systems:
+        f, u = report.values.get(s, {}).get(report.forget_axis), report.values.get(s, {}).get(report.utility_axis)
+        if f is not None and u is not None and not (math.isnan(f) or math.isnan(u)):
+            pts[s] = (spec.badness(f), u)
+    return pts
 
 
 def _plots(report: Report, out: Path) -> list[str]:
@@ -103,17 +163,20 @@ def _plots(report: Report, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    pts = {s: (report.values.get(s, {}).get(report.forget_axis), report.values.get(s, {}).get(report.utility_axis))
-           for s in report.systems}
-    pts = {s: (f, u) for s, (f, u) in pts.items() if f is not None and u is not None}
+    pts = pareto_points(report)
     if pts:
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for s, (f, u) in pts.items():
-            ax.scatter(f, u, s=50)
-            ax.annotate(s, (f, u), textcoords="offset points", xytext=(5, 4), fontsize=8)
         front = pareto_front(pts)
-        ax.plot([pts[s][0] for s in front], [pts[s][1] for s in front], "--", color="grey", label="Pareto front")
-        ax.set_xlabel(f"{report.forget_axis} (lower = more forgotten)")
+        for s, (f, u) in pts.items():
+            ax.scatter(f, u, s=60 if s in front else 40, marker="o" if s in front else "x")
+            ax.annotate(s, (f, u), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # The front as a staircase: every point right of and below it is dominated.
+        fx, fy = [pts[s][0] for s in front], [pts[s][1] for s in front]
+        ax.step(fx, fy, where="post", linestyle="--", color="grey", label=f"Pareto front ({len(front)} systems)")
+        spec = report.spec(report.forget_axis)
+        xlabel = (f"|{report.forget_axis} - {spec.ideal:g}| (closer to {spec.ideal:g} = better)" if spec.ideal is not None
+                  else f"{report.forget_axis} (lower = more forgotten)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{report.utility_axis} (higher = more kept)")
         ax.set_title("Forget vs utility")
         ax.legend(loc="lower right", fontsize=8)
@@ -150,15 +213,21 @@ def _plots(report: Report, out: Path) -> list[str]:
 def render_markdown(report: Report, images: list[str] | None = None) -> str:
     """The report as markdown: tables, images, samples, timings and notes."""
     parts = [f"# {report.title}", ""]
-    metric_names = [m.name for m in report.metrics]
-    parts += ["## Systems x metrics", "", _md_table(_table(report.systems, metric_names, report.values, "system")), ""]
-    legend = [f"- `{m.name}`: {m.description} ({'higher' if m.higher_is_better else 'lower'} is better)"
-              for m in report.metrics if m.higher_is_better is not None]
+    parts += ["## Systems x metrics", ""]
+    for title, table in _metric_tables(report):
+        parts += [f"### {title}", "", _md_table(table), ""]
+    legend = [f"- `{m.name}`: {m.description} ({m.direction()})" for m in report.metrics]
     parts += legend + [""]
+    if report.split:
+        parts += ["## Forget request and held-out evaluation", "", "```", json.dumps(report.split, indent=1), "```", ""]
+    if report.parity:
+        parts += [f"Information parity: {sum(report.parity.get('checked', {}).values())} evaluated texts checked, "
+                  f"{sum(n for per in report.parity.get('overlaps', {}).values() for n in per.values())} held by a "
+                  "system.", ""]
     if report.attacks:
         parts += [f"## Systems x attacks ({report.attack_metric} under attack)", "",
                   _md_table(_table(report.systems, report.attacks, report.attack_values, "system")), "",
-                  "### Recovery ratio (attacked - unlearned) / (original - unlearned)", "",
+                  "### Recovery ratio (attacked - plain) / (original under the same attack - plain)", "",
                   _md_table(_table(report.systems, report.attacks, report.attack_recovery, "system")), ""]
     for img in images or []:
         parts += [f"![{img}]({img})", ""]
@@ -176,9 +245,11 @@ def render_markdown(report: Report, images: list[str] | None = None) -> str:
 
 def render_html(report: Report, images: list[str] | None = None) -> str:
     """The report as a standalone HTML page (images referenced beside it)."""
-    metric_names = [m.name for m in report.metrics]
-    body = [f"<h1>{html.escape(report.title)}</h1>", "<h2>Systems x metrics</h2>",
-            _html_table(_table(report.systems, metric_names, report.values, "system"))]
+    body = [f"<h1>{html.escape(report.title)}</h1>", "<h2>Systems x metrics</h2>"]
+    for title, table in _metric_tables(report):
+        body += [f"<h3>{html.escape(title)}</h3>", _html_table(table)]
+    body.append("<ul>" + "".join(f"<li><code>{html.escape(m.name)}</code>: {html.escape(m.description)} "
+                                 f"({html.escape(m.direction())})</li>" for m in report.metrics) + "</ul>")
     if report.attacks:
         body += [f"<h2>Systems x attacks ({html.escape(report.attack_metric)} under attack)</h2>",
                  _html_table(_table(report.systems, report.attacks, report.attack_values, "system")),

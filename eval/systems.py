@@ -21,6 +21,27 @@ log = logging.getLogger(__name__)
 SystemKind = Literal["original", "guard", "weights", "guard+weights", "reference"]
 
 
+@dataclass(frozen=True)
+class Response:
+    """One answer of a system: the text, and for a guarded system the guard's trace and finish reason."""
+
+    text: str
+    trace: Any | None = None
+    finish_reason: str = "stop"
+
+    @property
+    def source(self) -> str:
+        """Where a guarded answer came from: 'unflagged', 'cot' (the guard model's instruction), 'template' or
+        'refused' (a refusal, or an answer the output check blocked); 'model' for an unguarded system."""
+        if self.trace is None:
+            return "model"
+        if self.finish_reason == "content_filter" or self.trace.requires_refusal:
+            return "refused"
+        if not self.trace.flagged:
+            return "unflagged"
+        return "cot" if self.trace.instruction_source == "llm" else "template"
+
+
 @dataclass
 class System:
     """Something that answers prompts, with a name for the report and a kind for attack applicability."""
@@ -36,25 +57,31 @@ class System:
         """True where the answering weights are the whole system (teacher-forced metrics apply)."""
         return self.guarded is None
 
-    def answer(self, prompts: Sequence[Prompt], max_new_tokens: int = 48, batch_size: int = 32,
-               desc: str | None = None) -> list[str]:
-        """Greedy answers to ``prompts`` (through the guard where there is one)."""
+    def respond(self, prompts: Sequence[Prompt], max_new_tokens: int = 48, batch_size: int = 32,
+                desc: str | None = None) -> list[Response]:
+        """Greedy answers to ``prompts`` (through the guard where there is one), each with the guard's trace."""
         if not prompts:
             return []
         if self.guarded is not None:
-            out = []
+            from tqdm.auto import tqdm
+
+            out: list[Response] = []
+            bar = tqdm(total=len(prompts), desc=desc or f"{self.name} answers", leave=False)
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start:start + batch_size])
-                out += [r.text for r in self.guarded.generate_batch(chunk, max_new_tokens=max_new_tokens)]
+                out += [Response(r.text, r.trace, r.finish_reason)
+                        for r in self.guarded.generate_batch(chunk, max_new_tokens=max_new_tokens)]
+                bar.update(len(chunk))
+            bar.close()
             return out
-        return generate(self.llm.model, self.llm.tokenizer, list(prompts), max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, progress=True, desc=desc or f"{self.name} answers")
+        texts = generate(self.llm.model, self.llm.tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                         batch_size=batch_size, progress=True, desc=desc or f"{self.name} answers")
+        return [Response(t) for t in texts]
 
-    def guard_traces(self, prompts: Sequence[Prompt], max_new_tokens: int = 48) -> list[Any]:
-        """The guard's traces for prompts (empty for unguarded systems), for flag rates and timings."""
-        if self.guarded is None:
-            return []
-        return [r.trace for r in self.guarded.generate_batch(list(prompts), max_new_tokens=max_new_tokens)]
+    def answer(self, prompts: Sequence[Prompt], max_new_tokens: int = 48, batch_size: int = 32,
+               desc: str | None = None) -> list[str]:
+        """Greedy answer texts to ``prompts`` (see :meth:`respond`)."""
+        return [r.text for r in self.respond(prompts, max_new_tokens, batch_size, desc)]
 
 
 def model_system(name: str, llm: LoadedLLM, kind: SystemKind = "weights") -> System:

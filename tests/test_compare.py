@@ -8,8 +8,9 @@ import math
 import pytest
 
 from core.models import tiny_llm
-from core.schema import ForgetTarget, ForgetTask, QAItem
+from core.schema import ForgetTarget, ForgetTask, MCQItem, QAItem
 from eval.compare import CompareConfig, item_facts, mia_units, run_comparison
+from eval.systems import Response, System
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +46,64 @@ def test_mia_units_split_small_sides_into_sentences() -> None:
     assert mia_units(many, many) == (many, many)
 
 
-def test_recovery_baseline_is_the_plain_answers_to_the_attacked_questions() -> None:
+class _EchoSystem(System):
+    """A fake unguarded system that answers every question with its stored answer (or a fixed text)."""
+
+    def __init__(self, answers: dict[str, str], default: str = "I don't know.") -> None:
+        super().__init__(name="echo", kind="weights", llm=None)  # type: ignore[arg-type]
+        self._answers, self._default = answers, default
+
+    def respond(self, prompts, max_new_tokens=48, batch_size=32, desc=None):  # noqa: ANN001, ANN201
+        return [Response(self._answers.get(p, self._default)) for p in prompts]
+
+
+def test_plain_scores_use_the_attacked_items_only() -> None:
     from eval.benchmark import BenchmarkConfig, generate_benchmark
     from eval.compare import _Eval
+    from eval.split import split_task
 
-    ev = _Eval(CompareConfig(), generate_benchmark(BenchmarkConfig(seed=0)))
-    qs, refs = [q.question for q in ev.forget[:3]], [q.answer for q in ev.forget[:3]]
-    ev.answers["sys"] = {"forget": [q.answer for q in ev.forget]}
-    assert ev.unattacked_rouge("sys", qs, refs) == pytest.approx(1.0)
-    ev.answers["sys"]["forget"][1] = "no idea"
-    assert ev.unattacked_rouge("sys", qs, refs) == pytest.approx(2 / 3)
-    assert ev.unattacked_rouge("sys", qs[2:], refs[2:]) == pytest.approx(1.0)  # only the items asked about count
+    split = split_task(generate_benchmark(BenchmarkConfig(seed=0)))
+    ev = _Eval(CompareConfig(), split)
+    items = ev.sets["b:unseen_fact"][:3]
+    knows = {q.question: q.answer for q in items}
+    ev.generation_metrics(_EchoSystem(knows))
+    assert ev.plain_scores("echo", items)["fact_rate"] == pytest.approx(1.0)
+    knows[items[1].question] = "no idea"
+    ev.generation_metrics(_EchoSystem(knows))
+    assert ev.plain_scores("echo", items)["fact_rate"] == pytest.approx(2 / 3)
+    assert ev.plain_scores("echo", items[2:])["fact_rate"] == pytest.approx(1.0)  # only the items asked about count
     # A question that was not evaluated plainly has no baseline: the recovery ratio is left undefined.
-    assert math.isnan(ev.unattacked_rouge("sys", [*qs, "Who is nobody?"], [*refs, "Nobody."]))
+    other = QAItem(question="Who is nobody?", answer="Nobody.")
+    assert ev.plain_scores("echo", [*items, other]) == {"fact_rate": None, "rouge": None}
+
+
+def test_metrics_of_a_task_without_forget_questions_are_undefined_not_zero() -> None:
+    from eval.compare import _Eval
+    from eval.split import split_task
+
+    mcq = [MCQItem(question=f"Which agent number {i}?", choices=["a", "b", "c", "d"], answer=0) for i in range(4)]
+    task = ForgetTask(name="mcq-only", targets=[ForgetTarget(id="h", kind="hazard", names=["Hazard"], policy="p",
+                                                             mcq=mcq)],
+                      benign_questions=["What is the capital of Spain?", "How do I boil an egg?"])
+    ev = _Eval(CompareConfig(), split_task(task))
+    m = ev.generation_metrics(_EchoSystem({}))
+    for k in ("forget_fact_rate_a", "forget_rouge_a", "forget_refusal_a", "forget_fact_rate_b", "forget_rouge_b"):
+        assert m[k] is None, k
+    assert m["over_refusal_c"] == 1.0  # "I don't know." to every held-out negative
+
+
+def test_guarded_answers_are_counted_by_where_they_came_from() -> None:
+    from guard.types import GuardTrace
+
+    def resp(flagged, source, refusal=False, finish="stop"):  # noqa: ANN001, ANN202
+        return Response("x", GuardTrace(flagged=flagged, instruction_source=source, requires_refusal=refusal), finish)
+
+    assert resp(False, "none").source == "unflagged"
+    assert resp(True, "llm").source == "cot"
+    assert resp(True, "template").source == "template"
+    assert resp(True, "llm", refusal=True).source == "refused"
+    assert resp(True, "llm", finish="content_filter").source == "refused"  # the output check blocked it
+    assert Response("x").source == "model"
 
 
 @pytest.mark.slow
@@ -65,33 +111,73 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_GUARD_CACHE", str(tmp_path / "cache"))
     steps = {"train": {"max_steps": 2, "batch_size": 2}}
     cfg = CompareConfig(
-        task="offline", target_model=tiny_dirs["target"], retain_model=tiny_dirs["retain"],
+        task="offline", base_model=tiny_dirs["target"], target_model=tiny_dirs["target"],
+        retain_model=tiny_dirs["retain"],
         methods=["rmu", "npo"], method_params={"rmu": steps, "npo": steps}, guard_with=["rmu"],
         guard={"guard_mode": "template"},
         attacks=["paraphrase", "split-turn", "quantize-4bit", "relearn", "linear-probe"],
         attack_params={"relearn": {"steps": 2, "num_examples": 2}, "linear-probe": {"max_items": 20}},
-        max_forget=6, max_retain=4, max_neighbour=4, max_benign=4, max_attack_items=3, max_new_tokens=4,
-        out=str(tmp_path / "report"))
+        max_forget=6, max_heldout=4, max_retain=4, max_neighbour=4, max_benign=4, max_general=4, max_attack_items=3,
+        max_new_tokens=4, out=str(tmp_path / "report"))
     report, paths = run_comparison(cfg)
-    assert report.systems == ["original", "guard", "rmu", "npo", "guard+rmu", "retain (reference)"]
+    assert report.systems == ["original", "guard", "rmu", "npo", "guard+rmu", "retain (reference)",
+                              "base (reference)"]
     v = report.values
-    # The detector flags the forget questions, so the guard refuses them; the bare tiny model never does.
-    assert v["guard"]["forget_refusal_rate"] >= 0.8
-    assert v["original"]["forget_refusal_rate"] == 0.0
+    # The detector flags the request's and the held-out forget questions, so the guard refuses them (template
+    # mode refuses every flagged prompt); the bare tiny model never does.
+    assert v["guard"]["forget_refusal_a"] >= 0.8 and v["guard"]["guard_flag_rate_a"] >= 0.8
+    assert v["guard"]["forget_refusal_b"] >= 0.5
+    assert v["original"]["forget_refusal_a"] == 0.0
+    assert v["guard"]["guard_refused"] >= 1 and v["guard"]["guard_answers_cot"] == 0
+    # The guard's per-prompt FPR is measured on held-out negatives (unseen people and questions).
+    assert 0.0 <= v["guard"]["guard_fpr_c"] <= 0.2
     # Refusals state no fact, so the guard's fact rate cannot exceed the share it answers.
-    assert 0.0 <= v["guard"]["forget_fact_rate"] <= 1 - v["guard"]["forget_refusal_rate"]
-    # White-box metrics exist for weight systems only.
-    assert "forget_truth_ratio" in v["rmu"] and "forget_truth_ratio" not in v["guard"]
-    assert 0.0 <= v["rmu"]["forget_quality"] <= 1.0
+    assert 0.0 <= v["guard"]["forget_fact_rate_a"] <= 1 - v["guard"]["forget_refusal_a"]
+    # White-box metrics exist for weight systems only; the base row has general knowledge only.
+    assert "truth_ratio_a" in v["rmu"] and "truth_ratio_a" not in v["guard"]
+    assert 0.0 <= v["rmu"]["forget_quality_a"] <= 1.0
     assert 0.0 <= v["original"]["probe_accuracy"] <= 1.0
+    assert set(v["base (reference)"]) == {"general_acc_c"}
+    assert all(0.0 <= v[s]["general_acc_c"] <= 1.0 for s in report.systems)
     # Weight attacks apply to weights (and quantization to the original), never to guarded systems.
     assert "relearn" in report.attack_values["rmu"] and "relearn" not in report.attack_values["guard"]
     assert "quantize-4bit" in report.attack_values["original"]
     assert "split-turn" in report.attack_values["guard+rmu"]
+    # Recovery of a prompt attack is measured against the original under the same attack.
+    d = report.details["attacks"]
+    assert d["rmu"]["paraphrase"]["upper_fact_rate"] == report.attack_values["original"]["paraphrase"]
     data = json.loads(paths["report.json"].read_text())
+    # One forget request for every system; nothing evaluated was held by any of them.
+    assert data["parity"]["overlaps"] == {} and sum(data["parity"]["checked"].values()) > 100
+    assert data["split"]["people"]["neighbour"] == {"request": 4, "evaluation": 4}
     assert data["timings"]["total"] > 0 and "unlearn rmu" in data["timings"]
     md = paths["report.md"].read_text()
     assert "| guard |" in md and "Sample answers" in md
     assert (tmp_path / "report" / "compare_config.yaml").exists()
     # Unlearned models are cached under the runs dir and reused on a second call.
     assert (tmp_path / "cache" / "runs" / "offline-seed0" / "unlearn-rmu" / "train_result.json").exists()
+
+
+@pytest.mark.slow
+def test_comparison_runs_on_lume(tiny_dirs, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("UNLEARN_GUARD_CACHE", str(tmp_path / "cache"))
+    lume = Path(__file__).parent / "fixtures" / "lume"
+    steps = {"train": {"max_steps": 2, "batch_size": 2}}
+    cfg = CompareConfig(
+        task=f"lume@{lume}", base_model=tiny_dirs["target"], target_model=tiny_dirs["target"],
+        retain_model=tiny_dirs["retain"], methods=["npo"], method_params={"npo": steps}, guard_with=[],
+        guard={"guard_mode": "template"}, attacks=["paraphrase", "alias"], max_new_tokens=4,
+        out=str(tmp_path / "report"))
+    report, paths = run_comparison(cfg)
+    v = report.values
+    assert report.systems[:3] == ["original", "guard", "npo"]
+    assert json.loads(paths["report.json"].read_text())["parity"]["overlaps"] == {}
+    # LUME's sentence completions are not questions: (a) holds the request's fact questions only.
+    from eval.loaders import load_lume
+    from eval.split import split_task
+
+    sp = split_task(load_lume(lume), cfg.split)
+    assert report.split["evaluated"]["a"] == sum(q.kind == "fact" for q in sp.in_request)
+    assert 0.0 <= v["original"]["general_acc_c"] <= 1.0
