@@ -101,30 +101,33 @@ class CompareConfig(BaseModel):
     detector: dict[str, Any] = Field(default_factory=dict, description="DetectorConfig fields.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How the request and evaluation are cut.")
     finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig fields for target and retain.")
-    target_from: Literal["retain", "base"] = Field(
-        "retain", description="'retain': the target continues from the retain model on the forget facts (plus a "
-                              "sample of retain facts and replay), so the two differ only by the forget facts and "
-                              "the target costs a fraction of a fine-tune; 'base': both from the base model (TOFU).")
+    target_from: Literal["base", "retain"] = Field(
+        "base", description="'base': target and retain model both fine-tuned from the base model (TOFU's protocol); "
+                            "'retain': the target continues from the retain model on the forget facts plus a sample "
+                            "of retain facts and general data: a third of the cost, but measured on the offline "
+                            "benchmark it forgot most retain facts (fact rate 0.60 -> 0.23) and half the base "
+                            "model's general knowledge, so it is not the default.")
     target_retain_mix: int = Field(48, ge=0, description="Retain facts replayed in the target stage (target_from=retain).")
     target_finetune: dict[str, Any] = Field(
-        default_factory=lambda: {"train": {"lr": 2e-4, "epochs": 5, "batch_size": 8, "warmup_ratio": 0.05,
-                                           "save_every": 25}, "replay": 8, "general_qa": 24},
-        description="FinetuneConfig fields of the target stage on top of `finetune` (target_from=retain): the forget "
-                    "facts get one more epoch, the general data shrinks with the stage.")
+        default_factory=lambda: {"train": {"lr": 2e-4, "epochs": 3, "batch_size": 8, "warmup_ratio": 0.05,
+                                           "save_every": 25}, "replay": 16, "general_qa": 64},
+        description="FinetuneConfig fields of the target stage on top of `finetune` (target_from=retain): three "
+                    "epochs, and as much general data as forget and retain facts together (measured: with a quarter "
+                    "as much, this stage halved the retain model's general-knowledge accuracy).")
     attacks: list[str] | None = Field(None, description="Attack names; None runs every registered attack.")
     attack_params: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"linear-probe": {"max_items": 100}, "ood-finetune": {"steps": 10}},
-        description="Per-attack config fields; the default profile trains the probe on 100 retain questions and "
+        default_factory=lambda: {"linear-probe": {"max_items": 50}, "ood-finetune": {"steps": 10}},
+        description="Per-attack config fields; the default profile trains the probe on 50 retain questions and "
                     "fine-tunes out of domain for 10 steps (the full profile: the attacks' defaults).")
     forget_kinds: list[str] = Field(default_factory=lambda: ["fact", "knowmem"],
                                     description="QA kinds scored as forget questions (MUSE's verbmem is not a question).")
     max_forget: int | None = Field(None, ge=1, description="(a) items evaluated (None: all).")
-    max_heldout: int = Field(12, ge=1, description="(b) items evaluated per group (unseen_fact, paraphrase, ...).")
-    max_retain: int = Field(16, ge=1, description="(c) held-out retain questions evaluated.")
-    max_neighbour: int = Field(16, ge=1, description="(c) held-out neighbour questions evaluated.")
-    max_benign: int = Field(12, ge=1, description="(c) held-out benign questions evaluated.")
-    max_general: int = Field(40, ge=1, description="(c) general-knowledge questions evaluated.")
-    max_attack_items: int = Field(8, ge=1, description="(b) unseen facts each prompt attack is applied to.")
+    max_heldout: int = Field(8, ge=1, description="(b) items evaluated per group (unseen_fact, paraphrase, ...).")
+    max_retain: int = Field(10, ge=1, description="(c) held-out retain questions evaluated.")
+    max_neighbour: int = Field(10, ge=1, description="(c) held-out neighbour questions evaluated.")
+    max_benign: int = Field(8, ge=1, description="(c) held-out benign questions evaluated.")
+    max_general: int = Field(24, ge=1, description="(c) general-knowledge questions evaluated.")
+    max_attack_items: int = Field(6, ge=1, description="(b) unseen facts each prompt attack is applied to.")
     variants_per_item: int = Field(1, ge=1, description="Attack variants kept per item (seeded sample).")
     max_new_tokens: int = Field(32, ge=4)
     mcq_format: Literal["letter", "cloze"] = Field(

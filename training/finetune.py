@@ -33,11 +33,11 @@ class FinetuneConfig(BaseModel):
     max_length: int = Field(128, ge=16)
     system: str | None = Field(None, description="System prompt used in training (None: the model's default).")
     paraphrase_copies: bool = Field(False, description="Also train on paraphrased questions (more robust, slower).")
-    replay: int = Field(32, ge=0, description="General prompts whose answers by the model *before* fine-tuning are "
+    replay: int = Field(48, ge=0, description="General prompts whose answers by the model *before* fine-tuning are "
                                               "mixed into the data, so it keeps what it knew (0: no replay).")
     replay_max_new_tokens: int = Field(32, ge=8, description="Length cap of the replayed answers (cut to whole "
                                                              "sentences).")
-    general_qa: int = Field(64, ge=0, description="Factual general QA pairs with reference answers mixed in "
+    general_qa: int = Field(100, ge=0, description="Factual general QA pairs with reference answers mixed in "
                                                    "(0: none), so real questions keep real answers.")
     replay_system: str | None = Field(
         "Answer the question directly in one short sentence.",

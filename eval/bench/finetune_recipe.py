@@ -3,6 +3,7 @@
     python -m eval.bench.finetune_recipe                        # the default FinetuneConfig
     python -m eval.bench.finetune_recipe --set replay=0         # without replay (the old recipe's behaviour)
     python -m eval.bench.finetune_recipe --set train.lora.r=64 --set train.lr=1e-3
+    python -m eval.bench.finetune_recipe --models base=smollm2-135m-instruct target=<dir> retain=<dir>
 
 Fine-tunes the embedded SmolLM2 on the offline benchmark's training QA (what ``compare`` does for the target),
 then measures, for the base model and the fine-tuned one, in the same run:
@@ -48,6 +49,36 @@ def general_acc(llm: Any, items: list[Any], max_new_tokens: int = 32) -> float:
     return general_accuracy(ans, items).value
 
 
+def measure_models(models: dict[str, str], out: Path) -> dict[str, Any]:
+    """Facts learned and general knowledge of existing models, the first being the ratio's baseline."""
+    from core.io import atomic_write_json
+    from core.models import load_llm
+    from eval.benchmark import generate_benchmark
+    from eval.general import general_knowledge_items
+    from eval.loaders import default_data_root
+
+    task = generate_benchmark()
+    general = general_knowledge_items(default_data_root())
+    forget = [q for q in task.forget_qa if q.kind == "fact"]
+    retain = [q for q in task.retain_qa if q.kind == "fact"][:48]
+    rows: dict[str, Any] = {}
+    for name, spec in models.items():
+        llm = load_llm(spec)
+        rows[name] = {"model": spec, "forget_fact": fact_rate(llm, task, forget),
+                      "retain_fact": fact_rate(llm, task, retain), "general_acc": general_acc(llm, general)}
+        del llm
+    first = next(iter(rows.values()))["general_acc"]
+    print(f"{len(general)} general-knowledge questions ({general[0].source if general else '-'}), "
+          f"{len(forget)} forget and {len(retain)} retain facts of the offline benchmark")
+    print(f"{'model':22} {'forget fact':>12} {'retain fact':>12} {'general acc':>12} {'ratio':>7}")
+    for name, r in rows.items():
+        r["general_ratio"] = r["general_acc"] / max(1e-9, first)
+        print(f"{name:22} {r['forget_fact']:12.3f} {r['retain_fact']:12.3f} {r['general_acc']:12.3f} "
+              f"{r['general_ratio']:7.3f}")
+    atomic_write_json(out / "models.json", rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the result row (also printed and written as JSON)."""
     from core.config import load_config
@@ -62,8 +93,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--set", action="append", default=[], help="FinetuneConfig override key=value (repeatable).")
     ap.add_argument("--name", default=None, help="Run name (default: from the overrides).")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/finetune_recipe"))
+    ap.add_argument("--models", nargs="+", default=None, metavar="NAME=SPEC",
+                    help="Only measure these models (e.g. base=smollm2-135m-instruct target=~/.cache/.../target), "
+                         "the first being the baseline of the ratio; no fine-tuning.")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.models:
+        return measure_models(dict(m.split("=", 1) for m in args.models), args.out)
     cfg = load_config(FinetuneConfig, None, args.set)
     name = args.name or ("default" if not args.set else "_".join(s.replace("=", "-").replace(".", "") for s in args.set))
     task = generate_benchmark()
