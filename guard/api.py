@@ -12,12 +12,15 @@ Failure policy (fail closed by default):
 * ``fail_open=True``: a failed detector lets the request through unguarded and a failed guard model
   uses the template instruction without refusing; each use is logged at WARNING and marked in the trace.
 
-The async API (``agenerate``, ``acomplete``, ``astream``, ``astream_complete``; the HTTP server uses it)
-never runs detector work on the event loop, and micro-batches it: the prompts (and the finished answers'
-output checks) of concurrent requests share one ``detect_batch`` (``detect_leak_batch``) call in a
-worker thread (see :mod:`guard.batching`); texts that arrive while a call runs form the next one. A
-failed or late batch call fails every request of the batch through the policy above. An HTTP upstream
-is called on its async client (no thread). The sync API is unchanged.
+The pipeline is written once, as async (``_run`` for answers, ``_deltas`` for streams); the sync API
+(``generate``, ``generate_batch``, ``complete``, ``stream``) waits for it on the sync-runner loop
+(:mod:`core.aio`). Detector work never runs on an event loop. A single request of the async API
+(``agenerate``, ``acomplete``, ``astream``, ``astream_complete``; the HTTP server uses it) is *shared*:
+its prompt check (and the finished answer's output checks) join the micro-batches of concurrent requests,
+one ``detect_batch`` (``detect_leak_batch``) call in a worker thread (see :mod:`guard.batching`); texts
+that arrive while a call runs form the next one. A failed or late batch call fails every request of the
+batch through the policy above. Batches (``generate_batch``, ``agenerate_batch``) and the sync API call the
+detector directly, one deadline-bound call per batch. An HTTP upstream is called on its async client.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import concurrent.futures
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from core.aio import iter_sync, run_sync
 from core.generation import Message, Prompt
 from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
@@ -39,14 +43,16 @@ from guard.backends import Backend, GenOutput, GenParams, make_backend
 from guard.batching import MicroBatcher
 from guard.config import BackendConfig, GuardConfig
 from guard.cot import CoTGuard, refusal_text
-from guard.output_check import LeakCheckError, StreamChecker, acheck_text, check_text
+from guard.output_check import LeakCheckError, StreamChecker, check_text
 from guard.prompt import assemble, neutralise, sanitise_messages, special_tokens_of, user_text
 from guard.types import (
     AdminError,
     DetectorProtocol,
+    Fault,
     GuardResult,
     GuardTrace,
     GuardUnavailableError,
+    Stage,
     TargetBook,
 )
 
@@ -72,25 +78,33 @@ class _Plan:
 
 
 class GuardStream:
-    """An iterator of answer deltas; ``trace`` and ``finish_reason`` are final once it is exhausted."""
+    """A blocking iterator of answer deltas (a sync view of :class:`AsyncGuardStream`); ``trace`` and
+    ``finish_reason`` are final once it is exhausted."""
 
-    def __init__(self, gen: Iterator[str], trace: GuardTrace) -> None:
-        """Wrap the guarded delta generator."""
-        self._gen = gen
-        self.trace = trace
-        self.finish_reason: str = "stop"
+    def __init__(self, astream: AsyncGuardStream) -> None:
+        """Iterate ``astream`` on the sync-runner loop."""
+        self._astream = astream
+        self._it = iter_sync(astream)
+
+    @property
+    def trace(self) -> GuardTrace:
+        """The request's trace (a placeholder until the first delta)."""
+        return self._astream.trace
+
+    @property
+    def finish_reason(self) -> str:
+        """'stop', 'length' or 'content_filter' once the stream has ended."""
+        return self._astream.finish_reason
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._gen)
+        return next(self._it)
 
     def close(self) -> None:
         """Stop generation early."""
-        close = getattr(self._gen, "close", None)
-        if callable(close):
-            close()
+        self._it.close()
 
 
 class GuardedLLM:
@@ -136,24 +150,26 @@ class GuardedLLM:
         clean = {k: v for k, v in overrides.items() if v is not None}
         return base.model_copy(update=clean) if clean else base
 
-    def _timed(self, fn: Callable[..., R], *args: Any, timeout: float) -> R:
-        """Run a detector call with a deadline (a late detector is a failed detector)."""
-        fut = self._pool.submit(fn, *args)
+    async def _timed(self, fn: Callable[..., R], *args: Any, timeout: float) -> R:
+        """Run a blocking detector call in a worker thread with a deadline (a late detector is a failed one)."""
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         try:
-            return fut.result(timeout=timeout)
-        except concurrent.futures.TimeoutError as e:
-            fut.cancel()
+            return await asyncio.wait_for(fut, timeout=timeout)
+        except TimeoutError as e:
             raise TimeoutError(f"no answer within {timeout:.1f}s") from e
 
-    def _fail_open(self, trace: GuardTrace, stage: str, err: BaseException) -> None:
-        """Apply the failure policy: log and mark fail-open, or raise GuardUnavailableError."""
-        msg = f"{err.__class__.__name__}: {err}"
-        trace.errors.append(f"{stage}: {msg}")
+    def _fail_open(self, trace: GuardTrace, stage: Stage, err: BaseException) -> Fault:
+        """The failure policy, in one place: record the fault, then raise GuardUnavailableError (fail closed,
+        the default) or mark the trace fail-open and let the caller continue without this stage."""
+        fault = Fault.of(stage, err)
+        trace.faults.append(fault)
         if not self.config.fail_open:
-            log.error("guard stage %s failed (%s); failing closed", stage, msg)
-            raise GuardUnavailableError(stage, msg) from err
+            log.error("guard stage %s failed (%s: %s); failing closed", stage.value, fault.error, fault.message)
+            raise GuardUnavailableError(fault) from err
         trace.fail_open_used = True
-        log.warning("FAIL-OPEN used: guard stage %s failed (%s); request continues unguarded at this stage", stage, msg)
+        log.warning("FAIL-OPEN used: guard stage %s failed (%s: %s); request continues unguarded at this stage",
+                    stage.value, fault.error, fault.message)
+        return fault
 
     def _resolve(self, ids: Sequence[str]) -> list[ForgetTarget]:
         out = []
@@ -181,40 +197,29 @@ class GuardedLLM:
             return list(many(texts))
         return [self.detector.detect_leak(t) for t in texts]
 
-    def _detect_many(self, texts: list[str], traces: list[GuardTrace]) -> list[Detection | None]:
-        """Judge prompts with a deadline; None for each when failing open."""
+    async def _detect(self, texts: list[str], traces: list[GuardTrace], shared: bool) -> list[Detection | None]:
+        """Judge prompts; None for each when failing open. ``shared``: each text joins the micro-batches of
+        concurrent requests (the async API); else one deadline-bound ``detect``/``detect_batch`` call."""
         t0 = time.perf_counter()
         try:
-            if len(texts) == 1:
-                dets: list[Detection | None] = [self._timed(self.detector.detect, texts[0],
-                                                            timeout=self.config.detector_timeout_s)]
+            dets: list[Detection | None]
+            if shared:
+                dets = list(await asyncio.gather(*(self._prompt_batcher.submit(t) for t in texts)))
+            elif len(texts) == 1:
+                dets = [await self._timed(self.detector.detect, texts[0], timeout=self.config.detector_timeout_s)]
             else:
-                dets = list(self._timed(self.detector.detect_batch, texts,
-                                        timeout=self.config.detector_timeout_s * max(1, len(texts) / 8)))
+                dets = list(await self._timed(self.detector.detect_batch, texts,
+                                              timeout=self._batch_timeout(len(texts))))
             if len(dets) != len(texts):
                 raise RuntimeError(f"detect_batch returned {len(dets)} results for {len(texts)} prompts")
-        except GuardUnavailableError:
-            raise
         except Exception as e:  # noqa: BLE001 - any detector failure goes through the failure policy
             for tr in traces:
-                self._fail_open(tr, "detector", e)
+                self._fail_open(tr, Stage.DETECTOR, e)
             dets = [None] * len(texts)
         dt = time.perf_counter() - t0
         for tr in traces:
             tr.add_time("detect", dt)
         return dets
-
-    async def _adetect(self, text: str, trace: GuardTrace) -> Detection | None:
-        """Judge one prompt through the micro-batcher; None when failing open."""
-        t0 = time.perf_counter()
-        try:
-            det: Detection | None = await self._prompt_batcher.submit(text)
-        except Exception as e:  # noqa: BLE001 - any detector failure goes through the failure policy
-            self._fail_open(trace, "detector", e)
-            det = None
-        finally:
-            trace.add_time("detect", time.perf_counter() - t0)
-        return det
 
     def _prepare(self, prompts: Sequence[Prompt], raw: bool) -> tuple[list[_Plan], list[str], list[list[Message]]]:
         """Sanitise the prompts: a plan per prompt, the text the detector judges, the messages to send."""
@@ -234,26 +239,18 @@ class GuardedLLM:
             msgs_list.append(msgs)
         return plans, texts, msgs_list
 
-    def _plan_batch(self, prompts: Sequence[Prompt], raw: bool = False) -> list[_Plan]:
-        """Judge the prompts and decide, for each, refusal or the messages to send."""
+    async def _plan(self, prompts: Sequence[Prompt], raw: bool, shared: bool) -> list[_Plan]:
+        """Judge the prompts and decide, for each, refusal or the messages to send (a guard LLM runs in a thread)."""
         plans, texts, msgs_list = self._prepare(prompts, raw)
-        dets = self._detect_many(texts, [pl.trace for pl in plans])
+        dets = await self._detect(texts, [pl.trace for pl in plans], shared)
         flagged = self._apply(plans, dets, texts, msgs_list, prompts, raw)
         if flagged:
-            self._guard(plans, flagged, [texts[i] for i in flagged])
-        return plans
-
-    async def _aplan(self, prompt: Prompt, raw: bool) -> _Plan:
-        """Async ``_plan_batch`` for one prompt: batched detection; a guard LLM, if any, runs in a thread."""
-        plans, texts, msgs_list = self._prepare([prompt], raw)
-        dets = [await self._adetect(texts[0], plans[0].trace)]
-        flagged = self._apply(plans, dets, texts, msgs_list, [prompt], raw)
-        if flagged:
+            args = (plans, flagged, [texts[i] for i in flagged])
             if getattr(self.cot, "backend", True) is None:  # template-only guard: cheap, no model call
-                self._guard(plans, flagged, [texts[0]])
+                self._guard(*args)
             else:
-                await asyncio.to_thread(self._guard, plans, flagged, [texts[0]])
-        return plans[0]
+                await asyncio.to_thread(self._guard, *args)
+        return plans
 
     def _apply(self, plans: list[_Plan], dets: list[Detection | None], texts: list[str],
                msgs_list: list[list[Message]], prompts: Sequence[Prompt], raw: bool) -> list[int]:
@@ -281,18 +278,7 @@ class GuardedLLM:
         try:
             decisions = self.cot.decide_batch(texts, [plans[i].targets for i in idx])
         except Exception as e:  # noqa: BLE001 - guard model failure: refusal (closed) or template (open)
-            msg = f"{e.__class__.__name__}: {e}"
-            decisions = []
-            for i in idx:
-                tr = plans[i].trace
-                tr.errors.append(f"guard: {msg}")
-                if self.config.fail_open:
-                    tr.fail_open_used = True
-                    log.warning("FAIL-OPEN used: guard model failed (%s); answering with the template instruction", msg)
-                    decisions.append((self.cot.fallback(plans[i].targets, False), "template", f"guard failed: {msg}"))
-                else:
-                    log.error("guard model failed (%s); refusing the flagged request", msg)
-                    decisions.append((self.cot.fallback(plans[i].targets, True), "template", f"guard failed: {msg}"))
+            decisions = [self._guard_failed(plans[i], e) for i in idx]
         dt = time.perf_counter() - t0
         for i, (dec, source, reason) in zip(idx, decisions, strict=True):
             pl = plans[i]
@@ -310,31 +296,35 @@ class GuardedLLM:
                 pl.messages = assemble(pl.messages or [], dec.cot_instruction, pl.targets, self.config.system_prompt,
                                        self._markers)
 
+    def _guard_failed(self, pl: _Plan, err: Exception) -> tuple[GuardDecision, str, str | None]:
+        """A failed guard model under the failure policy (:meth:`_fail_open`): failing closed, the flagged request
+        gets the refusal; failing open, the template instruction without refusing."""
+        try:
+            fault = self._fail_open(pl.trace, Stage.GUARD, err)
+            refuse = False
+        except GuardUnavailableError as closed:
+            fault, refuse = closed.fault, True
+        return self.cot.fallback(pl.targets, refuse), "template", f"guard failed: {fault.error}: {fault.message}"
+
     def _leak_refusal(self, pl: _Plan, after_text: bool = False) -> str:
         """The policy's refusal for an answer the output check blocked (after a blank line when a stream
         has already released text)."""
         known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
         return ("\n\n" if after_text else "") + refusal_text(known, self.config)
 
-    def _check(self, pl: _Plan, text: str) -> str | None:
+    def _leak_fn(self, shared: bool) -> Callable[[str], Awaitable[Detection]]:
+        """How an output check calls the detector: through the micro-batcher (``shared``) or one
+        deadline-bound ``detect_leak`` call in a worker thread."""
+        if shared:
+            return self._leak_batcher.submit
+        return lambda text: self._timed(self.detector.detect_leak, text, timeout=self.config.detector_timeout_s)
+
+    async def _check(self, pl: _Plan, text: str, shared: bool) -> str | None:
         """Output check of a finished answer: the refusal to substitute, or None to keep it."""
         try:
-            blocked = check_text(self._leak_now, text, self.config, pl.trace)
+            blocked = await check_text(self._leak_fn(shared), text, self.config, pl.trace)
         except LeakCheckError as e:
-            self._fail_open(pl.trace, "output_check", e)
-            return None
-        return self._leak_refusal(pl) if blocked else None
-
-    def _leak_now(self, text: str) -> Detection:
-        """One output check with a deadline, waited for in the calling thread (the sync path)."""
-        return self._timed(self.detector.detect_leak, text, timeout=self.config.detector_timeout_s)
-
-    async def _acheck(self, pl: _Plan, text: str) -> str | None:
-        """Async ``_check``: the leak check goes through the micro-batcher; same policy on failure."""
-        try:
-            blocked = await acheck_text(self._leak_batcher.submit, text, self.config, pl.trace)
-        except LeakCheckError as e:
-            self._fail_open(pl.trace, "output_check", e)
+            self._fail_open(pl.trace, Stage.OUTPUT_CHECK, e)
             return None
         return self._leak_refusal(pl) if blocked else None
 
@@ -347,157 +337,46 @@ class GuardedLLM:
         return GuardResult(text=o.text, finish_reason=fr, trace=pl.trace,  # type: ignore[arg-type]
                            prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
 
-    # -- sync API ---------------------------------------------------------------------------------------
-    def generate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
-                       ) -> list[GuardResult]:
-        """Guard and answer many prompts: one detector batch, one guard batch, one target batch."""
-        return self._run(prompts, self._params(params, overrides), raw=False)
-
-    def generate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
-        """Guard and answer one prompt (a string or chat messages)."""
-        return self.generate_batch([prompt], params, **overrides)[0]
-
-    def complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
-        """Guard and continue a raw text prompt (``/v1/completions``); flagged ones are answered as chat."""
-        return self._run([text], self._params(params, overrides), raw=True)[0]
-
-    def _run(self, prompts: Sequence[Prompt], params: GenParams, raw: bool) -> list[GuardResult]:
-        plans = self._plan_batch(prompts, raw=raw)
-        results: list[GuardResult | None] = [None] * len(plans)
-        chat_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.messages is not None]
-        raw_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.raw_text is not None]
-        outs: dict[int, Any] = {}
-        t0 = time.perf_counter()
-        if chat_idx:
-            for i, o in zip(chat_idx, self.target.generate_batch([plans[i].messages or [] for i in chat_idx], params),
-                            strict=True):
-                outs[i] = o
-        if raw_idx:
-            for i, o in zip(raw_idx, self.target.complete_batch([plans[i].raw_text or "" for i in raw_idx], params),
-                            strict=True):
-                outs[i] = o
-        gen_dt = time.perf_counter() - t0
-        for i, pl in enumerate(plans):
-            if pl.refusal is not None:
-                results[i] = GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace)
-            else:
+    # -- the pipeline, written once ---------------------------------------------------------------------
+    async def _run(self, prompts: Sequence[Prompt], params: GenParams, raw: bool, shared: bool) -> list[GuardResult]:
+        """Guard and answer prompts: one detector batch, one guard batch, one target batch (``shared``: a single
+        request of the async API, whose checks join the micro-batches and whose answer is the backend's async
+        call, native for HTTP upstreams)."""
+        plans = await self._plan(prompts, raw, shared)
+        try:
+            chat_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.messages is not None]
+            raw_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.raw_text is not None]
+            outs: dict[int, GenOutput] = {}
+            t0 = time.perf_counter()
+            if chat_idx:
+                batch = [plans[i].messages or [] for i in chat_idx]
+                got = ([await self.target.agenerate(batch[0], params)] if shared and len(batch) == 1
+                       else await self.target.agenerate_batch(batch, params))
+                outs.update(zip(chat_idx, got, strict=True))
+            if raw_idx:
+                texts = [plans[i].raw_text or "" for i in raw_idx]
+                got = ([await self.target.acomplete(texts[0], params)] if shared and len(texts) == 1
+                       else await self.target.acomplete_batch(texts, params))
+                outs.update(zip(raw_idx, got, strict=True))
+            gen_dt = time.perf_counter() - t0
+            results: list[GuardResult] = []
+            for i, pl in enumerate(plans):
+                if pl.refusal is not None:
+                    results.append(GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace))
+                    continue
                 pl.trace.add_time("generate", gen_dt)
                 o = outs[i]
-                results[i] = self._answer(pl, o, self._check(pl, o.text))
-            pl.trace.add_time("total", time.perf_counter() - pl.t0)
-        return [r for r in results if r is not None]
-
-    def stream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardStream:
-        """Guard and stream one answer; the guard runs before the first delta, the output check as it streams."""
-        return self._stream(prompt, self._params(params, overrides), raw=False)
-
-    def stream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardStream:
-        """Guard and stream a raw completion."""
-        return self._stream(text, self._params(params, overrides), raw=True)
-
-    def _stream(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardStream:
-        """The guarded stream of the sync API: the prompt is judged at the first ``next``."""
-        holder: dict[str, GuardStream] = {}
-        trace_box = GuardTrace(output_check_mode=self.config.output_check)
-
-        def gen() -> Iterator[str]:
-            pl = self._plan_batch([prompt], raw=raw)[0]
-            gs = holder["s"]
-            gs.trace = pl.trace
-            try:
-                if pl.refusal is not None:
-                    gs.finish_reason = "content_filter"
-                    yield pl.refusal
-                    return
-                source = (self.target.stream_complete(pl.raw_text, params) if pl.raw_text is not None
-                          else self.target.stream(pl.messages or [], params))
-                checker = StreamChecker(self._leak_now, self.config, pl.trace)
-                released_any = False
-                t_gen = time.perf_counter()
-                n = 0
-                try:
-                    for delta in source:
-                        n += 1
-                        try:
-                            out = checker.feed(delta)
-                        except LeakCheckError as e:
-                            out = self._unchecked(pl, checker, e)
-                        if out is None:
-                            gs.finish_reason = "content_filter"
-                            yield self._leak_refusal(pl, released_any)
-                            return
-                        if out:
-                            released_any = True
-                            yield out
-                finally:
-                    close = getattr(source, "close", None)
-                    if callable(close):
-                        close()
-                    self._add_generate_time(pl, t_gen)
-                try:
-                    rest = checker.finish()
-                except LeakCheckError as e:
-                    rest = self._unchecked(pl, checker, e)
-                if rest is None:
-                    gs.finish_reason = "content_filter"
-                    yield self._leak_refusal(pl, released_any)
-                    return
-                if rest:
-                    yield rest
-                gs.finish_reason = "length" if n >= params.max_new_tokens else "stop"
-            finally:
+                results.append(self._answer(pl, o, await self._check(pl, o.text, shared)))
+            return results
+        finally:
+            for pl in plans:
                 pl.trace.add_time("total", time.perf_counter() - pl.t0)
 
-        s = GuardStream(gen(), trace_box)
-        holder["s"] = s
-        return s
-
-
-    def _unchecked(self, pl: _Plan, checker: StreamChecker, err: LeakCheckError) -> str:
-        """A failed output check mid-stream: the failure policy raises (closed) or the rest goes out unchecked."""
-        self._fail_open(pl.trace, "output_check", err)
-        return checker.release_unchecked()
-
-    @staticmethod
-    def _add_generate_time(pl: _Plan, t_gen: float) -> None:
-        """Generation time of a stream: its wall time less the output checks run while it streamed."""
-        pl.trace.add_time("generate", time.perf_counter() - t_gen - pl.trace.timings_ms.get("output_check", 0) / 1000)
-
-    # -- async API --------------------------------------------------------------------------------------
-    async def agenerate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
-        """Async ``generate``: detector calls are batched with concurrent requests, blocking work runs in threads."""
-        return await self._arun(prompt, self._params(params, overrides), raw=False)
-
-    async def agenerate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
-                              ) -> list[GuardResult]:
-        """Async ``generate_batch``."""
-        return await asyncio.to_thread(self.generate_batch, prompts, params, **overrides)
-
-    async def acomplete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
-        """Async ``complete`` (batched detector calls, as ``agenerate``)."""
-        return await self._arun(text, self._params(params, overrides), raw=True)
-
-    async def _arun(self, prompt: Prompt, params: GenParams, raw: bool) -> GuardResult:
-        """One request through the async pipeline: batched checks, then the backend's async call (native for HTTP
-        upstreams, a worker thread for in-process models)."""
-        pl = await self._aplan(prompt, raw)
-        try:
-            if pl.refusal is not None:
-                return GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace)
-            t0 = time.perf_counter()
-            if pl.raw_text is not None:
-                o = await self.target.acomplete(pl.raw_text, params)
-            else:
-                o = await self.target.agenerate(pl.messages or [], params)
-            pl.trace.add_time("generate", time.perf_counter() - t0)
-            return self._answer(pl, o, await self._acheck(pl, o.text))
-        finally:
-            pl.trace.add_time("total", time.perf_counter() - pl.t0)
-
-    async def _agen(self, prompt: Prompt, params: GenParams, raw: bool, box: AsyncGuardStream) -> AsyncIterator[str]:
-        """The async guarded stream: the prompt check and the output checks join the micro-batches, the
-        answer comes from the backend's async stream (native for HTTP upstreams); no thread is held."""
-        pl = await self._aplan(prompt, raw)
+    async def _deltas(self, prompt: Prompt, params: GenParams, raw: bool, box: AsyncGuardStream,
+                      shared: bool) -> AsyncIterator[str]:
+        """The guarded stream: the prompt is judged before the first delta, the output check runs as the
+        backend's async stream (native for HTTP upstreams) arrives; ``box`` gets the trace and finish reason."""
+        pl = (await self._plan([prompt], raw, shared))[0]
         box.trace = pl.trace
         try:
             if pl.refusal is not None:
@@ -506,21 +385,17 @@ class GuardedLLM:
                 return
             source = (self.target.astream_complete(pl.raw_text, params) if pl.raw_text is not None
                       else self.target.astream(pl.messages or [], params))
-            checker = StreamChecker(None, self.config, pl.trace, adetect_leak=self._leak_batcher.submit)
-            released_any = False
+            checker = StreamChecker(self._leak_fn(shared), self.config, pl.trace)
+            released_any = blocked = False
             t_gen = time.perf_counter()
             n = 0
             try:
                 async for delta in source:
                     n += 1
-                    try:
-                        out = await checker.afeed(delta)
-                    except LeakCheckError as e:
-                        out = self._unchecked(pl, checker, e)
+                    out = await self._step(pl, checker, checker.feed(delta))
                     if out is None:
-                        box.finish_reason = "content_filter"
-                        yield self._leak_refusal(pl, released_any)
-                        return
+                        blocked = True
+                        break
                     if out:
                         released_any = True
                         yield out
@@ -529,10 +404,7 @@ class GuardedLLM:
                 if callable(aclose):
                     await aclose()
                 self._add_generate_time(pl, t_gen)
-            try:
-                rest = await checker.afinish()
-            except LeakCheckError as e:
-                rest = self._unchecked(pl, checker, e)
+            rest = None if blocked else await self._step(pl, checker, checker.finish())
             if rest is None:
                 box.finish_reason = "content_filter"
                 yield self._leak_refusal(pl, released_any)
@@ -543,15 +415,71 @@ class GuardedLLM:
         finally:
             pl.trace.add_time("total", time.perf_counter() - pl.t0)
 
-    def astream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
-        """Async ``stream``: the prompt and output checks are batched, deltas arrive without blocking the event loop."""
-        return AsyncGuardStream(lambda box: self._agen(prompt, self._params(params, overrides), False, box),
+    async def _step(self, pl: _Plan, checker: StreamChecker, check: Awaitable[str | None]) -> str | None:
+        """One output-check step of a stream: what it releases (None: blocked); a failed check goes through the
+        failure policy, which raises (closed) or releases the rest unchecked (open)."""
+        try:
+            return await check
+        except LeakCheckError as e:
+            self._fail_open(pl.trace, Stage.OUTPUT_CHECK, e)
+            return checker.release_unchecked()
+
+    @staticmethod
+    def _add_generate_time(pl: _Plan, t_gen: float) -> None:
+        """Generation time of a stream: its wall time less the output checks run while it streamed."""
+        pl.trace.add_time("generate", time.perf_counter() - t_gen - pl.trace.timings_ms.get("output_check", 0) / 1000)
+
+    def _astream(self, prompt: Prompt, params: GenParams | None, overrides: dict[str, Any], raw: bool,
+                 shared: bool) -> AsyncGuardStream:
+        p = self._params(params, overrides)
+        return AsyncGuardStream(lambda box: self._deltas(prompt, p, raw, box, shared),
                                 GuardTrace(output_check_mode=self.config.output_check))
 
+    # -- async API --------------------------------------------------------------------------------------
+    async def agenerate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Guard and answer one prompt; detector calls are batched with concurrent requests, blocking work runs
+        in threads."""
+        return (await self._run([prompt], self._params(params, overrides), raw=False, shared=True))[0]
+
+    async def agenerate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
+                              ) -> list[GuardResult]:
+        """Guard and answer many prompts: one detector batch, one guard batch, one target batch."""
+        return await self._run(prompts, self._params(params, overrides), raw=False, shared=False)
+
+    async def acomplete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Guard and continue a raw text prompt (``/v1/completions``); flagged ones are answered as chat."""
+        return (await self._run([text], self._params(params, overrides), raw=True, shared=True))[0]
+
+    def astream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
+        """Guard and stream one answer: the prompt and output checks are batched, deltas arrive without blocking
+        the event loop."""
+        return self._astream(prompt, params, overrides, raw=False, shared=True)
+
     def astream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> AsyncGuardStream:
-        """Async ``stream_complete``."""
-        return AsyncGuardStream(lambda box: self._agen(text, self._params(params, overrides), True, box),
-                                GuardTrace(output_check_mode=self.config.output_check))
+        """Guard and stream a raw completion."""
+        return self._astream(text, params, overrides, raw=True, shared=True)
+
+    # -- sync API: the same pipeline, waited for on the sync-runner loop (core.aio) ------------------------
+    def generate_batch(self, prompts: Sequence[Prompt], params: GenParams | None = None, **overrides: Any
+                       ) -> list[GuardResult]:
+        """Sync ``agenerate_batch``."""
+        return run_sync(self._run(prompts, self._params(params, overrides), raw=False, shared=False))
+
+    def generate(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Guard and answer one prompt (a string or chat messages)."""
+        return self.generate_batch([prompt], params, **overrides)[0]
+
+    def complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardResult:
+        """Sync ``acomplete`` (its detector call is not shared with other requests)."""
+        return run_sync(self._run([text], self._params(params, overrides), raw=True, shared=False))[0]
+
+    def stream(self, prompt: Prompt, params: GenParams | None = None, **overrides: Any) -> GuardStream:
+        """Guard and stream one answer; the guard runs before the first delta, the output check as it streams."""
+        return GuardStream(self._astream(prompt, params, overrides, raw=False, shared=False))
+
+    def stream_complete(self, text: str, params: GenParams | None = None, **overrides: Any) -> GuardStream:
+        """Guard and stream a raw completion."""
+        return GuardStream(self._astream(text, params, overrides, raw=True, shared=False))
 
     def batch_stats(self) -> dict[str, dict[str, float]]:
         """How the async path has batched detector calls so far (batches, items, mean and largest batch)."""

@@ -8,10 +8,9 @@ never leaves; a leak stops generation and the policy's refusal is substituted. '
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 
 from detectors.types import Detection
 from guard.config import GuardConfig
@@ -27,16 +26,13 @@ class LeakCheckError(RuntimeError):
 class StreamChecker:
     """Feeds streamed deltas through leak checks and decides what may be released.
 
-    ``feed``/``finish`` call the detector synchronously (the sync stream); ``afeed``/``afinish`` await
-    ``adetect_leak`` (the async stream, whose checks join the server's micro-batches). Both share the
-    bookkeeping of what is due for a check and what may be released.
+    ``adetect_leak`` is awaited for each check: the guard passes the micro-batcher's ``submit`` (concurrent
+    requests share detector calls) or a deadline-bound call of ``detect_leak`` in a worker thread.
     """
 
-    def __init__(self, detect_leak: Callable[[str], Detection] | None, config: GuardConfig, trace: GuardTrace,
-                 adetect_leak: Callable[[str], Awaitable[Detection]] | None = None) -> None:
-        """``detect_leak`` is the detector's method for ``feed``/``finish``, ``adetect_leak`` its async form for
-        ``afeed``/``afinish`` (a checker needs only the one it is driven with); results and timings go into ``trace``."""
-        self.detect_leak = detect_leak
+    def __init__(self, adetect_leak: Callable[[str], Awaitable[Detection]], config: GuardConfig,
+                 trace: GuardTrace) -> None:
+        """Check with ``adetect_leak``; results and timings go into ``trace``."""
         self.adetect_leak = adetect_leak
         self.cfg = config
         self.mode = config.output_check
@@ -60,31 +56,16 @@ class StreamChecker:
                 return True
         return False
 
-    @contextlib.contextmanager
-    def _timed(self) -> Iterator[None]:
-        """Around one detector call: its time goes into the trace, any failure becomes a LeakCheckError."""
+    async def _check(self, text: str) -> bool:
+        """Run one leak check (its time goes into the trace, any failure becomes a LeakCheckError); True when
+        it found a leak that matters in this mode."""
         t0 = time.perf_counter()
         try:
-            yield
+            det = await self.adetect_leak(text)
         except Exception as e:
             raise LeakCheckError(f"detect_leak failed: {e.__class__.__name__}: {e}") from e
         finally:
             self.trace.add_time("output_check", time.perf_counter() - t0)
-
-    def _check(self, text: str) -> bool:
-        """Run one leak check; True when it found a leak that matters in this mode."""
-        if self.detect_leak is None:
-            raise TypeError("StreamChecker.feed/finish need detect_leak")
-        with self._timed():
-            det = self.detect_leak(text)
-        return self._verdict(det)
-
-    async def _acheck(self, text: str) -> bool:
-        """``_check`` through ``adetect_leak``."""
-        if self.adetect_leak is None:
-            raise TypeError("StreamChecker.afeed/afinish need adetect_leak")
-        with self._timed():
-            det = await self.adetect_leak(text)
         return self._verdict(det)
 
     def _due(self, delta: str) -> str | None:
@@ -100,23 +81,12 @@ class StreamChecker:
         self.checked = len(self.text)
         return self.text[start:]
 
-    def _between_checks(self) -> str:
-        """What to release when no check is due: nothing in 'block' mode, everything new otherwise."""
-        return "" if self.mode == "block" else self._release()
-
-    def feed(self, delta: str) -> str | None:
+    async def feed(self, delta: str) -> str | None:
         """Add a delta; return the text now safe to release ('' to hold), or None when a leak blocks the stream."""
         due = self._due(delta)
         if due is None:
-            return self._between_checks()
-        return None if self._check(due) else self._release()
-
-    async def afeed(self, delta: str) -> str | None:
-        """Async ``feed``."""
-        due = self._due(delta)
-        if due is None:
-            return self._between_checks()
-        return None if await self._acheck(due) else self._release()
+            return "" if self.mode == "block" else self._release()
+        return None if await self._check(due) else self._release()
 
     def _release(self) -> str:
         out, self.released = self.text[self.released:], len(self.text)
@@ -127,29 +97,16 @@ class StreamChecker:
         self.mode = "off"
         return self._release()
 
-    def finish(self) -> str | None:
+    async def finish(self) -> str | None:
         """Final check on the whole answer; return the rest to release, or None when it leaks."""
         if self.mode == "off" or not self.text:
             return self._release()
-        return None if self._check(self.text) else self._release()
-
-    async def afinish(self) -> str | None:
-        """Async ``finish``."""
-        if self.mode == "off" or not self.text:
-            return self._release()
-        return None if await self._acheck(self.text) else self._release()
+        return None if await self._check(self.text) else self._release()
 
 
-def check_text(detect_leak: Callable[[str], Detection], text: str, config: GuardConfig, trace: GuardTrace) -> bool:
+async def check_text(adetect_leak: Callable[[str], Awaitable[Detection]], text: str, config: GuardConfig,
+                     trace: GuardTrace) -> bool:
     """Check a finished answer; True when it must be replaced by the refusal (block mode and a leak)."""
-    checker = StreamChecker(detect_leak, config, trace)
+    checker = StreamChecker(adetect_leak, config, trace)
     checker.text = text
-    return checker.finish() is None  # 'off' or an empty answer: no detector call
-
-
-async def acheck_text(adetect_leak: Callable[[str], Awaitable[Detection]], text: str, config: GuardConfig,
-                      trace: GuardTrace) -> bool:
-    """Async ``check_text`` (the server's path: the check joins the micro-batches)."""
-    checker = StreamChecker(None, config, trace, adetect_leak=adetect_leak)
-    checker.text = text
-    return await checker.afinish() is None
+    return await checker.finish() is None  # 'off' or an empty answer: no detector call

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import Enum
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from core.schema import ForgetTarget
 from detectors.types import Detection
@@ -28,6 +29,41 @@ class DetectorProtocol(Protocol):
         ...
 
 
+class Stage(str, Enum):
+    """A guard stage that can fail: the prompt check, the CoT guard model, the output check."""
+
+    DETECTOR = "detector"
+    GUARD = "guard"
+    OUTPUT_CHECK = "output_check"
+
+
+class Fault(BaseModel):
+    """One failed guard stage, as a value: the HTTP layer, the metrics and the logs read its fields."""
+
+    stage: Stage
+    timeout: bool = False
+    error: str = Field(description="The exception's class name.")
+    message: str = ""
+
+    @classmethod
+    def of(cls, stage: Stage, err: BaseException) -> Fault:
+        """The fault of ``err`` at ``stage`` (a timeout anywhere in its cause chain makes it a timeout)."""
+        timeout, cur, seen = False, err, 0
+        while cur is not None and seen < 8:
+            timeout = timeout or isinstance(cur, TimeoutError)
+            cur, seen = cur.__cause__, seen + 1
+        return cls(stage=stage, timeout=timeout, error=err.__class__.__name__, message=str(err))
+
+    @property
+    def metric(self) -> str:
+        """The Prometheus fault label: e.g. ``detector_timeout``, ``guard_model_error``."""
+        name = "guard_model" if self.stage is Stage.GUARD else self.stage.value
+        return f"{name}_{'timeout' if self.timeout else 'error'}"
+
+    def __str__(self) -> str:
+        return f"{self.stage.value}: {self.error}: {self.message}"
+
+
 class GuardError(RuntimeError):
     """Base of the guard's own errors."""
 
@@ -35,10 +71,11 @@ class GuardError(RuntimeError):
 class GuardUnavailableError(GuardError):
     """The detector or the guard model failed or timed out and the guard fails closed (HTTP 503)."""
 
-    def __init__(self, stage: str, message: str) -> None:
-        """Record which stage failed, so the HTTP layer and logs can say it."""
-        super().__init__(f"guard unavailable ({stage}): {message}")
-        self.stage = stage
+    def __init__(self, fault: Fault) -> None:
+        """Keep the fault, so the HTTP layer and logs can say which stage failed and how."""
+        super().__init__(f"guard unavailable ({fault.stage.value}): {fault.error}: {fault.message}")
+        self.fault = fault
+        self.stage = fault.stage.value
 
 
 class BackendError(GuardError):
@@ -81,8 +118,14 @@ class GuardTrace(BaseModel):
     output_checks: int = 0
     leak_target_ids: list[str] = Field(default_factory=list)
     fail_open_used: bool = False
-    errors: list[str] = Field(default_factory=list)
+    faults: list[Fault] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def errors(self) -> list[str]:
+        """The faults as text (``"stage: Error: message"``), for logs and clients; code reads ``faults``."""
+        return [str(f) for f in self.faults]
 
     def add_time(self, stage: str, seconds: float) -> None:
         """Accumulate a stage's wall time in milliseconds."""

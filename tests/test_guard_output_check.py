@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import pytest
 
 from detectors.types import Detection
@@ -17,17 +20,32 @@ def leak(text: str) -> Detection:
     return Detection(flagged=hit, score=1.0 if hit else 0.0, threshold=0.5, target_ids=["p"] if hit else [])
 
 
+def awaitable(fn: Callable[[str], Detection]) -> Callable[[str], Awaitable[Detection]]:
+    async def call(text: str) -> Detection:
+        return fn(text)
+    return call
+
+
 def run(deltas: list[str], mode: str = "block", every: int = 2, overlap: int = 64) -> tuple[str, bool, GuardTrace]:
     tr = GuardTrace()
-    c = StreamChecker(leak, GuardConfig(output_check=mode, check_every_tokens=every, check_overlap_chars=overlap), tr)
-    out = ""
-    for d in deltas:
-        r = c.feed(d)
-        if r is None:
-            return out, True, tr
-        out += r
-    r = c.finish()
-    return (out, True, tr) if r is None else (out + r, False, tr)
+    c = StreamChecker(awaitable(leak), GuardConfig(output_check=mode, check_every_tokens=every,
+                                                   check_overlap_chars=overlap), tr)
+
+    async def drive() -> tuple[str, bool, GuardTrace]:
+        out = ""
+        for d in deltas:
+            r = await c.feed(d)
+            if r is None:
+                return out, True, tr
+            out += r
+        r = await c.finish()
+        return (out, True, tr) if r is None else (out + r, False, tr)
+
+    return asyncio.run(drive())
+
+
+def check(fn: Callable[[str], Detection], text: str, config: GuardConfig, trace: GuardTrace) -> bool:
+    return asyncio.run(check_text(awaitable(fn), text, config, trace))
 
 
 def test_clean_stream_is_released_unchanged() -> None:
@@ -57,11 +75,11 @@ def test_log_mode_releases_but_records() -> None:
 
 def test_check_text_and_detector_failure() -> None:
     tr = GuardTrace()
-    assert check_text(leak, "born in Port Kestrel", GuardConfig(), tr) is True
-    assert check_text(leak, "born in Paris", GuardConfig(), GuardTrace()) is False
+    assert check(leak, "born in Port Kestrel", GuardConfig(), tr) is True
+    assert check(leak, "born in Paris", GuardConfig(), GuardTrace()) is False
 
     def broken(text: str) -> Detection:
         raise RuntimeError("index offline")
 
     with pytest.raises(LeakCheckError):
-        check_text(broken, "anything", GuardConfig(), GuardTrace())
+        check(broken, "anything", GuardConfig(), GuardTrace())

@@ -79,6 +79,10 @@ class Backend(ABC):
         """Continue one raw text prompt without blocking the event loop."""
         return (await asyncio.to_thread(self.complete_batch, [text], params))[0]
 
+    async def acomplete_batch(self, texts: Sequence[str], params: GenParams) -> list[GenOutput]:
+        """Continue many raw text prompts without blocking the event loop."""
+        return await asyncio.to_thread(self.complete_batch, texts, params)
+
     async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
         """Async view of ``stream``: the blocking iterator runs in a thread."""
         async for d in aiter_thread(lambda: self.stream(messages, params)):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import weakref
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Sequence
 from typing import Any
 
 import httpx
 
+from core.aio import iter_sync, run_sync
 from guard.backends.base import BACKENDS, Backend, GenOutput, GenParams, Messages
 from guard.config import BackendConfig
 from guard.types import BackendError
@@ -127,7 +126,6 @@ class OpenAIHTTPBackend(Backend):
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = \
             weakref.WeakKeyDictionary()
         self.supports_json_schema = True
-        self._pool = ThreadPoolExecutor(max_workers=max(1, cfg.batch_size), thread_name_prefix="openai-http")
 
     @classmethod
     def from_config(cls, cfg: BackendConfig) -> OpenAIHTTPBackend:
@@ -150,7 +148,7 @@ class OpenAIHTTPBackend(Backend):
         return body
 
     def _attempts(self, path: str, body: dict[str, Any]) -> Generator[dict[str, Any] | float, Any, Any]:
-        """The retry policy without I/O, shared by the sync and async clients: yields a body to POST (and
+        """The retry policy without I/O: yields a body to POST (and
         receives its response or httpx error) or a pause in seconds; returns the JSON answer."""
         last, kind = "", "error"
         for attempt in range(self.cfg.max_retries + 1):
@@ -173,26 +171,9 @@ class OpenAIHTTPBackend(Backend):
                 yield self.cfg.retry_backoff_s * (2 ** attempt)
         raise BackendError(f"upstream {self.base_url}{path} failed: {last}", kind)
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        """POST with retries on transient failures; a 400 caused by response_format drops it once."""
-        policy = self._attempts(path, body)
-        step = next(policy)
-        while True:
-            reply: Any = None
-            if isinstance(step, dict):
-                try:
-                    reply = self._client.post(path, json=step)
-                except httpx.HTTPError as e:
-                    reply = e
-            else:
-                time.sleep(step)
-            try:
-                step = policy.send(reply)
-            except StopIteration as done:
-                return done.value
-
     async def _apost(self, path: str, body: dict[str, Any]) -> Any:
-        """``_post`` on the async client: the event loop is never blocked and no thread is held."""
+        """POST with retries on transient failures (a 400 caused by response_format drops it once), on the
+        async client: the event loop is never blocked and no thread is held."""
         policy = self._attempts(path, body)
         step = next(policy)
         while True:
@@ -217,20 +198,15 @@ class OpenAIHTTPBackend(Backend):
         body.pop("response_format", None)
         return body
 
-    def _chat_one(self, messages: Messages, params: GenParams) -> GenOutput:
-        return parse_answer(self._post("/chat/completions", self._chat_body(messages, params)), chat=True)
-
-    def _complete_one(self, text: str, params: GenParams) -> GenOutput:
-        return parse_answer(self._post("/completions", self._complete_body(text, params)), chat=False)
-
     # -- interface ------------------------------------------------------------------------------------
+    # The sync methods wait for the async ones on the sync-runner loop (core.aio): one code path per call.
     def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
         """Send the prompts concurrently (the upstream batches them)."""
-        return list(self._pool.map(lambda m: self._chat_one(m, params), batch))
+        return run_sync(self.agenerate_batch(batch, params))
 
     def complete_batch(self, texts: Sequence[str], params: GenParams) -> list[GenOutput]:
         """Send raw completions concurrently."""
-        return list(self._pool.map(lambda t: self._complete_one(t, params), texts))
+        return run_sync(self.acomplete_batch(texts, params))
 
     def _reopen_pause(self, where: str, attempt: int, failure: httpx.Response | httpx.HTTPError) -> float:
         """A stream that failed before its first byte (an error status, or no connection): the pause before the
@@ -243,30 +219,6 @@ class OpenAIHTTPBackend(Backend):
             raise BackendError(f"upstream {where} unreachable: {failure}", "unreachable") from failure
         return self.cfg.retry_backoff_s * (2 ** attempt)
 
-    def _sse(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str]:
-        """Stream an SSE response and yield content deltas; retried only before the first byte."""
-        where = f"{self.base_url}{path}"
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                with self._client.stream("POST", path, json=body) as resp:
-                    if resp.status_code != 200:
-                        resp.read()
-                        time.sleep(self._reopen_pause(where, attempt, resp))
-                        continue
-                    reader = _SSEReader(chat, where)
-                    for line in resp.iter_lines():
-                        delta = reader.feed(line)
-                        if delta is None:
-                            return
-                        if delta:
-                            yield delta
-                    reader.end()
-                    return
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                time.sleep(self._reopen_pause(where, attempt, e))
-            except httpx.HTTPError as e:
-                raise _stream_error(e, where) from e
-
     def _stream_body(self, params: GenParams, **payload: Any) -> dict[str, Any]:
         """A streamed request's body (structured output is never asked of a stream)."""
         body = {**self._body(params, stream=True), **payload}
@@ -275,26 +227,39 @@ class OpenAIHTTPBackend(Backend):
 
     def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
         """Stream a chat answer from upstream."""
-        return self._sse("/chat/completions", self._stream_body(params, messages=[dict(m) for m in messages]), chat=True)
+        return iter_sync(self.astream(messages, params))
 
     def stream_complete(self, text: str, params: GenParams) -> Iterator[str]:
         """Stream a raw completion from upstream."""
-        return self._sse("/completions", self._stream_body(params, prompt=text), chat=False)
+        return iter_sync(self.astream_complete(text, params))
 
     async def agenerate(self, messages: Messages, params: GenParams) -> GenOutput:
         """Native async chat request (no thread), with the same retries as ``generate``."""
         return parse_answer(await self._apost("/chat/completions", self._chat_body(messages, params)), chat=True)
 
     async def agenerate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
-        """Native async: the prompts are sent concurrently on the async client."""
-        return list(await asyncio.gather(*(self.agenerate(m, params) for m in batch)))
+        """Native async: the prompts are sent concurrently on the async client, ``batch_size`` at a time."""
+        return await self._bounded([self.agenerate(m, params) for m in batch])
 
     async def acomplete(self, text: str, params: GenParams) -> GenOutput:
-        """Native async raw completion (no thread), with the same retries as ``complete_batch``."""
+        """Native async raw completion (no thread), with the same retries as ``agenerate``."""
         return parse_answer(await self._apost("/completions", self._complete_body(text, params)), chat=False)
 
+    async def acomplete_batch(self, texts: Sequence[str], params: GenParams) -> list[GenOutput]:
+        """Raw completions sent concurrently, ``batch_size`` at a time."""
+        return await self._bounded([self.acomplete(t, params) for t in texts])
+
+    async def _bounded(self, calls: list[Coroutine[Any, Any, GenOutput]]) -> list[GenOutput]:
+        """Await the calls concurrently, at most ``cfg.batch_size`` in flight, results in order."""
+        gate = asyncio.Semaphore(max(1, self.cfg.batch_size))
+
+        async def one(c: Coroutine[Any, Any, GenOutput]) -> GenOutput:
+            async with gate:
+                return await c
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
     async def _asse(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
-        """``_sse`` on the async client: the same retries (only before the first byte) and the same errors."""
+        """Stream an SSE response and yield content deltas; retried only before the first byte."""
         where = f"{self.base_url}{path}"
         for attempt in range(self.cfg.max_retries + 1):
             try:
@@ -342,9 +307,8 @@ class OpenAIHTTPBackend(Backend):
             return False
 
     def close(self) -> None:
-        """Close the HTTP clients and the worker pool (async clients of loops that have ended are dropped)."""
+        """Close the HTTP clients (async clients of loops that have ended are dropped)."""
         self._client.close()
-        self._pool.shutdown(wait=False)
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -353,6 +317,8 @@ class OpenAIHTTPBackend(Backend):
         for loop, client in clients:
             if loop is running:
                 loop.create_task(client.aclose())
+            elif loop.is_running():  # another thread's loop, e.g. the sync-runner's
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop)
             elif not loop.is_closed() and not loop.is_running():
                 loop.run_until_complete(client.aclose())
 

@@ -1,0 +1,234 @@
+"""The OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``.
+
+``stream: true`` answers as SSE ending with ``data: [DONE]``. Blocking work runs in worker threads,
+bounded by ``max_concurrency``; a refused or blocked answer is a normal completion with
+``finish_reason: "content_filter"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from guard.api import AsyncGuardStream, GuardResult
+from guard.backends import GenParams
+from guard.server.errors import ApiError, error_body
+from guard.server.schemas import ChatCompletionRequest, CompletionRequest, _GenRequest, _lone_surrogate
+from guard.server.state import ServerState, State
+from guard.types import BackendError, GuardTrace, GuardUnavailableError
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+def check_text(st: ServerState, texts: list[str], param: str) -> None:
+    """Refuse prompts with no text or too much text (400 naming ``param``)."""
+    cfg = st.config
+    total = sum(len(t) for t in texts)
+    if total > cfg.max_prompt_chars:
+        raise ApiError(400, f"{param}: {total} characters of text is over this server's limit of "
+                       f"{cfg.max_prompt_chars}", "invalid_request_error", param, "prompt_too_long")
+    if not any(t.strip() for t in texts):
+        raise ApiError(400, f"{param}: no text to answer (every message or prompt is empty)",
+                       "invalid_request_error", param, "empty_prompt")
+
+
+def check_unicode(req: BaseModel) -> None:
+    """400 naming the field when a string holds a lone UTF-16 surrogate (JSON '\\ud800')."""
+    where = _lone_surrogate(req.model_dump(exclude_none=True))
+    if where is not None:
+        raise ApiError(400, f"{where}: text holds a lone UTF-16 surrogate escape, which is not valid Unicode; "
+                       "send UTF-8 text", "invalid_request_error", where, "invalid_unicode")
+
+
+def params_of(st: ServerState, req: _GenRequest, max_tokens: int | None, field: str = "max_tokens") -> GenParams:
+    """The generation parameters of a request, with ``max_tokens`` defaulted and held to the server's cap."""
+    cap = st.config.max_tokens_cap
+    mt = max_tokens or st.guarded.config.max_new_tokens
+    if mt > cap:
+        raise ApiError(400, f"{field} {mt} is over this server's cap of {cap}", "invalid_request_error", field)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return GenParams(max_new_tokens=mt, temperature=req.temperature or 0.0, top_p=req.top_p or 1.0,
+                     stop=stop, seed=req.seed)
+
+
+async def run_guarded(st: ServerState, make: Callable[[], Awaitable[GuardResult]]) -> GuardResult:
+    """Run the guarded model's async path (detector calls micro-batched across requests) under the limits."""
+    timeout = st.config.request_timeout_s
+    async with st.sem:
+        try:
+            return await asyncio.wait_for(make(), timeout=timeout)
+        except asyncio.TimeoutError as e:
+            st.metrics.errors.labels("timeout").inc()
+            raise ApiError(504, f"request took longer than {timeout:.0f}s", "timeout") from e
+
+
+def usage(res: GuardResult) -> dict[str, int]:
+    """OpenAI's ``usage`` object of a finished answer."""
+    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+            "total_tokens": res.prompt_tokens + res.completion_tokens}
+
+
+def headers_of(trace: GuardTrace) -> dict[str, str]:
+    """The ``x-guard-flagged`` / ``x-guard-blocked`` response headers of a trace."""
+    return {"x-guard-flagged": "true" if trace.flagged else "false",
+            "x-guard-blocked": "true" if (trace.requires_refusal or (trace.output_check_fired
+                                                                     and trace.output_check_mode == "block")) else "false"}
+
+
+async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
+              make_chunk: Callable[[str | None, str | None], dict[str, Any]],
+              endpoint: str, t0: float) -> AsyncIterator[bytes]:
+    """Emit the stream as SSE; the semaphore is held until the stream ends."""
+    metrics = st.metrics
+    try:
+        if first is not None:
+            yield f"data: {json.dumps(make_chunk(first, None))}\n\n".encode()
+        while True:
+            try:
+                delta = await asyncio.wait_for(stream.__anext__(), timeout=st.config.request_timeout_s)
+            except StopAsyncIteration:
+                break
+            yield f"data: {json.dumps(make_chunk(delta, None))}\n\n".encode()
+        yield f"data: {json.dumps(make_chunk(None, stream.finish_reason))}\n\n".encode()
+        metrics.requests.labels(endpoint, "200").inc()
+    except Exception as e:  # noqa: BLE001 - any failure mid-stream ends in an error event, never silence
+        if isinstance(e, GuardUnavailableError):
+            kind, code = "guard_unavailable", "guard_unavailable"  # counted from the trace below
+        elif isinstance(e, BackendError):
+            kind, code = "upstream_error", f"upstream_{e.kind}" if e.kind != "error" else "upstream_error"
+            metrics.fault(f"backend_{e.kind}" if e.kind != "error" else "backend_error")
+        elif isinstance(e, asyncio.TimeoutError):
+            kind, code = "timeout", "timeout"
+            metrics.fault("request_timeout")
+        else:
+            kind, code = "internal_error", "internal_error"
+            metrics.fault("internal_error")
+        log.error("stream aborted: %s (%s)", code, e.__class__.__name__)
+        metrics.requests.labels(endpoint, "stream_error").inc()
+        yield f"data: {json.dumps(error_body(str(e) or kind, kind, code=code))}\n\n".encode()
+    finally:
+        await stream.aclose()
+        metrics.observe(stream.trace)
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        st.sem.release()
+    yield b"data: [DONE]\n\n"
+
+
+async def start_stream(st: ServerState, stream: AsyncGuardStream) -> str | None:
+    """Acquire a slot and pull the first delta, so guard failures still answer with a status code."""
+    timeout = st.config.request_timeout_s
+    await st.sem.acquire()
+    try:
+        return await asyncio.wait_for(stream.__anext__(), timeout=timeout)
+    except StopAsyncIteration:
+        return None
+    except BaseException as e:
+        await stream.aclose()
+        st.sem.release()
+        if isinstance(e, asyncio.TimeoutError):
+            raise ApiError(504, f"no first token within {timeout:.0f}s", "timeout") from e
+        raise
+
+
+# Route handlers carry no docstring: FastAPI would publish it as the operation's description in OpenAPI.
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
+    cfg, guarded, metrics = st.config, st.guarded, st.metrics
+    t0 = time.perf_counter()
+    if len(req.messages) > cfg.max_messages:
+        raise ApiError(400, f"at most {cfg.max_messages} messages per request", "invalid_request_error", "messages")
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    if any(m["role"] == "tool" for m in msgs):
+        raise ApiError(400, "tool messages are not supported by the guard", "invalid_request_error", "messages")
+    check_text(st, [m["content"] for m in msgs], "messages")
+    check_unicode(req)
+    params = params_of(st, req, req.max_completion_tokens or req.max_tokens,
+                       "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or cfg.model_name
+    if req.stream:
+        stream = guarded.astream(msgs, params)
+        first = await start_stream(st, stream)
+        sent_role = {"done": False}
+
+        def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
+            d: dict[str, Any] = {}
+            if not sent_role["done"]:
+                d["role"] = "assistant"
+                sent_role["done"] = True
+            if delta is not None:
+                d["content"] = delta
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+        return StreamingResponse(sse(st, stream, first, chunk, "chat", t0), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **headers_of(stream.trace)})
+    try:
+        res = await run_guarded(st, lambda: guarded.agenerate(msgs, params))
+    except Exception:
+        metrics.requests.labels("chat", "error").inc()
+        raise
+    metrics.observe(res.trace)
+    metrics.requests.labels("chat", "200").inc()
+    metrics.latency.labels("chat").observe(time.perf_counter() - t0)
+    body: dict[str, Any] = {
+        "id": cid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
+                     "finish_reason": res.finish_reason}],
+        "usage": usage(res)}
+    if cfg.expose_trace:
+        body["guard"] = res.trace.model_dump(mode="json")
+    return JSONResponse(body, headers=headers_of(res.trace))
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, st: State) -> Any:
+    cfg, guarded, metrics = st.config, st.guarded, st.metrics
+    t0 = time.perf_counter()
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "exactly one prompt per request", "invalid_request_error", "prompt")
+        prompt = prompt[0]
+    check_text(st, [prompt], "prompt")
+    check_unicode(req)
+    params = params_of(st, req, req.max_tokens)
+    cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or cfg.model_name
+    if req.stream:
+        stream = guarded.astream_complete(prompt, params)
+        first = await start_stream(st, stream)
+
+        def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+
+        return StreamingResponse(sse(st, stream, first, chunk, "completions", t0), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    res = await run_guarded(st, lambda: guarded.acomplete(prompt, params))
+    metrics.observe(res.trace)
+    metrics.requests.labels("completions", "200").inc()
+    metrics.latency.labels("completions").observe(time.perf_counter() - t0)
+    body: dict[str, Any] = {
+        "id": cid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": res.text, "logprobs": None, "finish_reason": res.finish_reason}],
+        "usage": usage(res)}
+    if cfg.expose_trace:
+        body["guard"] = res.trace.model_dump(mode="json")
+    return JSONResponse(body, headers=headers_of(res.trace))
+
+
+@router.get("/v1/models")
+async def models(st: State) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": st.config.model_name, "object": "model", "created": 0,
+                                        "owned_by": "unlearn-guard"}]}
