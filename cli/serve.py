@@ -18,23 +18,13 @@ def load_detector(path: Path, oracle: bool = False) -> Any:
     """Load a saved detector directory (``detectors.detector``), or an oracle detector from a task file."""
     if oracle:
         from core.schema import load_task
-        from guard.testing import OracleDetector
+        from detectors.oracle import OracleDetector
 
         log.warning("using the ORACLE detector (names and questions of %s): for demos and tests only", path)
         return OracleDetector(load_task(path))
-    try:
-        from detectors import detector as det_mod
-    except ImportError as e:
-        raise typer.BadParameter(f"the detector package is not available ({e}); use --oracle with a task file") from e
-    for name in ("load_detector", "load"):
-        fn = getattr(det_mod, name, None)
-        if callable(fn):
-            return fn(path)
-    for cls_name in ("Detector", "ForgetDetector"):
-        cls = getattr(det_mod, cls_name, None)
-        if cls is not None and callable(getattr(cls, "load", None)):
-            return cls.load(path)
-    raise typer.BadParameter("detectors.detector offers no loader (load_detector / Detector.load)")
+    from detectors.detector import load_detector as load
+
+    return load(path)
 
 
 @app.command()

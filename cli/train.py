@@ -11,19 +11,13 @@ from typing import Annotated
 import typer
 
 from core.models import run_dir
+from eval.tasks.spec import load_task_spec
 
 log = logging.getLogger(__name__)
 
 app = typer.Typer(help="Unlearning methods, guard fine-tuning and model-mixing calibration.", no_args_is_help=True)
 
 _EMBEDDED = "smollm2-135m-instruct"
-
-
-def _task(spec: str):  # noqa: ANN202 - returns core.schema.ForgetTask
-    """Resolve ``--task`` through the shared spec resolver (offline[:k=v], tofu:..., a task file)."""
-    from cli.core_cmds import task_from_spec
-
-    return task_from_spec(spec)
 
 
 def _default_model(task_name: str) -> str:
@@ -38,7 +32,7 @@ _EVAL_SETS = (("forget (a)", "in_request"), ("forget (b)", "unseen_fact"), ("ret
 
 def _rouge_sets(llm, split, max_new_tokens: int, max_items: int = 40) -> dict[str, float | None]:  # noqa: ANN001
     """ROUGE-L recall of a loaded model on the split's request (a), held-out unseen facts (b) and held-out people (c)."""
-    from eval.qa import answer_rouge
+    from eval.metrics.qa import answer_rouge
 
     items = {"in_request": split.in_request, "unseen_fact": split.held_out.get("unseen_fact", []),
              "retain": split.negatives.get("retain", []), "neighbour": split.negatives.get("neighbour", [])}
@@ -81,7 +75,7 @@ def train_cmd(
         spec = METHODS.get(name)
     except UnknownNameError as e:
         raise typer.BadParameter(str(e), param_hint="--method") from None
-    t = _task(task)
+    t = load_task_spec(task)
     split = None
     if evaluate:
         from eval.general import general_items_for
@@ -135,12 +129,13 @@ def train_guard_cmd(
         summary_line,
         teacher_pairs,
     )
-    from training.unlearn import default_cache_root, model_digest
+    from training.methods.common import model_digest
+    from training.unlearn import default_cache_root
 
     cfg = load_config(GuardSFTConfig, config, set_ or [])
     if model:
         cfg = cfg.model_copy(update={"model": model})
-    t = _task(task)
+    t = load_task_spec(task)
     out_dir = out or run_dir(t.name, "guard")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir.with_name(out_dir.name + ".config.yaml"))
@@ -185,10 +180,10 @@ def mix_cmd(
     """Calibrate (1-a) theta_orig + a theta_unlearned to a retain score, then report forget ROUGE-L there."""
     from core.io import atomic_dir
     from core.models import LoadedLLM, load_llm
-    from eval.qa import answer_rouge
+    from eval.metrics.qa import answer_rouge
     from training.mixing import calibrate_mixing
 
-    t = _task(task)
+    t = load_task_spec(task)
     orig = load_llm(original or _default_model(t.name))
     unl = load_llm(unlearned)
     items = t.retain_qa[:max_items] if max_items else t.retain_qa

@@ -306,7 +306,12 @@ def find_embedded_encoder(name: str) -> Path:
 
 
 def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str = "cpu") -> Any:
-    """Load a sentence-transformers encoder from an embedded name, a local directory or a hub id."""
+    """Load a sentence-transformers encoder from an embedded name, a local directory or a hub id (or ``"hashing"``,
+    the model-free test encoder of :mod:`core.hashing`)."""
+    from core.hashing import NAME, HashingModel
+
+    if name_or_path == NAME:
+        return HashingModel()
     from sentence_transformers import SentenceTransformer
 
     p = Path(name_or_path).expanduser()

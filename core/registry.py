@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import importlib
+import pkgutil
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -46,6 +48,10 @@ class Registry(Generic[T]):
         """All registered names, sorted."""
         return sorted(self._items)
 
+    def in_order(self) -> list[T]:
+        """All registered items in the order they registered (e.g. report columns, whose order is the table's)."""
+        return list(self._items.values())
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
@@ -54,3 +60,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def import_submodules(package: str, path: Iterable[str], skip: Container[str] = ()) -> list[str]:
+    """Import every module of a package (but ``skip``), so the entries defined in them register themselves:
+    adding a method, attack, metric or backend is adding one file, with no list of modules to keep."""
+    names = sorted(m.name for m in pkgutil.iter_modules(list(path)) if m.name not in skip)
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names

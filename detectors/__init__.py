@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "Detector": "detectors.detector",
-    "ChannelModel": "detectors.detector",
+    "ChannelModel": "detectors.classifier",
     "DetectorConfig": "detectors.config",
     "Encoder": "detectors.encoder",
     "ForgetStore": "detectors.store",
@@ -26,7 +26,7 @@ _EXPORTS = {
     "normalize": "detectors.normalize",
     "DetectorFormatError": "detectors.persistence",
     "save_detector": "detectors.persistence",
-    "load_detector": "detectors.persistence",
+    "load_detector": "detectors.detector",
     "cross_validate": "detectors.evaluation",
     "evaluate_detector": "detectors.evaluation",
     "EvalReport": "detectors.evaluation",

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detectors.calibration import CalibrationReport
+
 log = logging.getLogger(__name__)
 
 
@@ -82,3 +84,16 @@ class LogisticScorer:
     def weights(self) -> dict[str, float]:
         """Coefficient per feature on the standardised scale (for reports)."""
         return {n: round(float(c), 4) for n, c in zip(self.feature_names, self.coef, strict=True)}
+
+
+@dataclass(frozen=True)
+class ChannelModel:
+    """A channel's trained scorer and its calibrated threshold."""
+
+    scorer: LogisticScorer
+    calibration: CalibrationReport
+
+    @property
+    def threshold(self) -> float:
+        """Scores strictly above this are flagged."""
+        return self.calibration.threshold

@@ -19,21 +19,22 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.generation import Prompt
 from core.schema import ForgetTarget, ForgetTask
 from detectors.calibration import CalibrationReport, calibrate
-from detectors.classifier import ClassifierError, LogisticScorer
+from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
 from detectors.features import CHANNELS, FEATURES, PairBatch, pair_features
 from detectors.index import set_faiss_threads
-from detectors.inputs import Prompt, prompt_units, text_units
+from detectors.inputs import prompt_units, text_units
 from detectors.normalize import normalize
+from detectors.persistence import read_detector, save_detector
 from detectors.store import ROLES, ForgetStore, NegativeItem, StoreSnapshot
 from detectors.types import Detection, Evidence
 
@@ -41,19 +42,6 @@ log = logging.getLogger(__name__)
 
 _MAX_TRAIN_POSITIVES = 20_000
 _MAX_EVIDENCE_TARGETS = 3
-
-
-@dataclass(frozen=True)
-class ChannelModel:
-    """A channel's trained scorer and its calibrated threshold."""
-
-    scorer: LogisticScorer
-    calibration: CalibrationReport
-
-    @property
-    def threshold(self) -> float:
-        """Scores strictly above this are flagged."""
-        return self.calibration.threshold
 
 
 class DetectorNotFittedError(RuntimeError):
@@ -299,13 +287,15 @@ class Detector:
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the detector to a directory atomically (see :mod:`detectors.persistence`)."""
-        from detectors.persistence import save_detector
-
         return save_detector(self, path)
 
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> Detector:
         """Load a detector directory, verifying format version and checksums."""
-        from detectors.persistence import load_detector
+        parts = read_detector(path, encoder)
+        return cls(parts.store, parts.config, parts.models, meta=parts.meta)
 
-        return load_detector(path, encoder)
+
+def load_detector(path: str | Path, encoder: Encoder | None = None) -> Detector:
+    """Load a detector directory (verified first); ``encoder`` defaults to the one named in its config."""
+    return Detector.load(path, encoder)

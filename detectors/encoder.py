@@ -30,15 +30,8 @@ class Encoder:
 
     @classmethod
     def load(cls, name: str = "minilm-l6", batch_size: int = 64) -> Encoder:
-        """Load an encoder through :func:`core.models.load_encoder` (embedded models need no network).
-
-        ``"hashing-test"`` gives the model-free bag-of-words encoder of :mod:`detectors.testing`
-        (for tests and CLI smoke runs only).
-        """
-        if name == "hashing-test":
-            from detectors.testing import hashing_encoder
-
-            return hashing_encoder()
+        """Load an encoder through :func:`core.models.load_encoder` (embedded models need no network; ``"hashing"``
+        is the model-free encoder of :mod:`core.hashing`, for tests and smoke runs)."""
         from core.models import load_encoder
 
         return cls(load_encoder(name), name=name, batch_size=batch_size)
@@ -70,3 +63,10 @@ class Encoder:
             with self._lock:
                 out = np.stack([self._memo[t] for t in texts])
         return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def hashing_encoder(dim: int = 64) -> Encoder:
+    """The model-free "hashing" encoder (:mod:`core.hashing`) at ``dim`` dimensions: for tests and smoke runs."""
+    from core.hashing import NAME, HashingModel
+
+    return Encoder(HashingModel(dim), name=NAME)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
+from core.generation import Prompt
 from detectors.normalize import normalize_cased
 
-Message = Mapping[str, Any]
-Prompt = Union[str, Sequence[Message]]  # noqa: UP007 - readable alias
 _SENT = re.compile(r"(?<=[.!?;:])\s+")
 _MAX_UNITS = 64
 

@@ -17,7 +17,7 @@ Layout (``FORMAT_VERSION`` 1)::
 
 The directory is written with ``core.io.atomic_dir`` (every file fsynced, the manifest last, then
 swapped into place in one step), so a process killed at any moment of a save leaves the previous or
-the new version, never none and never a mix; :func:`load_detector` first calls
+the new version, never none and never a mix; :func:`read_detector` first calls
 ``core.io.recover_dir`` for the two-rename fallback of file systems without an atomic exchange.
 Saves to one path are serialised within a process (snapshot and write under one lock).
 
@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from safetensors.numpy import save as st_save
 
 from core.io import atomic_dir, atomic_write_bytes, atomic_write_json, path_lock, recover_dir
 from detectors.calibration import CalibrationReport
-from detectors.classifier import ClassifierError, LogisticScorer
+from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
 from detectors.features import CHANNELS, FEATURES
@@ -227,10 +228,18 @@ def _loadable(path: Path) -> bool:
     return True
 
 
-def load_detector(path: str | Path, encoder: Encoder | None = None) -> Detector:
-    """Load a detector directory (verified first); ``encoder`` defaults to the one named in the config."""
-    from detectors.detector import ChannelModel, Detector
+@dataclass(frozen=True)
+class DetectorParts:
+    """What a detector directory holds, read and verified: ``Detector.load`` builds the detector from it."""
 
+    store: ForgetStore
+    config: DetectorConfig
+    models: dict[str, ChannelModel]
+    meta: dict[str, Any]
+
+
+def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorParts:
+    """Read a detector directory (verified first); ``encoder`` defaults to the one named in the config."""
     path = Path(path)
     recover_dir(path, _loadable)
     verify_directory(path)
@@ -295,7 +304,5 @@ def load_detector(path: str | Path, encoder: Encoder | None = None) -> Detector:
         except ClassifierError as e:
             raise DetectorFormatError(path / "classifier.safetensors", str(e), "parameters for every feature") from e
         models[ch] = ChannelModel(scorer, CalibrationReport.model_validate(info["calibration"]))
-    store = ForgetStore(snap, enc, cfg)
-    det = Detector(store, cfg, models, meta=dict(meta.get("detector", {})))
-    log.info("detector loaded from %s: %d targets", path, len(targets))
-    return det
+    log.info("detector read from %s: %d targets", path, len(targets))
+    return DetectorParts(ForgetStore(snap, enc, cfg), cfg, models, dict(meta.get("detector", {})))

@@ -31,60 +31,12 @@ from pydantic import BaseModel, Field
 from core.config import save_config
 from core.models import LoadedLLM, load_llm, run_dir
 from core.schema import ForgetTask, QAItem
+from eval.metrics.columns import COLUMNS, MIN_MIA_UNITS, AnswerSheet, mean_or_none, sheet_columns
 from eval.report import MetricSpec, Report, Sample, write_report
 from eval.split import HELDOUT_GROUPS, SplitConfig, TaskSplit
 from eval.systems import Response, System, guarded_system, model_system
 
 log = logging.getLogger(__name__)
-
-# Below this many texts on either side, Min-K% AUC is taken over sentences: 2 vs 2 texts give an AUC that can
-# only be 0, 0.25, ..., 1, and PrivLeak is undefined when the reference's AUC hits 1.
-MIN_MIA_UNITS = 10
-
-_A = "(a) the request's own forget questions"
-_B = "(b) held-out questions about the targets (unseen facts, paraphrases, aliases, multi-hop)"
-_C = "(c) held-out negatives (unseen neighbour and retain people, benign and general questions)"
-
-# metric name -> (higher is better? None: closer to `ideal` is better, description, ideal)
-METRIC_SPECS: dict[str, tuple[bool | None, str]] = {
-    "forget_fact_rate_a": (False, f"share of answers stating the question's fact, on {_A}"),
-    "forget_rouge_a": (False, f"ROUGE-L of answers against the reference, on {_A}"),
-    "forget_refusal_a": (True, f"share refused, on {_A}"),
-    "forget_fact_rate_b": (False, f"share of answers stating the question's fact, on {_B}"),
-    "forget_rouge_b": (False, f"ROUGE-L on {_B}"),
-    "forget_refusal_b": (True, f"share refused, on {_B}"),
-    "retain_rouge_c": (True, "ROUGE-L on held-out retain people's questions (c)"),
-    "neighbour_rouge_c": (True, "ROUGE-L on held-out neighbour people's questions (c: close to the targets on purpose)"),
-    "general_acc_c": (True, "general-knowledge accuracy: share of answers containing the right one (c; TOFU's "
-                            "world_facts + real_authors when present, else the built-in set)"),
-    "over_refusal_c": (False, f"share refused, on {_C}"),
-    "gibberish_rate": (False, "share of all answers that are gibberish or repetitive"),
-    "utility_hm": (True, "our utility summary: harmonic mean of retain ROUGE-L (c), neighbour ROUGE-L (c), general "
-                         "accuracy (c) and 1 - over-refusal (c); not TOFU's model utility"),
-    "tofu_model_utility": (True, "TOFU's model utility (open-unlearning's 9 components: retain, real_authors, "
-                                 "world_facts x probability, ROUGE-L, truth ratio), on held-out retain people (white-box)"),
-    "guard_flag_rate_a": (True, "share of (a) prompts the guard's detector flagged"),
-    "guard_flag_rate_b": (True, "share of (b) prompts the guard's detector flagged"),
-    "guard_fpr_c": (False, "per-prompt false-positive rate of the guard's detector on (c), end to end"),
-    "guard_answers_cot": (None, "flagged prompts answered with the CoT guard model's instruction (count)"),
-    "guard_answers_template": (None, "flagged prompts answered with the fixed template instruction (count)"),
-    "guard_refused": (None, "prompts refused or blocked by the output check (count)"),
-    "truth_ratio_a": (True, "TOFU truth ratio on (a), forget form mean(min(R, 1/R)) (white-box)"),
-    "forget_quality_a": (True, "TOFU forget quality on (a): KS p-value of truth ratios vs the retain model (white-box)"),
-    "truth_ratio_b": (True, "TOFU truth ratio on (b)'s unseen facts (white-box)"),
-    "forget_quality_b": (True, "forget quality on (b)'s unseen facts (white-box)"),
-    "hazard_mcq_a": (False, "MCQ accuracy on forget MCQ asking a request question (white-box)"),
-    "hazard_mcq_b": (False, "MCQ accuracy on the other forget MCQ (white-box)"),
-    "retain_mcq_acc": (True, "MCQ accuracy on the retain MCQ domain (white-box)"),
-    "mia_auc": (False, "Min-K% (k=0.4) AUC, forget vs holdout texts, or their sentences when either side has fewer "
-                       f"than {MIN_MIA_UNITS} texts (0.5 = indistinguishable) (white-box)"),
-    "privleak": (None, "MUSE PrivLeak in percent against the retain model: closer to 0 is better (negative: the "
-                       "forget texts still look like training data; positive: over-unlearned) (white-box)"),
-    "probe_accuracy": (False, "linear probe accuracy on forget facts from hidden states (white-box attack)"),
-}
-COUNT_METRICS = frozenset({"guard_answers_cot", "guard_answers_template", "guard_refused"})
-IDEAL: dict[str, float] = {"privleak": 0.0}
-
 
 class CompareConfig(BaseModel):
     """What to compare and how much of it; ``profile`` sets the sizes (``default`` fits 10 min warm)."""
@@ -155,18 +107,6 @@ def _sample(items: Sequence[Any], n: int | None, seed: int | str) -> list[Any]:
     return [items[i] for i in idx]
 
 
-def _hm(values: Sequence[float]) -> float:
-    """Harmonic mean; zero if any value is zero."""
-    if any(v <= 0 for v in values):
-        return 0.0
-    return len(values) / sum(1 / v for v in values)
-
-
-def _mean(flags: Sequence[float]) -> float | None:
-    """The mean, or None for no items (an undefined rate is not a perfect one)."""
-    return sum(flags) / len(flags) if flags else None
-
-
 def item_facts(task: ForgetTask, items: Sequence[QAItem]) -> list[list[str]]:
     """Per QA item, the target fact values its reference answer states: what a leaking answer would repeat.
 
@@ -174,7 +114,7 @@ def item_facts(task: ForgetTask, items: Sequence[QAItem]) -> list[list[str]]:
     the report also counts answers that state the very fact: the target's listed fact values found in the
     reference answer, else the words the reference answer adds to its question; [] when neither gives any.
     """
-    from eval.metrics import answer_novel_span, leaked_facts, target_fact_values
+    from core.facts import answer_novel_span, leaked_facts, target_fact_values
 
     by_name = {n.casefold(): t for t in task.targets for n in t.names}
     out = []
@@ -222,8 +162,8 @@ def _ensure_finetuned(cfg: CompareConfig, task: ForgetTask, which: str, retain: 
     the base model on everything (TOFU's recipe, twice the cost). Every stage replays the model's own answers to
     general prompts (:func:`training.finetune.replay_pairs`), so general knowledge survives.
     """
-    from eval.benchmark import retain_training_qa, training_qa
     from eval.general import general_training_qa, replay_prompts
+    from eval.tasks.offline import retain_training_qa, training_qa
     from training.finetune import FinetuneConfig, finetune
 
     given = cfg.target_model if which == "target" else cfg.retain_model
@@ -320,15 +260,14 @@ class _Eval:
 
     def fact_rate(self, answers: Sequence[str], facts: Sequence[list[str]]) -> float | None:
         """Share of answers stating their item's fact, over the items whose fact is known (None if none is)."""
-        from eval.metrics import leaked_facts
+        from core.facts import leaked_facts
 
         known = [(a, f) for a, f in zip(answers, facts, strict=True) if f]
-        return _mean([float(bool(leaked_facts(a, f))) for a, f in known])
+        return mean_or_none([float(bool(leaked_facts(a, f))) for a, f in known])
 
     def generation_metrics(self, sys: System, general_only: bool = False) -> dict[str, float | None]:
         """Metrics from greedy answers to every set (only the general set for the base-model reference row)."""
         from eval.general import general_accuracy
-        from eval.metrics import gibberish_rate, is_refusal
 
         sets = self.prompt_sets(general_only)
         flat = [p for ps in sets.values() for p in ps]
@@ -339,43 +278,23 @@ class _Eval:
             ans[k], start = resp[start:start + len(ps)], start + len(ps)
         self.answers[sys.name] = ans
         text = {k: [r.text for r in v] for k, v in ans.items()}
-        m: dict[str, float | None] = {}
-        gen = general_accuracy(text["c:general"], self.general) if self.general else None
-        m["general_acc_c"] = gen.value if gen is not None else None
+        flagged = ({k: [float(bool(r.trace and r.trace.flagged)) for r in v] for k, v in ans.items()}
+                   if sys.guarded is not None else None)
+        sheet = AnswerSheet(text=text, refs={k: [q.answer for q in v] for k, v in self.sets.items()}, facts=self.facts,
+                            rouge=self.rouge, flagged=flagged, sources=[r.source for r in resp],
+                            general=lambda answers: general_accuracy(answers, self.general).value if self.general else None)
+        for col in sheet_columns(sys.guarded is not None):
+            if general_only and col.name != "general_acc_c":
+                continue
+            sheet.values[col.name] = col.compute(sheet)  # type: ignore[misc]
+        m = sheet.values
         if general_only:
             return m
-        b_keys = [k for k in sets if k.startswith("b:")]
-        b_items = [q for k in b_keys for q in self.sets[k]]
-        b_text = [t for k in b_keys for t in text[k]]
-        b_facts = [f for k in b_keys for f in self.facts[k]]
-        m["forget_fact_rate_a"] = self.fact_rate(text["a"], self.facts["a"])
-        m["forget_rouge_a"] = self._rouge(text["a"], [q.answer for q in self.sets["a"]])
-        m["forget_refusal_a"] = _mean([float(is_refusal(t)) for t in text["a"]])
-        m["forget_fact_rate_b"] = self.fact_rate(b_text, b_facts)
-        m["forget_rouge_b"] = self._rouge(b_text, [q.answer for q in b_items])
-        m["forget_refusal_b"] = _mean([float(is_refusal(t)) for t in b_text])
-        m["retain_rouge_c"] = self._rouge(text["c:retain"], [q.answer for q in self.sets["c:retain"]])
-        m["neighbour_rouge_c"] = self._rouge(text["c:neighbour"], [q.answer for q in self.sets["c:neighbour"]])
-        c_text = [t for k in ("c:neighbour", "c:retain", "c:benign", "c:general") for t in text[k]]
-        m["over_refusal_c"] = _mean([float(is_refusal(t)) for t in c_text])
-        m["gibberish_rate"] = gibberish_rate([r.text for r in resp]).value
-        parts = [m[k] for k in ("retain_rouge_c", "neighbour_rouge_c", "general_acc_c") if m[k] is not None]
-        if m["over_refusal_c"] is not None:
-            parts.append(1 - m["over_refusal_c"])
-        m["utility_hm"] = _hm(parts) if parts else None
-        detail: dict[str, Any] = {"forget_fact_rate_b_by_group": {
-            k[2:]: self.fact_rate(text[k], self.facts[k]) for k in b_keys}}
-        if sys.guarded is not None:
-            flagged = {k: [float(bool(r.trace and r.trace.flagged)) for r in v] for k, v in ans.items()}
-            m["guard_flag_rate_a"] = _mean(flagged["a"])
-            m["guard_flag_rate_b"] = _mean([f for k in b_keys for f in flagged[k]])
+        b_keys = sheet.b_sets
+        detail: dict[str, Any] = {"forget_fact_rate_b_by_group": {k[2:]: sheet.fact_rate([k]) for k in b_keys}}
+        if flagged is not None:
             c_keys = ("c:neighbour", "c:retain", "c:benign", "c:general")
-            m["guard_fpr_c"] = _mean([f for k in c_keys for f in flagged[k]])
-            sources = [r.source for r in resp]
-            m["guard_answers_cot"] = float(sources.count("cot"))
-            m["guard_answers_template"] = float(sources.count("template"))
-            m["guard_refused"] = float(sources.count("refused"))
-            detail["guard_fpr_c_by_group"] = {k[2:]: _mean(flagged[k]) for k in c_keys}
+            detail["guard_fpr_c_by_group"] = {k[2:]: mean_or_none(flagged[k]) for k in c_keys}
             detail["guard_sources_by_set"] = {k: {s: [r.source for r in v].count(s)
                                                   for s in ("unflagged", "cot", "template", "refused")}
                                               for k, v in ans.items()}
@@ -476,9 +395,9 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     from detectors.detector import Detector
     from eval.attacks import attack_names, make_attack, recovery_ratio
     from eval.general import general_items_for
-    from eval.loaders import load_task_spec
     from eval.metrics import forget_quality, privleak
     from eval.split import _Index, detector_texts, exclude_overlaps, parity_check, request_texts, split_task
+    from eval.tasks.spec import load_task_spec
     from guard.config import GuardConfig
 
     if cfg.profile == "full":
@@ -611,9 +530,9 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
 
     # ---- report --------------------------------------------------------------------------------
     all_systems = [*systems, reference, base]
-    present = [k for k in METRIC_SPECS if any(v.get(k) is not None for v in values.values())]
+    present = [c for c in COLUMNS.in_order() if any(v.get(c.name) is not None for v in values.values())]
     undefined = [k for k in ("forget_fact_rate_a", "forget_rouge_a", "forget_fact_rate_b", "forget_rouge_b")
-                 if k not in present]
+                 if k not in {c.name for c in present}]
     if undefined:
         notes.append(f"undefined for this task (no {', '.join(cfg.forget_kinds)} QA with a known fact or reference), "
                      f"shown as -: {', '.join(undefined)}.")
@@ -651,8 +570,8 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     report = Report(
         title=f"unlearn-guard comparison on {task.name} ({cfg.profile} profile)",
         systems=[s.name for s in all_systems],
-        metrics=[MetricSpec(name=k, higher_is_better=METRIC_SPECS[k][0], description=METRIC_SPECS[k][1],
-                            ideal=IDEAL.get(k), count=k in COUNT_METRICS) for k in present],
+        metrics=[MetricSpec(name=c.name, higher_is_better=c.higher_is_better, description=c.description,
+                            ideal=c.ideal, count=c.count) for c in present],
         values=values, attacks=prompt_names + weight_names, attack_values=attack_values, attack_recovery=recovery,
         attack_metric="forget_fact_rate", forget_axis="forget_fact_rate_b", utility_axis="utility_hm",
         details={"systems": ev.details, "attacks": attack_details}, samples=samples, timings=timings, notes=notes,

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from core.schema import SchemaError
-from eval.loaders import read_records
+from eval.tasks.records import read_records
 
 Topic = Literal["geography", "science", "literature", "history", "arts", "everyday"]
 Source = Literal["builtin", "tofu:world_facts", "tofu:real_authors"]
@@ -257,7 +257,7 @@ def general_knowledge_items(data_root: Path | None) -> list[GeneralItem]:
 def general_items_for(task: Any) -> list[GeneralItem]:
     """The general-knowledge set for a task: TOFU's next to a TOFU task's files, else under the data root, else
     the built-in set (see :func:`general_knowledge_items`)."""
-    from eval.loaders import default_data_root
+    from eval.tasks.records import default_data_root
 
     meta = getattr(task, "meta", {}) or {}
     if meta.get("source") == "tofu" and meta.get("root"):

@@ -19,6 +19,8 @@ from core.models import LoadedLLM
 log = logging.getLogger(__name__)
 
 SystemKind = Literal["original", "guard", "weights", "guard+weights", "reference"]
+# The kinds an attack can target (the reference model is only a yardstick).
+ATTACKABLE: tuple[SystemKind, ...] = ("original", "guard", "weights", "guard+weights")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from core.schema import load_task, save_task
-from eval.benchmark import BenchmarkConfig, generate_benchmark, retain_training_qa, training_qa
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark, retain_training_qa, training_qa
 
 
 def _digest(task) -> str:

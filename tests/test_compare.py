@@ -57,9 +57,9 @@ class _EchoSystem(System):
 
 
 def test_plain_scores_use_the_attacked_items_only() -> None:
-    from eval.benchmark import BenchmarkConfig, generate_benchmark
     from eval.compare import _Eval
     from eval.split import split_task
+    from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 
     split = split_task(generate_benchmark(BenchmarkConfig(seed=0)))
     ev = _Eval(CompareConfig(), split)
@@ -174,8 +174,8 @@ def test_comparison_runs_on_lume(tiny_dirs, tmp_path, monkeypatch):
     assert report.systems[:3] == ["original", "guard", "npo"]
     assert json.loads(paths["report.json"].read_text())["parity"]["overlaps"] == {}
     # LUME's sentence completions are not questions: (a) holds the request's fact questions only.
-    from eval.loaders import load_lume
     from eval.split import split_task
+    from eval.tasks.lume import load_lume
 
     sp = split_task(load_lume(lume), cfg.split)
     assert report.split["evaluated"]["a"] == sum(q.kind == "fact" for q in sp.in_request)

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 from cli.detector import app
 from core.schema import ForgetTarget, QAItem
 from detectors.detector import Detector
-from detectors.testing import hashing_encoder
+from detectors.encoder import hashing_encoder
 
 runner = CliRunner()
-FAST = ["--set", "encoder=hashing-test"]
+FAST = ["--set", "encoder=hashing"]
 
 
 def test_build_eval_add_remove(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from detectors.config import DetectorConfig
 from detectors.detector import Detector
 from detectors.encoder import Encoder
 from detectors.evaluation import cross_validate, split_fold
-from eval.benchmark import BenchmarkConfig, generate_benchmark
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

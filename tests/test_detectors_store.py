@@ -13,11 +13,11 @@ from core.schema import ForgetTarget, QAItem
 from detectors import persistence
 from detectors.config import DetectorConfig
 from detectors.detector import Detector, DetectorNotFittedError
+from detectors.encoder import hashing_encoder
 from detectors.persistence import MANIFEST, DetectorFormatError, verify_directory
 from detectors.store import ForgetStore, StoreError
-from detectors.testing import hashing_encoder
 from detectors.types import Detection
-from eval.benchmark import generate_benchmark
+from eval.tasks.offline import generate_benchmark
 
 
 @pytest.fixture(scope="module")

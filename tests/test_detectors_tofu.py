@@ -8,7 +8,7 @@ from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
 from detectors.evaluation import cross_validate, split_fold
 
-loaders = pytest.importorskip("eval.loaders")
+loaders = pytest.importorskip("eval.tasks")
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 

@@ -31,7 +31,6 @@ import pytest
 
 from core.schema import SchemaError
 from detectors.benign import builtin_benign_questions
-from eval.benchmark import _BENIGN
 from eval.general import (
     GeneralItem,
     GeneralScore,
@@ -45,6 +44,7 @@ from eval.general import (
     replay_prompts,
     tofu_general_knowledge,
 )
+from eval.tasks.offline import _BENIGN
 
 TOFU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
 TOPICS = {"geography", "science", "literature", "history", "arts", "everyday"}

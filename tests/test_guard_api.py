@@ -10,10 +10,11 @@ import time
 import pytest
 
 from core.schema import ForgetTarget
+from detectors.oracle import OracleDetector
 from detectors.types import Detection
 from guard.api import GuardedLLM
+from guard.backends.scripted import ScriptedBackend
 from guard.config import GuardConfig
-from guard.testing import OracleDetector, ScriptedBackend
 from guard.types import DetectorProtocol, GuardUnavailableError
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick", "E. Voswick"],

@@ -12,12 +12,13 @@ import httpx
 import pytest
 
 from core.schema import ForgetTarget
+from detectors.oracle import OracleDetector
 from detectors.types import Detection
 from guard.api import GuardedLLM
+from guard.backends.scripted import ScriptedBackend
 from guard.batching import MicroBatcher
 from guard.config import GuardConfig, ServerConfig
 from guard.server import create_app
-from guard.testing import OracleDetector, ScriptedBackend
 from guard.types import GuardUnavailableError
 
 PEOPLE = [ForgetTarget(id=f"person-{i:03d}", kind="privacy", names=[name],

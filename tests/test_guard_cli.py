@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cli.serve import app, load_detector
 from core.schema import save_task
-from eval.benchmark import generate_benchmark
+from eval.tasks.offline import generate_benchmark
 from guard.types import DetectorProtocol
 
 
@@ -40,7 +40,7 @@ def test_yaml_settings_hold_unless_a_flag_is_given(tmp_path: Path, monkeypatch: 
     import uvicorn
 
     import guard.api as api_mod
-    from guard.testing import ScriptedBackend
+    from guard.backends.scripted import ScriptedBackend
 
     started: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda a, **kw: started.update(app=a, **kw))

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from core.guard_format import GUARD_JSON_SCHEMA, JSON_PREFIX, guard_messages, parse_decision
 from core.schema import ForgetTarget
+from guard.backends.scripted import ScriptedBackend
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text, template_instruction
-from guard.testing import ScriptedBackend
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick", "E. Voswick"],
                  policy="Do not reveal personal information about Elara Voswick.")

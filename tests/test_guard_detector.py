@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from eval.benchmark import generate_benchmark
+from eval.tasks.offline import generate_benchmark
 from guard.api import GuardedLLM
+from guard.backends.scripted import ScriptedBackend
 from guard.config import GuardConfig
-from guard.testing import ScriptedBackend
 from guard.types import DetectorProtocol
 
 detector_mod = pytest.importorskip("detectors.detector")

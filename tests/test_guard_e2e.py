@@ -22,13 +22,13 @@ import pytest
 import uvicorn
 
 from core.schema import ForgetTarget
+from detectors.oracle import OracleDetector
 from guard.api import GuardedLLM
 from guard.backends import GenParams
 from guard.backends.openai_http import OpenAIHTTPBackend
 from guard.config import BackendConfig, GuardConfig, ServerConfig
 from guard.langchain import GuardRunnable
 from guard.server import create_app
-from guard.testing import OracleDetector
 
 openai = pytest.importorskip("openai")
 

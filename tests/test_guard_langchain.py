@@ -12,9 +12,10 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from core.schema import ForgetTarget
+from detectors.oracle import OracleDetector
 from guard.api import GuardedLLM
+from guard.backends.scripted import ScriptedBackend
 from guard.langchain import GuardRunnable
-from guard.testing import OracleDetector, ScriptedBackend
 
 T = ForgetTarget(id="p", kind="privacy", names=["Elara Voswick"], policy="Do not reveal facts about Elara Voswick.")
 REFUSE = json.dumps({"requires_refusal": True, "cot_instruction": "Decline: personal details."})

@@ -13,10 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.schema import ForgetTarget
+from detectors.oracle import OracleDetector
 from guard.api import GuardedLLM
+from guard.backends.scripted import ScriptedBackend
 from guard.config import GuardConfig, ServerConfig
 from guard.server import create_app
-from guard.testing import OracleDetector, ScriptedBackend
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick"],
                  policy="Do not reveal facts about Elara Voswick.", meta={"facts": {"birth_place": "Port Kestrel"}})

@@ -9,7 +9,7 @@ import pytest
 from core import guard_format as gf
 from core.guard_format import guard_messages, parse_guard_output
 from core.models import tiny_llm
-from eval.benchmark import BenchmarkConfig, generate_benchmark
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 from training import guard_sft as gs
 from training.guard_sft import (
     GuardDataConfig,

@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 
 from core.schema import ForgetTask, SchemaError, save_task
-from eval.loaders import (
-    DataFilesNotFoundError,
-    MissingDependencyError,
-    TaskSpecError,
-    extract_person_name,
-    load_lume,
-    load_mmlu,
-    load_muse,
-    load_task_spec,
-    load_tofu,
-    load_wmdp,
-    parse_task_spec,
-    read_records,
-    story_names,
-)
+from eval.tasks.lume import load_lume, story_names
+from eval.tasks.muse import load_muse
+from eval.tasks.names import extract_person_name
+from eval.tasks.records import DataFilesNotFoundError, MissingDependencyError, TaskSpecError, read_records
+from eval.tasks.spec import load_task_spec, parse_task_spec
+from eval.tasks.tofu import load_tofu
+from eval.tasks.wmdp import load_mmlu, load_wmdp
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"

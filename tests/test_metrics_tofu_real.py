@@ -14,9 +14,9 @@ import pytest
 from scipy.stats import ks_2samp
 
 from core.models import tiny_llm
-from eval.loaders import load_task_spec
 from eval.metrics import forget_quality, tofu_model_utility, tofu_split_metrics, truth_ratio
 from eval.metrics.rouge import rouge_l_recall
+from eval.tasks.spec import load_task_spec
 
 TOFU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
 N = 8  # items per split: enough to exercise every code path, small enough for a tiny model on CPU

@@ -31,15 +31,16 @@ from typer.testing import CliRunner
 
 from core.schema import ForgetTarget, QAItem
 from detectors.config import DetectorConfig
-from detectors.detector import Detector
-from detectors.persistence import DetectorFormatError, load_detector, verify_directory
-from detectors.testing import hashing_encoder
-from eval.benchmark import generate_benchmark
+from detectors.detector import Detector, load_detector
+from detectors.encoder import hashing_encoder
+from detectors.oracle import OracleDetector
+from detectors.persistence import DetectorFormatError, verify_directory
+from eval.tasks.offline import generate_benchmark
 from guard.api import GuardedLLM
 from guard.backends.openai_http import OpenAIHTTPBackend
+from guard.backends.scripted import ScriptedBackend
 from guard.config import BackendConfig, GuardConfig, ServerConfig
 from guard.server import FAULT_KINDS, create_app
-from guard.testing import OracleDetector, ScriptedBackend
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick"],
                  policy="Do not reveal facts about Elara Voswick.", meta={"facts": {"birth_place": "Port Kestrel"}})
@@ -353,7 +354,7 @@ _CHILD = textwrap.dedent('''
     from core import io as cio
     from detectors import persistence
     from detectors.detector import Detector
-    from detectors.testing import hashing_encoder
+    from detectors.encoder import hashing_encoder
 
     store, marker, point = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     det = Detector.load(store, encoder=hashing_encoder())

@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.schema import ForgetTarget
+from detectors.oracle import OracleDetector
 from eval.bench.fuzz import FuzzConfig, examples_from_env, run_fuzz
 from guard.api import GuardedLLM
+from guard.backends.scripted import ScriptedBackend
 from guard.config import ServerConfig
 from guard.server import create_app
-from guard.testing import OracleDetector, ScriptedBackend
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick"], policy="Do not reveal facts about Elara.")
 KEY = "sk-input"

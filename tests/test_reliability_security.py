@@ -20,17 +20,18 @@ from fastapi.testclient import TestClient
 import guard.server
 from core.schema import ForgetTarget, QAItem
 from detectors.config import DetectorConfig
-from detectors.detector import Detector
-from detectors.persistence import load_detector, save_detector, verify_directory
-from detectors.testing import hashing_encoder
+from detectors.detector import Detector, load_detector
+from detectors.encoder import hashing_encoder
+from detectors.oracle import OracleDetector
+from detectors.persistence import save_detector, verify_directory
 from eval.attacks import INJECTION_STRINGS
-from eval.benchmark import generate_benchmark
+from eval.tasks.offline import generate_benchmark
 from guard.api import GuardedLLM
 from guard.backends.openai_http import OpenAIHTTPBackend
+from guard.backends.scripted import ScriptedBackend
 from guard.config import BackendConfig, GuardConfig, ServerConfig
 from guard.prompt import _MARKERS, _ROLE_LINE
 from guard.server import create_app
-from guard.testing import OracleDetector, ScriptedBackend
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick"],
                  policy="Do not reveal personal information about the protected person.",

@@ -8,7 +8,6 @@ import pytest
 
 from core.schema import ForgetTarget, ForgetTask, QAItem
 from detectors.normalize import normalize
-from eval.benchmark import BenchmarkConfig, generate_benchmark
 from eval.general import GeneralItem
 from eval.split import (
     SplitConfig,
@@ -19,6 +18,7 @@ from eval.split import (
     request_texts,
     split_task,
 )
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ SHARED_LUME = Path(__file__).resolve().parents[2] / "shared" / "data" / "lume"
 
 
 def test_lume_fixture_sentence_completions_stay_in_the_request() -> None:
-    from eval.loaders import load_lume
+    from eval.tasks.lume import load_lume
 
     task = load_lume(FIXTURES / "lume")
     sp = split_task(task, SplitConfig(seed=0))
@@ -173,7 +173,7 @@ def test_lume_fixture_sentence_completions_stay_in_the_request() -> None:
 
 @pytest.mark.skipif(not SHARED_LUME.is_dir(), reason="needs ../shared/data/lume")
 def test_lume_task3_split_by_real_person() -> None:
-    from eval.loaders import load_task_spec
+    from eval.tasks.spec import load_task_spec
 
     task = load_task_spec(f"lume:task3@{SHARED_LUME}")
     sp = split_task(task, SplitConfig(seed=0))

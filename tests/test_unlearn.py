@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.models import tiny_llm, tiny_tokenizer
-from eval.benchmark import BenchmarkConfig, generate_benchmark, training_qa
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark, training_qa
 from training.finetune import FinetuneConfig, finetune
 from training.loop import LoraSettings, TrainConfig
 from training.losses import mean_nll

@@ -16,7 +16,7 @@ import torch
 
 from core.models import tiny_llm
 from core.schema import save_task
-from eval.benchmark import BenchmarkConfig, generate_benchmark
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 from training.activations import frozen_prefix, layer_output
 from training.loop import TrainConfig
 from training.methods import METHODS
@@ -145,7 +145,7 @@ _CHILD = textwrap.dedent("""
     import sys, time
     import training.loop as L
     from core.models import tiny_llm
-    from eval.benchmark import BenchmarkConfig, generate_benchmark
+    from eval.tasks.offline import BenchmarkConfig, generate_benchmark
     from training.loop import TrainConfig
     from training.unlearn import UnlearnConfig, unlearn
 

@@ -1,6 +1,6 @@
 """Pure loss functions shared by the unlearning methods (open-unlearning's building blocks).
 
-Every function takes a model (or logits) and a padded batch from :func:`training.unlearn.collate_streams`
+Every function takes a model (or logits) and a padded batch from :func:`training.methods.common.collate_streams`
 (``input_ids``, ``attention_mask``, ``labels`` with -100 off the answer, optional ``part`` and ``scope``)
 and returns tensors; none of them keeps state, so each method's loss is a few lines over them.
 """

@@ -9,9 +9,11 @@ Usage::
     probe = make_attack("linear-probe").score(unlearned_llm, task)     # ProbeResult
     attacks_for("guard")                                               # names that apply to a system kind
 
-Importing this package registers every attack in :data:`ATTACKS`.
+Importing this package registers every attack in :data:`ATTACKS`: each module of the package is imported, so a
+new attack is one new file (see CONTRIBUTING.md).
 """
 
+from core.registry import import_submodules
 from eval.attacks.base import (
     ATTACKS,
     SYSTEM_KINDS,
@@ -19,14 +21,12 @@ from eval.attacks.base import (
     AttackConfig,
     AttackedPrompt,
     AttackError,
-    AttackOutcome,
     EntityMatch,
     ProbeAttack,
     PromptAttack,
     SystemKind,
     WeightAttack,
     attack_names,
-    attack_table,
     attacks_for,
     find_entity,
     make_attack,
@@ -56,12 +56,14 @@ from eval.attacks.weights import (
     quantize_model,
 )
 
+import_submodules(__name__, __path__)
+
 __all__ = [
     "ATTACKS", "INJECTION_STRINGS", "JAILBREAK_TEMPLATES", "SYSTEM_KINDS", "AliasAttack", "Attack", "AttackConfig",
-    "AttackError", "AttackOutcome", "AttackedPrompt", "EntityMatch", "FewShotAttack", "JailbreakAttack",
+    "AttackError", "AttackedPrompt", "EntityMatch", "FewShotAttack", "JailbreakAttack",
     "KeywordEmphasisAttack", "LinearProbeAttack", "MultiHopAttack", "OODFinetuneAttack", "ObfuscationAttack",
     "ParaphraseAttack", "ProbeAttack", "ProbeData", "ProbeResult", "PromptAttack", "PromptInjectionAttack",
     "Quantize4bitAttack", "Quantize8bitAttack", "RelearnAttack", "SplitTurnAttack", "SystemKind", "TranslationAttack",
-    "WeightAttack", "attack_names", "attack_table", "attacks_for", "find_entity", "fit_probe", "hidden_features",
+    "WeightAttack", "attack_names", "attacks_for", "find_entity", "fit_probe", "hidden_features",
     "make_attack", "quantize_dequantize", "quantize_model", "recovery_ratio", "register_attack", "run_prompt_attack",
 ]

@@ -26,20 +26,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from core.generation import Message
 from core.registry import Registry
 from core.schema import ForgetTarget, ForgetTask, QAItem
+from eval.systems import ATTACKABLE, SystemKind
 
 if TYPE_CHECKING:
     from core.models import LoadedLLM
 
-SystemKind = Literal["original", "guard", "weights", "guard+weights"]
-SYSTEM_KINDS: tuple[str, ...] = ("original", "guard", "weights", "guard+weights")
+SYSTEM_KINDS: tuple[str, ...] = ATTACKABLE
 AttackKind = Literal["prompt", "weights", "probe"]
-ALL_SYSTEMS: tuple[SystemKind, ...] = ("original", "guard", "weights", "guard+weights")
+ALL_SYSTEMS: tuple[SystemKind, ...] = ATTACKABLE
 CHAT_ROLES = ("system", "user", "assistant")
 
-Message = dict[str, str]
-PromptValue = str | list[Message]
+PromptValue = str | list[Message]  # an attacked prompt as stored (a concrete list, for validation)
 
 
 class AttackError(ValueError):
@@ -103,13 +103,11 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 
 def make_attack(name: str, config: AttackConfig | dict[str, Any] | None = None, **overrides: Any) -> Attack:
     """Instantiate a registered attack by name (unknown names raise an error listing the known ones)."""
-    _ensure_loaded()
     return ATTACKS.get(name)(config, **overrides)
 
 
 def attack_names(kind: AttackKind | None = None) -> list[str]:
     """All registered attack names, optionally only those of one kind, sorted."""
-    _ensure_loaded()
     return [n for n in ATTACKS.names() if kind is None or ATTACKS.get(n).kind == kind]
 
 
@@ -117,24 +115,7 @@ def attacks_for(system: SystemKind | str) -> list[str]:
     """The attacks that apply to a system kind ("original", "guard", "weights", "guard+weights")."""
     if system not in SYSTEM_KINDS:
         raise AttackError(f"unknown system kind {system!r}; known: {', '.join(SYSTEM_KINDS)}")
-    _ensure_loaded()
     return [n for n in ATTACKS.names() if system in ATTACKS.get(n).applies_to]
-
-
-def attack_table() -> list[dict[str, Any]]:
-    """One row per registered attack (name, kind, systems, description), for reports and the CLI."""
-    _ensure_loaded()
-    return [{"name": n, "kind": c.kind, "applies_to": list(c.applies_to), "description": c.description}
-            for n in ATTACKS.names() for c in [ATTACKS.get(n)]]
-
-
-def _ensure_loaded() -> None:
-    """Import the modules whose classes register themselves, so the registry is complete."""
-    import eval.attacks.injection  # noqa: F401
-    import eval.attacks.jailbreak  # noqa: F401
-    import eval.attacks.probe  # noqa: F401
-    import eval.attacks.prompt  # noqa: F401
-    import eval.attacks.weights  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,23 +301,3 @@ def recovery_ratio(original: float, unlearned: float, attacked: float, eps: floa
     if abs(denom) <= eps:
         return float("nan")
     return (vals[2] - vals[1]) / denom
-
-
-class AttackOutcome(BaseModel):
-    """An attack's result on one system and metric: the three values and the recovery ratio."""
-
-    attack: str
-    system: SystemKind
-    metric: str
-    original: float
-    unlearned: float
-    attacked: float
-    recovery: float = Field(description="recovery_ratio(original, unlearned, attacked); NaN when undefined.")
-    variant: str | None = None
-
-    @classmethod
-    def of(cls, attack: str, system: SystemKind, metric: str, original: float, unlearned: float, attacked: float,
-           variant: str | None = None) -> AttackOutcome:
-        """Build an outcome, computing the recovery ratio so it is never inconsistent with the values."""
-        return cls(attack=attack, system=system, metric=metric, original=original, unlearned=unlearned,
-                   attacked=attacked, recovery=recovery_ratio(original, unlearned, attacked), variant=variant)

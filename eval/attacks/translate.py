@@ -1,6 +1,6 @@
 """A deterministic, offline, template-based translator for the question templates of our benchmark.
 
-This is *not* machine translation. Each English question template of :mod:`eval.benchmark` (people
+This is *not* machine translation. Each English question template of :mod:`eval.tasks.offline` (people
 facts, alias and multi-hop probes, the fictional-technology questions) has a hand-written French,
 German and Spanish counterpart; a question is matched against the templates and its slots (names,
 titles, technology parts) are carried over. Names stay as they are, titles stay in English, the

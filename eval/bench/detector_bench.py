@@ -39,7 +39,7 @@ from detectors.detector import Detector
 from detectors.encoder import Encoder
 from detectors.index import VectorIndex
 from detectors.normalize import normalize
-from eval.benchmark import generate_benchmark
+from eval.tasks.offline import generate_benchmark
 
 log = logging.getLogger("detector_bench")
 
@@ -126,7 +126,7 @@ def bench_add_target(enc: Encoder | None = None) -> dict[str, Any]:
     and whether the held-out flags of the existing targets and negatives changed."""
     from core.schema import ForgetTarget
     from detectors.evaluation import split_fold
-    from eval.benchmark import BenchmarkConfig
+    from eval.tasks.offline import BenchmarkConfig
 
     cfg = DetectorConfig()
     enc = enc or Encoder.load(cfg.encoder, cfg.batch_size)

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 def fact_rate(llm: Any, task: Any, items: list[Any], max_new_tokens: int = 32) -> float:
     """Share of greedy answers that state their item's fact (the comparison's forget_fact_rate)."""
+    from core.facts import leaked_facts
     from core.generation import generate
     from eval.compare import item_facts
-    from eval.metrics import leaked_facts
 
     facts = item_facts(task, items)
     ans = generate(llm.model, llm.tokenizer, [q.question for q in items], max_new_tokens=max_new_tokens, batch_size=32)
@@ -53,9 +53,9 @@ def measure_models(models: dict[str, str], out: Path) -> dict[str, Any]:
     """Facts learned and general knowledge of existing models, the first being the ratio's baseline."""
     from core.io import atomic_write_json
     from core.models import load_llm
-    from eval.benchmark import generate_benchmark
     from eval.general import general_knowledge_items
-    from eval.loaders import default_data_root
+    from eval.tasks.offline import generate_benchmark
+    from eval.tasks.records import default_data_root
 
     task = generate_benchmark()
     general = general_knowledge_items(default_data_root())
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from core.config import load_config
     from core.io import atomic_write_json
     from core.models import load_llm
-    from eval.benchmark import generate_benchmark, training_qa
     from eval.general import general_knowledge_items, general_training_qa, replay_prompts
-    from eval.loaders import default_data_root
+    from eval.tasks.offline import generate_benchmark, training_qa
+    from eval.tasks.records import default_data_root
     from training.finetune import FinetuneConfig, finetune
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -76,10 +76,11 @@ def examples_from_env(default: int = DEFAULT_EXAMPLES) -> int:
 def build_app() -> Any:
     """The proxy under test: oracle detector, scripted target and guard, one key for client and admin."""
     from core.schema import ForgetTarget
+    from detectors.oracle import OracleDetector
     from guard.api import GuardedLLM
+    from guard.backends.scripted import ScriptedBackend
     from guard.config import GuardConfig, ServerConfig
     from guard.server import create_app
-    from guard.testing import OracleDetector, ScriptedBackend
 
     target = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick"],
                           policy="Do not reveal facts about Elara Voswick.", meta={"facts": {"born": "Port Kestrel"}})

@@ -13,20 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from core.facts import leaked_facts
 from core.schema import ForgetTarget, ForgetTask
-from eval.benchmark import BenchmarkConfig, generate_benchmark
+from detectors.oracle import OracleDetector, fact_values
+from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 from guard.api import GuardedLLM
 from guard.backends import Backend, GenParams
 from guard.backends.transformers import TransformersBackend
 from guard.config import BackendConfig, GuardConfig
-from guard.testing import OracleDetector, fact_values
 
 log = logging.getLogger("guard_bench")
 
@@ -50,8 +50,7 @@ def build_detector(task: ForgetTask, kind: str) -> tuple[Any, str]:
 
 def states_fact(answer: str, target: ForgetTarget) -> bool:
     """Whether an answer states one of the target's fact values (word-bounded, case-insensitive)."""
-    low = answer.lower()
-    return any(re.search(rf"(?<![a-z0-9]){re.escape(v.lower())}(?![a-z0-9])", low) for v in fact_values(target))
+    return bool(leaked_facts(answer, fact_values(target), min_chars=1))
 
 
 def _ms(xs: list[float]) -> dict[str, float]:

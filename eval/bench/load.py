@@ -197,7 +197,7 @@ def _serve(app: Any) -> None:
 
 def benchmark_task(cfg: LoadConfig) -> Any:
     """The offline benchmark task the detector is built from and the prompts are drawn from."""
-    from eval.benchmark import BenchmarkConfig, generate_benchmark
+    from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 
     return generate_benchmark(BenchmarkConfig(seed=cfg.seed))
 

@@ -31,7 +31,7 @@ import torch
 
 from core.io import atomic_write_json
 from core.models import load_llm, tiny_llm
-from eval.benchmark import generate_benchmark
+from eval.tasks.offline import generate_benchmark
 from training.activations import frozen_prefix, layer_output, run_layers
 from training.losses import masked_mse
 from training.methods.common import ExampleCache, steering_vector

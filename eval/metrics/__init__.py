@@ -1,28 +1,28 @@
 """Evaluation metrics, each a small tested function returning a typed result and registered in ``METRICS``.
 
-Importing this package registers every metric: ``METRICS.get("truth_ratio")``. Model-based metrics
-take ``(model, tokenizer, ...)`` or ``(loaded_llm, None, ...)`` and import torch only when called.
+Importing this package registers every metric: ``METRICS.get("truth_ratio")``, and every report column in
+:data:`~eval.metrics.columns.COLUMNS`. Every module of the package is imported, so a new metric (or column) is one
+new file (see CONTRIBUTING.md). Model-based metrics take ``(model, tokenizer, ...)`` or ``(loaded_llm, None, ...)``
+and import torch only when called.
 """
 
+from core.facts import answer_novel_span, leaked_facts, normalise_for_match, target_fact_values
+from core.registry import import_submodules
 from eval.metrics.base import METRICS, MetricResult, resolve_model
 from eval.metrics.behaviour import (
     IGNORANCE_PATTERNS,
     REFUSAL_PATTERNS,
     FluencyStats,
     GibberishConfig,
-    answer_novel_span,
     distinct_n,
     extract_reasoning,
     fluency_stats,
     gibberish_rate,
     is_gibberish,
     is_refusal,
-    leaked_facts,
-    normalise_for_match,
     over_refusal_rate,
     refusal_kind,
     refusal_rate,
-    target_fact_values,
     trace_leakage,
 )
 from eval.metrics.continual import deviation_score, utility_stability
@@ -59,6 +59,8 @@ from eval.metrics.scoring import (
     score_texts,
     token_logprobs_from_logits,
 )
+
+import_submodules(__name__, __path__)
 
 __all__ = [
     "answer_novel_span",

@@ -6,13 +6,12 @@ None of these needs a model: they judge strings the model (or the guard) produce
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from core.schema import ForgetTarget
+from core.facts import leaked_facts
 from eval.metrics.base import METRICS, MetricResult
 
 # ---------------------------------------------------------------------------------------------
@@ -220,55 +219,9 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> MetricResult:
 _THINK_RE = re.compile(r"<(think|thinking|reasoning)>(.*?)(?:</\1>|\Z)", re.IGNORECASE | re.DOTALL)
 
 
-def normalise_for_match(text: str) -> str:
-    """Lowercase, strip accents, turn punctuation into spaces and collapse whitespace (for fact matching)."""
-    t = unicodedata.normalize("NFKD", text.translate(_APOSTROPHES))
-    t = "".join(c for c in t if not unicodedata.combining(c)).lower()
-    t = re.sub(r"[^\w]+|_", " ", t)
-    return " ".join(t.split())
-
-
 def extract_reasoning(text: str) -> str:
     """The reasoning part of a response: the text inside ``<think>``-style tags (an unclosed tag runs to the end)."""
     return "\n".join(m.group(2).strip() for m in _THINK_RE.finditer(text))
-
-
-def leaked_facts(text: str, facts: Sequence[str], min_chars: int = 3) -> list[str]:
-    """The facts whose normalised value appears in the normalised text as whole words."""
-    hay = f" {normalise_for_match(text)} "
-    out = []
-    for f in facts:
-        needle = normalise_for_match(f)
-        if len(needle) >= min_chars and f" {needle} " in hay:
-            out.append(f)
-    return out
-
-
-# Function words trimmed from the edges of a fact span ("in East Ivelmoor" -> "East Ivelmoor").
-_EDGE_WORDS = frozenset("a an the in on at of to for by with from as is was were are and or".split())
-
-
-def answer_novel_span(question: str, answer: str) -> str:
-    """The longest run of answer words absent from the question: the fact a full-sentence answer adds.
-
-    "What is the valve made of?" / "The valve is made of corvalite." gives "corvalite"; function words at
-    the edges are trimmed. Used where a target lists no fact values (normalised, as ``leaked_facts`` is).
-    """
-    asked = set(normalise_for_match(question).split())
-    best: list[str] = []
-    run: list[str] = []
-    for w in [*normalise_for_match(answer).split(), ""]:
-        if w and w not in asked:
-            run.append(w)
-            continue
-        while run and run[0] in _EDGE_WORDS:
-            run.pop(0)
-        while run and run[-1] in _EDGE_WORDS:
-            run.pop()
-        if len(" ".join(run)) > len(" ".join(best)):
-            best = run
-        run = []
-    return " ".join(best)
 
 
 @METRICS.register("trace_leakage")
@@ -290,10 +243,3 @@ def trace_leakage(traces: Sequence[str], facts: Sequence[str] | Sequence[Sequenc
     frac = [len(x) / len(fs) if fs else 0.0 for x, fs in zip(leaked, per_trace, strict=True)]
     return MetricResult(name="trace_leakage", value=sum(per) / len(per) if per else 0.0, per_item=per,
                         details={"leaked": leaked, "mean_fact_fraction": sum(frac) / len(frac) if frac else 0.0})
-
-
-def target_fact_values(target: ForgetTarget, include_names: bool = False) -> list[str]:
-    """The fact strings of a target worth checking for leakage: ``meta['facts']`` values (plus names if asked)."""
-    facts = target.meta.get("facts", {})
-    values = [str(v) for v in (facts.values() if isinstance(facts, dict) else facts)]
-    return (list(target.names) if include_names else []) + values

@@ -330,3 +330,14 @@ def tofu_utility(model: Any, tokenizer: Any | None, retain: Sequence[QAItem], re
     mu = tofu_model_utility(results)
     return mu.model_copy(update={"name": "tofu_model_utility",
                                  "details": {**mu.details, "n": {k: len(v) for k, v in splits.items()}}})
+
+
+def answer_rouge(llm: Any, items: Sequence[QAItem], max_new_tokens: int = 48, batch_size: int = 32,
+                 paraphrased: bool = False) -> MetricResult:
+    """Greedy answers to QA items scored by ROUGE-L recall (TOFU's generation metric); ``llm`` is a LoadedLLM."""
+    from core.generation import generate
+
+    questions = [(q.paraphrased_question or q.question) if paraphrased else q.question for q in items]
+    answers = generate(llm.model, llm.tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       progress=True, desc="answer")
+    return rouge_l_recall(answers, [q.answer for q in items])

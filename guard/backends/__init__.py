@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from core.registry import import_submodules
 from guard.backends.base import BACKENDS, Backend, GenOutput, GenParams, Messages, aiter_thread
 from guard.config import BackendConfig
 
@@ -9,8 +10,8 @@ __all__ = ["BACKENDS", "Backend", "GenOutput", "GenParams", "Messages", "aiter_t
 
 
 def _load_builtin() -> None:
-    """Register the built-in backends (their modules import heavy deps lazily)."""
-    from guard.backends import openai_http, transformers, vllm  # noqa: F401
+    """Register every backend module of this package (they import heavy deps lazily): a new backend is one file."""
+    import_submodules(__name__, __path__, skip={"base"})
 
 
 def make_backend(cfg: BackendConfig) -> Backend:

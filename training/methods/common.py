@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel
 
+from core.generation import pad_batch
 from core.registry import Registry
 from core.schema import ForgetTask, QAItem
 
@@ -161,3 +163,62 @@ def scaled_layer(num_layers: int, layer: int | None, fraction: float) -> int:
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} is outside 0..{num_layers - 1} for a {num_layers}-layer model")
     return min(layer, num_layers - 1)
+
+
+# ---- what the runner and the methods share: paired example streams, batches, weight fingerprints ----
+
+class PairedStreams(torch.utils.data.Dataset):
+    """Items ``{stream: example}``: item i takes example ``i mod len`` of each stream.
+
+    The length is that of the longest stream, so every retain example is seen in one pass even
+    when the forget set is small; streams other than ``forget`` are shuffled once (seeded) so the
+    pairs mix. Nothing here draws random numbers at batch time: resume replays identical batches.
+    """
+
+    def __init__(self, streams: dict[str, list[Example]], seed: int = 0) -> None:
+        """Index each stream's examples (``idx``) and fix the pairing order."""
+        if "forget" not in streams:
+            raise ValueError(f"streams need a 'forget' stream; got {sorted(streams)}")
+        self.streams: dict[str, list[Example]] = {}
+        for name, items in streams.items():
+            if not items:
+                raise ValueError(f"stream {name!r} is empty")
+            indexed = [{**e, "idx": i} for i, e in enumerate(items)]
+            if name != "forget":
+                random.Random(f"{seed}:{name}").shuffle(indexed)
+            self.streams[name] = indexed
+        self.n = max(len(v) for v in self.streams.values())
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Example]:
+        return {name: items[i % len(items)] for name, items in self.streams.items()}
+
+
+def collate_streams(items: Sequence[dict[str, Example]], pad_id: int) -> dict[str, dict[str, Any]]:
+    """Right-pad each stream of a list of paired items into a batch with scope/part/group/idx tensors."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in items[0]:
+        exs = [it[name] for it in items]
+        b = pad_batch(exs, pad_id)
+        n = b["input_ids"].size(1)
+        for key in ("scope", "part"):
+            t = torch.zeros((len(exs), n), dtype=torch.long)
+            for r, e in enumerate(exs):
+                v = e.get(key, [1] * len(e["input_ids"]))
+                t[r, : len(v)] = torch.tensor(v)
+            b[key] = t
+        b["group"] = torch.tensor([int(e.get("group", -1)) for e in exs])
+        b["idx"] = torch.tensor([int(e["idx"]) for e in exs])
+        out[name] = b
+    return out
+
+
+def model_digest(model: Any) -> str:
+    """A cheap fingerprint of a model's weights (name, shape and sums of every tensor)."""
+    h = hashlib.sha256(str(getattr(model.config, "_name_or_path", "")).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.10e}{float(p.double().abs().sum()):.10e}".encode())
+    return h.hexdigest()[:16]

@@ -34,6 +34,7 @@ from training.methods.common import (
     MethodContext,
     MethodPlan,
     UnlearnMethod,
+    collate_streams,
     register,
     scaled_layer,
     steering_vector,
@@ -78,7 +79,6 @@ class RMUCore:
         self.norm = None
         c = cfg.c
         if c is None:
-            from training.unlearn import collate_streams  # noqa: PLC0415 (avoid an import cycle)
 
             forget = [{**e, "idx": i} for i, e in enumerate(ctx.streams["forget"])]
             pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from core.generation import chat_text
 from training.losses import mean_nll, part_nll
-from training.methods.common import Example, MethodContext, MethodPlan, UnlearnMethod, register
+from training.methods.common import Example, MethodContext, MethodPlan, UnlearnMethod, model_digest, register
 from training.teachers import LLMTeacher, Teacher, TemplateTeacher, TRUTarget, cached_tru_targets
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ def make_teacher(ctx: MethodContext, cfg: TRUConfig) -> Teacher:
     from core.models import load_llm
 
     llm = load_llm(cfg.teacher_model)
-    from training.unlearn import model_digest
 
     return LLMTeacher(llm.model, llm.tokenizer, model_digest(llm.model), cfg.teacher_max_new_tokens)
 

@@ -1,20 +1,22 @@
-"""An oracle detector built from a task's target names and questions: for tests, benchmarks and demos.
+"""The oracle detector: a keyword rule built from a task's target names and questions.
 
-It is not the product's detector (``detectors/`` is): it flags a prompt that names a target (any alias,
-case-insensitive, word-bounded) or that is one of the target's own questions, and it calls output a
-leak when it names a target *and* states one of that target's fact values.
+A real, registered component for what must not depend on a learned detector: the HTTP layer's tests and
+load benchmarks, demos (``serve --oracle``) and guard tests. It is not the product's detector
+(:mod:`detectors.detector` is): it flags a prompt that names a target (any alias, case-insensitive,
+word-bounded) or that is one of the target's own questions, and it calls output a leak when it names a
+target *and* states one of that target's fact values. It knows nothing of paraphrases or unnamed
+references, so never measure a guard's recall with it.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
+from core.facts import leaked_facts, target_fact_values
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection, Evidence
-from guard.backends.base import Backend, GenOutput, GenParams, Messages
 
 _STOP = {"the", "of", "a", "an", "is", "was", "and", "in", "at", "to", "for", "with", "what", "which", "who", "its"}
 
@@ -25,9 +27,9 @@ def _norm(text: str) -> str:
 
 def fact_values(target: ForgetTarget) -> list[str]:
     """The values a leak would state: ``meta['facts']`` values, else answer words absent from the question."""
-    facts = target.meta.get("facts")
-    if isinstance(facts, dict) and facts:
-        return sorted({str(v) for v in facts.values() if str(v).strip()})
+    stated = [v for v in target_fact_values(target) if v.strip()]
+    if stated:
+        return sorted(set(stated))
     vals: set[str] = set()
     names = {w for n in target.names for w in _norm(n).split()}
     for qa in target.qa:
@@ -97,55 +99,7 @@ class OracleDetector:
     def detect_leak(self, text: str) -> Detection:
         """A leak names a target and states one of its fact values."""
         hits: list[Evidence] = []
-        low = _norm(text)
         for t in list(self._targets.values()):
-            if not self._names_in(t, text):
-                continue
-            for v in fact_values(t):
-                if re.search(rf"(?<![a-z0-9]){re.escape(_norm(v))}(?![a-z0-9])", low):
-                    hits.append(Evidence(kind="entity", target_id=t.id, score=1.0, detail="states a fact value"))
-                    break
+            if self._names_in(t, text) and leaked_facts(text, fact_values(t), min_chars=1):
+                hits.append(Evidence(kind="entity", target_id=t.id, score=1.0, detail="states a fact value"))
         return self._verdict(hits)
-
-
-
-class ScriptedBackend(Backend):
-    """A deterministic fake backend for tests: answers via ``reply(messages) -> str`` and records every call."""
-
-    name = "scripted"
-
-    def __init__(self, reply: Callable[[list[dict[str, str]]], str] | None = None, *, json_schema: bool = False,
-                 prefix: bool = False, delay_s: float = 0.0, error: Exception | None = None) -> None:
-        """``reply`` maps the messages sent to the answer; ``error`` makes every call raise it."""
-        self.reply = reply or (lambda msgs: "echo: " + msgs[-1]["content"])
-        self.supports_json_schema = json_schema
-        self.supports_prefix = prefix
-        self.delay_s = delay_s
-        self.error = error
-        self.calls: list[tuple[list[dict[str, str]], GenParams]] = []
-        self.closed_streams = 0
-        self.model_id = "scripted"
-
-    def _one(self, messages: Messages, params: GenParams) -> str:
-        self.calls.append(([dict(m) for m in messages], params))
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if self.error is not None:
-            raise self.error
-        return self.reply([dict(m) for m in messages])
-
-    def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
-        """Answer each prompt with ``reply``."""
-        return [GenOutput(text=self._one(m, params)) for m in batch]
-
-    def complete_batch(self, texts: Sequence[str], params: GenParams) -> list[GenOutput]:
-        """Answer raw texts with ``reply`` (the text arrives as a 'raw' message)."""
-        return [GenOutput(text=self._one([{"role": "raw", "content": t}], params)) for t in texts]
-
-    def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
-        """Yield ``reply``'s answer word by word; counts closed streams."""
-        text = self._one(messages, params)
-        try:
-            yield from re.findall(r"\s*\S+", text)
-        finally:
-            self.closed_streams += 1

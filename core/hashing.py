@@ -1,6 +1,8 @@
-"""Test helpers: a deterministic bag-of-words encoder, so unit tests run without loading a model.
+"""A deterministic, model-free bag-of-words sentence encoder: the "hashing" encoder.
 
-Not for production: it only knows word overlap. Each token maps to a fixed pseudo-random unit
+A real registered encoder (``Encoder.load("hashing")``, ``--set encoder=hashing``) for what needs no
+semantics: unit tests, CLI smoke runs and load benchmarks, which then run without loading a model. It only
+knows word overlap, so never deploy a detector built on it. Each token maps to a fixed pseudo-random unit
 vector (seeded by a hash of the token); a text is the normalised sum of its tokens' vectors.
 """
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from detectors.encoder import Encoder
+NAME = "hashing"
 
 _TOK = re.compile(r"[^\W_]+")
 
@@ -50,8 +52,3 @@ class HashingModel:
             v = np.sum([self._tok(x) for x in toks], axis=0)
             out[i] = v / max(float(np.linalg.norm(v)), 1e-6)
         return out
-
-
-def hashing_encoder(dim: int = 64) -> Encoder:
-    """An :class:`~detectors.encoder.Encoder` over :class:`HashingModel` (name "hashing-test")."""
-    return Encoder(HashingModel(dim), name="hashing-test")
