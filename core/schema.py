@@ -180,19 +180,24 @@ def save_task(task: ForgetTask, path: str | Path) -> Path:
     return path
 
 
+def jsonl_objects(lines: Iterable[str], name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank JSON Lines line, with errors naming ``name`` and the line."""
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SchemaError(f"{name}: record at line {lineno}: invalid JSON: {e.msg}") from e
+        if not isinstance(obj, dict):
+            raise SchemaError(f"{name}: record at line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line, with errors naming the line."""
+    """Yield (line number, object) for each non-blank line of a file, with errors naming the line."""
     with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SchemaError(f"{path}: record at line {lineno}: invalid JSON: {e.msg}") from e
-            if not isinstance(obj, dict):
-                raise SchemaError(f"{path}: record at line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+        yield from jsonl_objects(fh, str(path))
 
 
 def _task_from_records(path: Path, records: Iterable[tuple[int, dict[str, Any]]]) -> ForgetTask:

@@ -31,7 +31,16 @@ from pydantic import BaseModel, Field
 from core.config import save_config
 from core.models import LoadedLLM, load_llm, run_dir
 from core.schema import ForgetTask, QAItem
-from eval.metrics.columns import COLUMNS, MIN_MIA_UNITS, AnswerSheet, mean_or_none, sheet_columns
+from eval.metrics.columns import (
+    C_SETS,
+    COLUMNS,
+    MIN_MIA_UNITS,
+    AnswerSheet,
+    fact_rate,
+    mean_or_none,
+    rouge_or_none,
+    sheet_columns,
+)
 from eval.report import MetricSpec, Report, Sample, write_report
 from eval.split import HELDOUT_GROUPS, SplitConfig, TaskSplit
 from eval.systems import Response, System, guarded_system, model_system
@@ -254,17 +263,6 @@ class _Eval:
         return out
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _rouge(self, answers: Sequence[str], refs: Sequence[str]) -> float | None:
-        """The task's ROUGE-L, None for no items."""
-        return self.rouge(list(answers), list(refs)).value if refs else None
-
-    def fact_rate(self, answers: Sequence[str], facts: Sequence[list[str]]) -> float | None:
-        """Share of answers stating their item's fact, over the items whose fact is known (None if none is)."""
-        from core.facts import leaked_facts
-
-        known = [(a, f) for a, f in zip(answers, facts, strict=True) if f]
-        return mean_or_none([float(bool(leaked_facts(a, f))) for a, f in known])
-
     def generation_metrics(self, sys: System, general_only: bool = False) -> dict[str, float | None]:
         """Metrics from greedy answers to every set (only the general set for the base-model reference row)."""
         from eval.general import general_accuracy
@@ -293,8 +291,7 @@ class _Eval:
         b_keys = sheet.b_sets
         detail: dict[str, Any] = {"forget_fact_rate_b_by_group": {k[2:]: sheet.fact_rate([k]) for k in b_keys}}
         if flagged is not None:
-            c_keys = ("c:neighbour", "c:retain", "c:benign", "c:general")
-            detail["guard_fpr_c_by_group"] = {k[2:]: mean_or_none(flagged[k]) for k in c_keys}
+            detail["guard_fpr_c_by_group"] = {k[2:]: mean_or_none(flagged[k]) for k in C_SETS}
             detail["guard_sources_by_set"] = {k: {s: [r.source for r in v].count(s)
                                                   for s in ("unflagged", "cot", "template", "refused")}
                                               for k, v in ans.items()}
@@ -348,8 +345,8 @@ class _Eval:
         values, start = {}, 0
         for name, (ps, items) in sets.items():
             ans, start = out[start:start + len(ps)], start + len(ps)
-            values[name] = {"fact_rate": self.fact_rate(ans, item_facts(self.task, items)) if ps else None,
-                            "rouge": self._rouge(ans, [q.answer for q in items]), "n": len(ps)}
+            values[name] = {"fact_rate": fact_rate(ans, item_facts(self.task, items)) if ps else None,
+                            "rouge": rouge_or_none(self.rouge, ans, [q.answer for q in items]), "n": len(ps)}
         return values
 
     def plain_scores(self, system: str, items: Sequence[QAItem]) -> dict[str, float | None]:
@@ -358,8 +355,8 @@ class _Eval:
         if not items or any(q.question not in plain for q in items):
             return {"fact_rate": None, "rouge": None}
         ans = [plain[q.question].text for q in items]
-        return {"fact_rate": self.fact_rate(ans, item_facts(self.task, items)),
-                "rouge": self._rouge(ans, [q.answer for q in items])}
+        return {"fact_rate": fact_rate(ans, item_facts(self.task, items)),
+                "rouge": rouge_or_none(self.rouge, ans, [q.answer for q in items])}
 
 
 def _prompt_attack_sets(cfg: CompareConfig, ev: _Eval, names: list[str],

@@ -19,7 +19,6 @@ is Saint Quarrydown."). Two package data files guard against that:
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import unicodedata
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from core.schema import SchemaError
+from core.schema import SchemaError, jsonl_objects
 from eval.tasks.records import read_records
 
 Topic = Literal["geography", "science", "literature", "history", "arts", "everyday"]
@@ -117,19 +116,11 @@ def read_general_jsonl(path: str | Path, source: Source = "builtin") -> list[Gen
 def _parse_general_jsonl(text: str, name: str, source: Source) -> list[GeneralItem]:
     """Validate JSON Lines text record by record, so one bad line is reported by number."""
     items = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{name}: line {lineno}: invalid JSON: {e.msg}") from e
-        if not isinstance(rec, dict):
-            raise SchemaError(f"{name}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, rec in jsonl_objects(text.splitlines(), name):
         try:
             items.append(GeneralItem.model_validate({"source": source, **rec}))
         except ValidationError as e:
-            raise SchemaError(f"{name}: line {lineno}: {_format_errors(e)}") from e
+            raise SchemaError(f"{name}: record at line {lineno}: {_format_errors(e)}") from e
     return items
 
 
@@ -159,16 +150,10 @@ def _replay() -> tuple[str, ...]:
 def _train_pairs() -> tuple[tuple[str, str], ...]:
     """The general training QA, read and checked once."""
     out = []
-    for lineno, line in enumerate(_package_text(TRAIN_FILE).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{TRAIN_FILE}: line {lineno}: invalid JSON: {e.msg}") from e
-        if not (isinstance(rec, dict) and set(rec) == {"question", "answer"}
-                and all(isinstance(rec[k], str) and rec[k].strip() for k in rec)):
-            raise SchemaError(f"{TRAIN_FILE}: line {lineno}: expected exactly non-empty 'question' and 'answer'")
+    for lineno, rec in jsonl_objects(_package_text(TRAIN_FILE).splitlines(), TRAIN_FILE):
+        if not (set(rec) == {"question", "answer"} and all(isinstance(rec[k], str) and rec[k].strip() for k in rec)):
+            raise SchemaError(f"{TRAIN_FILE}: record at line {lineno}: expected exactly non-empty 'question' and "
+                              "'answer'")
         out.append((rec["question"], rec["answer"]))
     return tuple(out)
 

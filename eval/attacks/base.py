@@ -34,9 +34,8 @@ from eval.systems import ATTACKABLE, SystemKind
 if TYPE_CHECKING:
     from core.models import LoadedLLM
 
-SYSTEM_KINDS: tuple[str, ...] = ATTACKABLE
+SYSTEM_KINDS: tuple[str, ...] = ATTACKABLE  # the kinds an attack may name in ``applies_to``
 AttackKind = Literal["prompt", "weights", "probe"]
-ALL_SYSTEMS: tuple[SystemKind, ...] = ATTACKABLE
 CHAT_ROLES = ("system", "user", "assistant")
 
 PromptValue = str | list[Message]  # an attacked prompt as stored (a concrete list, for validation)
@@ -217,7 +216,7 @@ class PromptAttack(Attack):
     """A transform of a forget QA item into attacked prompts; model-free, so it applies to every system."""
 
     kind: ClassVar[AttackKind] = "prompt"
-    applies_to: ClassVar[tuple[SystemKind, ...]] = ALL_SYSTEMS
+    applies_to: ClassVar[tuple[SystemKind, ...]] = ATTACKABLE
 
     @abstractmethod
     def variants(self, item: QAItem, task: ForgetTask | None) -> list[tuple[str, PromptValue]]:

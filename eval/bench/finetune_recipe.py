@@ -29,14 +29,13 @@ log = logging.getLogger(__name__)
 
 def fact_rate(llm: Any, task: Any, items: list[Any], max_new_tokens: int = 32) -> float:
     """Share of greedy answers that state their item's fact (the comparison's forget_fact_rate)."""
-    from core.facts import leaked_facts
     from core.generation import generate
     from eval.compare import item_facts
+    from eval.metrics.columns import fact_rate as rate
 
-    facts = item_facts(task, items)
     ans = generate(llm.model, llm.tokenizer, [q.question for q in items], max_new_tokens=max_new_tokens, batch_size=32)
-    known = [(a, f) for a, f in zip(ans, facts, strict=True) if f]
-    return sum(bool(leaked_facts(a, f)) for a, f in known) / max(1, len(known))
+    value = rate(ans, item_facts(task, items))
+    return 0.0 if value is None else value  # no item with a known fact: nothing learned to show
 
 
 def general_acc(llm: Any, items: list[Any], max_new_tokens: int = 32) -> float:

@@ -42,6 +42,18 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1 / v for v in values)
 
 
+def fact_rate(answers: Sequence[str], facts: Sequence[list[str]]) -> float | None:
+    """Share of answers stating their item's fact, over the items whose fact is known (None if none is)."""
+    known = [(a, f) for a, f in zip(answers, facts, strict=True) if f]
+    return mean_or_none([float(bool(leaked_facts(a, f))) for a, f in known])
+
+
+def rouge_or_none(rouge: Callable[[list[str], list[str]], Any], answers: Sequence[str],
+                  refs: Sequence[str]) -> float | None:
+    """The task's ROUGE-L of answers against references; None for no items (undefined, not 0)."""
+    return rouge(list(answers), list(refs)).value if refs else None
+
+
 @dataclass
 class AnswerSheet:
     """One system's greedy answers to every evaluated set, with what scoring them needs.
@@ -72,14 +84,12 @@ class AnswerSheet:
         return [x for k in keys for x in src.get(k, [])]
 
     def fact_rate(self, keys: Sequence[str]) -> float | None:
-        """Share of answers stating their item's fact, over the items whose fact is known (None if none is)."""
-        known = [(a, f) for a, f in zip(self.joined(keys), self.joined(keys, self.facts), strict=True) if f]
-        return mean_or_none([float(bool(leaked_facts(a, f))) for a, f in known])
+        """:func:`fact_rate` of the sets' answers."""
+        return fact_rate(self.joined(keys), self.joined(keys, self.facts))
 
     def rouge_of(self, keys: Sequence[str]) -> float | None:
-        """The task's ROUGE-L of the sets' answers against their references; None for no items."""
-        refs = self.joined(keys, self.refs)
-        return self.rouge(self.joined(keys), refs).value if refs else None
+        """:func:`rouge_or_none` of the sets' answers against their references."""
+        return rouge_or_none(self.rouge, self.joined(keys), self.joined(keys, self.refs))
 
     def refusal_rate(self, keys: Sequence[str]) -> float | None:
         """Share of the sets' answers that refuse."""
