@@ -60,7 +60,8 @@ def serve(
 
     from core.config import load_config
     from guard.api import GuardedLLM
-    from guard.config import BackendConfig, GuardConfig, ServerConfig
+    from guard.backends import backend_config
+    from guard.config import GuardConfig, ServerConfig
     from guard.server import create_app, set_malloc_mmap_threshold
 
     sections: dict[str, Any] = {}
@@ -79,12 +80,17 @@ def serve(
     host, port = scfg.host, scfg.port
     if host not in {"127.0.0.1", "localhost", "::1"} and not scfg.api_keys:
         log.warning("serving on %s without client API keys: anyone who can reach it can use it", host)
-    if upstream:
-        target = BackendConfig(kind="openai", base_url=upstream, model=model,
-                               api_key=upstream_key or os.environ.get("UNLEARN_GUARD_UPSTREAM_KEY"))
-    else:
-        target = BackendConfig(kind=backend, model=model)  # type: ignore[arg-type]
-    guard_cfg = BackendConfig(kind=backend if not upstream else "transformers", model=guard_model) if guard_model else None
+    try:
+        if upstream:
+            target = backend_config(kind="openai", base_url=upstream, model=model,
+                                    api_key=upstream_key or os.environ.get("UNLEARN_GUARD_UPSTREAM_KEY"))
+        else:
+            target = backend_config(kind=backend, model=model)
+        guard_cfg = (backend_config(kind=backend if not upstream else "transformers", model=guard_model)
+                     if guard_model else None)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        typer.echo(f"error: bad backend options (--backend, --upstream, --model): {e}", err=True)
+        raise typer.Exit(2) from e
     set_malloc_mmap_threshold(scfg.malloc_mmap_threshold_kb)  # before the models allocate
     try:
         det = load_detector(detector, oracle)

@@ -11,11 +11,12 @@ from typing import Any
 
 _EXPORTS = {
     "GuardedLLM": "guard.api", "GuardStream": "guard.api", "AsyncGuardStream": "guard.api",
-    "GuardConfig": "guard.config", "BackendConfig": "guard.config", "ServerConfig": "guard.config",
+    "GuardConfig": "guard.config", "ServerConfig": "guard.config",
     "GuardResult": "guard.types", "GuardTrace": "guard.types", "DetectorProtocol": "guard.types",
     "GuardUnavailableError": "guard.types", "BackendError": "guard.types",
     "CoTGuard": "guard.cot", "GuardDecision": "core.guard_format",
     "GenParams": "guard.backends", "make_backend": "guard.backends",
+    "BackendConfig": "guard.backends", "backend_config": "guard.backends",
     "GuardRunnable": "guard.langchain", "create_app": "guard.server",
 }
 __all__ = sorted(_EXPORTS)

@@ -39,9 +39,9 @@ from core.generation import Message, Prompt
 from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
-from guard.backends import Backend, GenOutput, GenParams, make_backend
+from guard.backends import Backend, BackendConfig, GenOutput, GenParams, backend_config, make_backend
 from guard.batching import MicroBatcher
-from guard.config import BackendConfig, GuardConfig
+from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
 from guard.output_check import LeakCheckError, StreamChecker, check_text
 from guard.prompt import assemble, neutralise, sanitise_messages, special_tokens_of, user_text
@@ -566,11 +566,11 @@ def _as_backend(spec: Backend | BackendConfig | str | None) -> Backend:
     if isinstance(spec, Backend):
         return spec
     if spec is None:
-        return make_backend(BackendConfig())
+        return make_backend(backend_config())
     if isinstance(spec, str):
         if spec.startswith(("http://", "https://")):
-            return make_backend(BackendConfig(kind="openai", base_url=spec, model="default"))
-        return make_backend(BackendConfig(model=spec))
+            return make_backend(backend_config(kind="openai", base_url=spec, model="default"))
+        return make_backend(backend_config(model=spec))
     if isinstance(spec, BackendConfig):
         return make_backend(spec)
     raise TypeError(f"cannot build a backend from {type(spec).__name__}; pass a Backend, BackendConfig or model name")

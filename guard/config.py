@@ -1,6 +1,7 @@
-"""Pydantic configs of the guard: what to run (backends), how to guard (GuardConfig), how to serve (ServerConfig).
+"""Pydantic configs of the guard: how to guard (GuardConfig) and how to serve (ServerConfig).
 
-All three load from YAML with ``core.config.load_config`` and take ``key=value`` overrides.
+Each backend owns its config class (``guard.backends.backend_config(kind=...)`` picks it). Both load from YAML
+with ``core.config.load_config`` and take ``key=value`` overrides.
 """
 
 from __future__ import annotations
@@ -8,11 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from core.models import DEFAULT_LLM
-
-BackendKind = Literal["transformers", "openai", "vllm"]
 OutputCheckMode = Literal["off", "log", "block"]
 GuardMode = Literal["llm", "template"]
 
@@ -21,30 +19,6 @@ class _Cfg(BaseModel):
     """Base: unknown keys are errors, so a typo in a YAML file does not pass silently."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-class BackendConfig(_Cfg):
-    """Where a model runs: in-process transformers (default), an OpenAI-compatible server, or in-process vLLM."""
-
-    kind: BackendKind = "transformers"
-    model: str = Field(DEFAULT_LLM, description="Embedded name, local HF directory or hub id; for 'openai' the "
-                                                 "model name sent upstream.")
-    base_url: str | None = Field(None, description="For kind='openai': e.g. http://127.0.0.1:8000/v1")
-    api_key: SecretStr | None = Field(None, description="For kind='openai': sent as a Bearer token upstream.")
-    timeout_s: float = Field(60.0, gt=0, description="Per HTTP request (openai) or per generation call.")
-    connect_timeout_s: float = Field(5.0, gt=0)
-    max_retries: int = Field(2, ge=0, le=10, description="Retries on connect errors, 429 and 5xx (openai).")
-    retry_backoff_s: float = Field(0.25, ge=0)
-    dtype: str = "float32"
-    device: str = "cpu"
-    batch_size: int = Field(16, ge=1)
-    vllm_kwargs: dict[str, object] = Field(default_factory=dict, description="Extra keyword arguments of vllm.LLM.")
-
-    @model_validator(mode="after")
-    def _openai_needs_url(self) -> BackendConfig:
-        if self.kind == "openai" and not self.base_url:
-            raise ValueError("backend kind 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
-        return self
 
 
 class GuardConfig(_Cfg):

@@ -11,10 +11,9 @@ import pytest
 
 from core.generation import generate
 from core.models import tiny_llm
-from guard.backends import BACKENDS, GenParams, make_backend
-from guard.backends.openai_http import OpenAIHTTPBackend
+from guard.backends import BACKENDS, GenParams, backend_config, make_backend
+from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
 from guard.backends.transformers import TransformersBackend
-from guard.config import BackendConfig
 from guard.types import BackendError
 
 MSGS = [{"role": "user", "content": "Where was the author born?"}]
@@ -31,7 +30,7 @@ def test_registry_and_config_validation() -> None:
     _load_builtin()
     assert {"transformers", "openai", "vllm"} <= set(BACKENDS.names())
     with pytest.raises(ValueError, match="base_url"):
-        BackendConfig(kind="openai")
+        backend_config(kind="openai")
 
 
 def test_transformers_batch_matches_core_generate(tiny: TransformersBackend) -> None:
@@ -74,7 +73,7 @@ def _chat_body(text: str) -> dict:
 
 
 def _backend(handler, retries: int = 2) -> OpenAIHTTPBackend:
-    cfg = BackendConfig(kind="openai", base_url="http://upstream.test/v1", model="m", api_key="sk-up",
+    cfg = OpenAIConfig(base_url="http://upstream.test/v1", model="m", api_key="sk-up",
                         max_retries=retries, retry_backoff_s=0.0)
     return OpenAIHTTPBackend(cfg, transport=httpx.MockTransport(handler),
                              async_transport=httpx.MockTransport(handler))
@@ -193,7 +192,7 @@ async def test_http_async_calls_use_the_async_client_only() -> None:
             return httpx.Response(200, json={"choices": [{"text": body["prompt"] + "!", "finish_reason": "length"}]})
         return httpx.Response(200, json=_chat_body("chat ok"))
 
-    cfg = BackendConfig(kind="openai", base_url="http://upstream.test/v1", model="m", max_retries=0)
+    cfg = OpenAIConfig(base_url="http://upstream.test/v1", model="m", max_retries=0)
     be = OpenAIHTTPBackend(cfg, transport=httpx.MockTransport(sync_handler), async_transport=httpx.MockTransport(handler))
     out = await be.acomplete("go", GenParams())
     assert (out.text, out.finish_reason) == ("go!", "length")
@@ -219,7 +218,7 @@ def test_http_async_client_per_event_loop() -> None:
 
 
 def test_make_backend_openai() -> None:
-    be = make_backend(BackendConfig(kind="openai", base_url="http://127.0.0.1:9/v1", connect_timeout_s=0.2,
+    be = make_backend(OpenAIConfig(base_url="http://127.0.0.1:9/v1", connect_timeout_s=0.2,
                                     max_retries=0))
     assert isinstance(be, OpenAIHTTPBackend) and be.ready() is False
     be.close()

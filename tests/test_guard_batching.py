@@ -256,8 +256,7 @@ async def test_async_path_calls_an_http_upstream_natively_and_still_checks_every
     the prompt check, the guard and the output check run exactly as on the threaded path."""
     import json
 
-    from guard.backends.openai_http import OpenAIHTTPBackend
-    from guard.config import BackendConfig
+    from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
 
     def never(req: httpx.Request) -> httpx.Response:
         raise AssertionError("the async path used the sync HTTP client")
@@ -270,7 +269,7 @@ async def test_async_path_calls_an_http_upstream_natively_and_still_checks_every
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": leaky_reply(msgs)},
                                                       "finish_reason": "stop"}]})
 
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://up.test/v1", model="m", max_retries=0),
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url="http://up.test/v1", model="m", max_retries=0),
                            transport=httpx.MockTransport(never), async_transport=httpx.MockTransport(upstream))
     det = CountingDetector(PEOPLE)
     g = GuardedLLM(be, det, config=GuardConfig(guard_mode="template", detector_batch_window_ms=20,
@@ -290,8 +289,7 @@ async def test_async_stream_from_an_http_upstream_is_native_and_checked_as_it_st
     output check still blocks a leak mid-stream and the raw-completion stream works the same way."""
     import json
 
-    from guard.backends.openai_http import OpenAIHTTPBackend
-    from guard.config import BackendConfig
+    from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
 
     calls = {"n": 0}
 
@@ -311,7 +309,7 @@ async def test_async_stream_from_an_http_upstream_is_native_and_checked_as_it_st
         sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
         return httpx.Response(200, content=sse.encode(), headers={"content-type": "text/event-stream"})
 
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://up.test/v1", model="m", max_retries=1,
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url="http://up.test/v1", model="m", max_retries=1,
                                          retry_backoff_s=0.0),
                            transport=httpx.MockTransport(never), async_transport=httpx.MockTransport(upstream))
     det = CountingDetector(PEOPLE)

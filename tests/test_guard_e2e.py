@@ -25,8 +25,8 @@ from core.schema import ForgetTarget
 from detectors.oracle import OracleDetector
 from guard.api import GuardedLLM
 from guard.backends import GenParams
-from guard.backends.openai_http import OpenAIHTTPBackend
-from guard.config import BackendConfig, GuardConfig, ServerConfig
+from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
+from guard.config import GuardConfig, ServerConfig
 from guard.langchain import GuardRunnable
 from guard.server import create_app
 
@@ -64,7 +64,7 @@ def serve(app: object) -> Iterator[str]:
 
 def proxy_app(upstream: str, model: str, guard_mode: str = "llm") -> tuple[object, GuardedLLM]:
     """The guard proxy: upstream model as target and as guard LLM (structured output requested)."""
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url=upstream, model=model, api_key=UP_KEY,
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url=upstream, model=model, api_key=UP_KEY,
                                          timeout_s=120, max_retries=1))
     g = GuardedLLM(be, OracleDetector([T]), config=GuardConfig(max_new_tokens=16, guard_max_new_tokens=48,
                                                                guard_mode=guard_mode, guard_timeout_s=120))  # type: ignore[arg-type]
@@ -115,7 +115,7 @@ def exercise_langchain(base: str) -> None:
         assert isinstance(chain.invoke({"q": "What is 2+2?"}), str)
         assert "Port Kestrel" not in "".join(chain.stream({"q": FLAGGED}))
     # The guard's own Runnable over the same proxy (an OpenAI upstream for GuardedLLM).
-    inner = GuardedLLM(OpenAIHTTPBackend(BackendConfig(kind="openai", base_url=base, model="guarded",
+    inner = GuardedLLM(OpenAIHTTPBackend(OpenAIConfig(base_url=base, model="guarded",
                                                        api_key=PROXY_KEY, timeout_s=120)),
                        OracleDetector([T]), config=GuardConfig(guard_mode="template", max_new_tokens=8))
     chain2 = prompt | GuardRunnable(inner) | StrOutputParser()
@@ -151,7 +151,7 @@ def test_proxy_reports_upstream_down_as_502() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url=dead, model="x", max_retries=0, connect_timeout_s=1))
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url=dead, model="x", max_retries=0, connect_timeout_s=1))
     app = create_app(GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="template")), ServerConfig())
     with serve(app) as base:
         client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=30)
@@ -165,9 +165,9 @@ def test_proxy_reports_upstream_down_as_502() -> None:
 
 @pytest.mark.slow
 def test_proxy_in_front_of_own_server_with_smollm2() -> None:
-    from guard.backends.transformers import TransformersBackend
+    from guard.backends.transformers import TransformersBackend, TransformersConfig
 
-    target = TransformersBackend.from_config(BackendConfig())
+    target = TransformersBackend.from_config(TransformersConfig())
     plain = GuardedLLM(target, OracleDetector([]), config=GuardConfig(output_check="off"))
     with serve(create_app(plain, ServerConfig(api_keys=[UP_KEY]))) as up:
         bare = target.generate([{"role": "user", "content": "What is the capital of France?"}],

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from eval.attacks import ATTACKS, attack_names
 from eval.metrics.columns import COLUMNS, sheet_columns
-from guard.backends import BACKENDS, _load_builtin
-from guard.config import BackendKind
+from guard.backends import BACKENDS, BackendConfig, _load_builtin, backend_kinds
 from training.methods import METHODS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -37,7 +36,11 @@ def test_backend_kinds_agree() -> None:
     _load_builtin()
     para = README[README.index("Backends (`BackendConfig.kind`)"):].split(".\n")[0]
     listed = re.findall(r"`([a-z0-9-]+)`", para.split(":", 1)[1])
-    assert sorted(listed) == sorted(typing.get_args(BackendKind)) == BACKENDS.names()
+    assert sorted(listed) == BACKENDS.names() == backend_kinds()
+    for name in BACKENDS.names():  # each backend owns a config class whose kind is its registered name
+        cfg_cls = BACKENDS.get(name).config_class
+        assert cfg_cls is not BackendConfig and issubclass(cfg_cls, BackendConfig)
+        assert typing.get_args(cfg_cls.model_fields["kind"].annotation) == (name,)
 
 
 def test_report_columns_are_registered_once_with_a_reading() -> None:

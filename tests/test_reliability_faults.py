@@ -37,9 +37,9 @@ from detectors.oracle import OracleDetector
 from detectors.persistence import DetectorFormatError, verify_directory
 from eval.tasks.offline import generate_benchmark
 from guard.api import GuardedLLM
-from guard.backends.openai_http import OpenAIHTTPBackend
+from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
 from guard.backends.scripted import ScriptedBackend
-from guard.config import BackendConfig, GuardConfig, ServerConfig
+from guard.config import GuardConfig, ServerConfig
 from guard.server import FAULT_KINDS, create_app
 
 T = ForgetTarget(id="person-000", kind="privacy", names=["Elara Voswick"],
@@ -139,7 +139,7 @@ def upstream() -> Iterator[str]:
 def proxy(base_url: str, mode: str, check_every: int = 8) -> TestClient:
     """The guard proxy in front of the fake upstream (or a dead port) in ``mode``."""
     _Upstream.mode = mode
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url=base_url, model="m", timeout_s=0.5,
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url=base_url, model="m", timeout_s=0.5,
                                          connect_timeout_s=0.5, max_retries=0))
     g = GuardedLLM(be, OracleDetector([T]), guard=ScriptedBackend(lambda m: GUARD_OK, json_schema=True),
                    config=GuardConfig(check_every_tokens=check_every))
@@ -494,7 +494,7 @@ async def test_async_backend_paths_classify_faults_too() -> None:
                                                b'data: {"choices":[{"delta":{"content":"b"}}]}\n\n')
         return httpx.Response(200, content=b"<html>" + LEAK.encode() + b"</html>")
 
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://up.test/v1", model="m", max_retries=0),
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url="http://up.test/v1", model="m", max_retries=0),
                            transport=httpx.MockTransport(handler), async_transport=httpx.MockTransport(handler))
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(BackendError, match="not JSON") as e1:

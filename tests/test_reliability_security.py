@@ -27,9 +27,9 @@ from detectors.persistence import save_detector, verify_directory
 from eval.attacks import INJECTION_STRINGS
 from eval.tasks.offline import generate_benchmark
 from guard.api import GuardedLLM
-from guard.backends.openai_http import OpenAIHTTPBackend
+from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
 from guard.backends.scripted import ScriptedBackend
-from guard.config import BackendConfig, GuardConfig, ServerConfig
+from guard.config import GuardConfig, ServerConfig
 from guard.prompt import _MARKERS, _ROLE_LINE
 from guard.server import create_app
 
@@ -127,7 +127,7 @@ def test_keys_never_appear_in_logs(caplog: pytest.LogCaptureFixture) -> None:
         return httpx.Response(200, json={"choices": [{"message": {"role": "assistant", "content": "ok"},
                                                       "finish_reason": "stop"}]})
 
-    be = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url="http://upstream.test/v1", model="m", api_key=UPSTREAM,
+    be = OpenAIHTTPBackend(OpenAIConfig(base_url="http://upstream.test/v1", model="m", api_key=UPSTREAM,
                                          max_retries=0), transport=httpx.MockTransport(upstream),
                            async_transport=httpx.MockTransport(upstream))
     c, _ = app_client(target=be)

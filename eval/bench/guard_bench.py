@@ -25,8 +25,8 @@ from detectors.oracle import OracleDetector, fact_values
 from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 from guard.api import GuardedLLM
 from guard.backends import Backend, GenParams
-from guard.backends.transformers import TransformersBackend
-from guard.config import BackendConfig, GuardConfig
+from guard.backends.transformers import TransformersBackend, TransformersConfig
+from guard.config import GuardConfig
 
 log = logging.getLogger("guard_bench")
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark and return the report."""
     task = generate_benchmark(BenchmarkConfig(seed=args.seed))
     det, det_name = build_detector(task, args.detector)
-    target = TransformersBackend.from_config(BackendConfig(model=args.model, batch_size=args.batch_size))
+    target = TransformersBackend.from_config(TransformersConfig(model=args.model, batch_size=args.batch_size))
     gcfg = GuardConfig(guard_mode=args.guard_mode, max_new_tokens=args.max_new_tokens,
                        guard_max_new_tokens=args.guard_max_new_tokens, guard_timeout_s=600, detector_timeout_s=120)
     guarded = GuardedLLM(target, det, config=gcfg, targets=task)

@@ -228,15 +228,15 @@ def proxy_app(cfg: LoadConfig, upstream: str, det_dir: Path) -> Any:
     """The guard proxy under test: real detector, template guard, openai backend to the fake upstream."""
     from detectors.detector import Detector
     from guard.api import GuardedLLM
-    from guard.backends.openai_http import OpenAIHTTPBackend
-    from guard.config import BackendConfig, GuardConfig, ServerConfig
+    from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
+    from guard.config import GuardConfig, ServerConfig
     from guard.server import create_app, set_malloc_mmap_threshold
 
     set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_kb)
     det = Detector.load(det_dir)
     det.detect_batch(["warm-up prompt"])
     det.detect_leak_batch(["warm-up answer"])
-    target = OpenAIHTTPBackend(BackendConfig(kind="openai", base_url=upstream, model=_MODEL, timeout_s=cfg.timeout_s))
+    target = OpenAIHTTPBackend(OpenAIConfig(base_url=upstream, model=_MODEL, timeout_s=cfg.timeout_s))
     batching = {"detector_batch_window_ms": cfg.batch_window_ms, "detector_max_batch": cfg.max_batch,
                 "detector_max_inflight": cfg.max_inflight}
     gcfg = GuardConfig(guard_mode="template", output_check=cfg.output_check,

@@ -8,13 +8,30 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.generation import Message
+from core.models import DEFAULT_LLM
 from core.registry import Registry
 
 Messages = Sequence[Message]
 BACKENDS: Registry[type[Backend]] = Registry("guard backend")
+
+
+class BackendConfig(BaseModel):
+    """What every backend's config has; each backend subclasses it with ``kind`` and its own validated options.
+
+    Build one with the backend's class (``OpenAIConfig(base_url=...)``) or, from a YAML section or CLI flags,
+    with ``guard.backends.backend_config(kind=..., ...)``, which picks the class its ``kind`` names.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    model: str = Field(DEFAULT_LLM, description="Embedded name, local HF directory or hub id; for 'openai' the "
+                                                 "model name sent upstream.")
+    timeout_s: float = Field(60.0, gt=0, description="Per HTTP request (openai) or per generation call.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation call (HTTP: requests in flight).")
 
 
 class GenParams(BaseModel):
@@ -42,6 +59,7 @@ class Backend(ABC):
     """A model behind the guard. Subclasses implement the batch and stream methods; the rest derive."""
 
     name: str = "backend"
+    config_class: type[BackendConfig] = BackendConfig
     supports_json_schema: bool = False
     supports_prefix: bool = False
     model_id: str = ""

@@ -18,13 +18,13 @@ import json
 import logging
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import httpx
+from pydantic import Field, SecretStr
 
 from core.aio import iter_sync, run_sync
-from guard.backends.base import BACKENDS, Backend, GenOutput, GenParams, Messages
-from guard.config import BackendConfig
+from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
 from guard.types import BackendError
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,26 @@ def _json_of(resp: httpx.Response, where: str) -> Any:
                            f"({len(resp.content)} bytes, {ctype})", "bad_response") from e
 
 
+class OpenAIConfig(BackendConfig):
+    """An OpenAI-compatible server (vLLM, llama.cpp, a hosted API): where it is, its key, retries."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1")
+    api_key: SecretStr | None = Field(None, description="Sent as a Bearer token upstream.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10, description="Retries on connect errors, 429 and 5xx.")
+    retry_backoff_s: float = Field(0.25, ge=0)
+
+
 @BACKENDS.register("openai")
 class OpenAIHTTPBackend(Backend):
     """Talks to ``{base_url}/chat/completions`` and ``{base_url}/completions``."""
 
     name = "openai"
+    config_class = OpenAIConfig
     supports_prefix = False
 
-    def __init__(self, cfg: BackendConfig, transport: httpx.BaseTransport | None = None,
+    def __init__(self, cfg: OpenAIConfig, transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None) -> None:
         """Create sync and async clients; transports are injectable for tests."""
         if not cfg.base_url:
@@ -128,8 +140,8 @@ class OpenAIHTTPBackend(Backend):
         self.supports_json_schema = True
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig) -> OpenAIHTTPBackend:
-        """Build from a BackendConfig."""
+    def from_config(cls, cfg: OpenAIConfig) -> OpenAIHTTPBackend:
+        """Build from its config."""
         return cls(cfg)
 
     # -- request bodies -------------------------------------------------------------------------------

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from core.generation import chat_text, generate
 from core.models import LoadedLLM, load_llm
-from guard.backends.base import BACKENDS, Backend, GenOutput, GenParams, Messages
-from guard.config import BackendConfig
+from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
 from guard.types import BackendError
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,20 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+class TransformersConfig(BackendConfig):
+    """A Hugging Face causal LM loaded in this process: which dtype, on which device."""
+
+    kind: Literal["transformers"] = "transformers"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
 @BACKENDS.register("transformers")
 class TransformersBackend(Backend):
     """A Hugging Face causal LM in this process."""
 
     name = "transformers"
+    config_class = TransformersConfig
     supports_json_schema = False
     supports_prefix = True
 
@@ -63,7 +71,7 @@ class TransformersBackend(Backend):
         self.model_id = model_id or llm.source
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig) -> TransformersBackend:
+    def from_config(cls, cfg: TransformersConfig) -> TransformersBackend:
         """Load (or reuse) the configured model."""
         return cls(shared_llm(cfg.model, cfg.dtype, cfg.device), batch_size=cfg.batch_size, model_id=cfg.model)
 

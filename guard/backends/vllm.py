@@ -13,11 +13,12 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from core.models import resolve_llm_path
-from guard.backends.base import BACKENDS, Backend, GenOutput, GenParams, Messages
-from guard.config import BackendConfig
+from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
 from guard.types import BackendError
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,20 @@ def vllm_available() -> bool:
     return True
 
 
+class VLLMConfig(BackendConfig):
+    """An in-process ``vllm.LLM`` engine: its dtype and any other engine argument."""
+
+    kind: Literal["vllm"] = "vllm"
+    dtype: str = "float32"
+    vllm_kwargs: dict[str, object] = Field(default_factory=dict, description="Extra keyword arguments of vllm.LLM.")
+
+
 @BACKENDS.register("vllm")
 class VLLMBackend(Backend):
     """A ``vllm.LLM`` engine in this process."""
 
     name = "vllm"
+    config_class = VLLMConfig
     supports_json_schema = True
     supports_prefix = True
 
@@ -58,8 +68,8 @@ class VLLMBackend(Backend):
         self._lock = threading.Lock()  # vllm.LLM is not thread-safe
 
     @classmethod
-    def from_config(cls, cfg: BackendConfig) -> VLLMBackend:
-        """Build from a BackendConfig (``vllm_kwargs`` go to ``vllm.LLM``)."""
+    def from_config(cls, cfg: VLLMConfig) -> VLLMBackend:
+        """Build from its config (``vllm_kwargs`` go to ``vllm.LLM``)."""
         return cls(cfg.model, dtype=cfg.dtype, **cfg.vllm_kwargs)
 
     def _sampling(self, params: GenParams) -> Any:
