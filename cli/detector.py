@@ -51,6 +51,7 @@ def _calibration_table(det: Any) -> str:
     for ch, rep in det.calibration.items():
         lines.append(f"{ch:8} {rep.threshold:10.4f} {rep.conformal_threshold or rep.threshold:10.4f} "
                      f"{rep.fpr_calibration:10.4f} {rep.tpr or 0.0:8.4f} {rep.n_negatives:10d}")
+    lines += [f"{ch}: {rep.guarantee_note()}" for ch, rep in det.calibration.items()]
     return "\n".join(lines)
 
 

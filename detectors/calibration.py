@@ -17,7 +17,11 @@ of a target added at run time).
 Group-conditional ("Mondrian") mode takes the maximum of the pooled threshold and one threshold per
 negative group (neighbour, retain, benign, ...). The guarantee then holds for each group on its
 own, not only for the mixture: a pooled threshold is dominated by the many easy benign questions and
-can let the few hard neighbour questions through.
+can let the few hard neighbour questions through. A group too small for its own guarantee
+(``n < 1/alpha - 1``) gets none, and the report says so (``not_guaranteed``: group -> n); as the
+fallback, the small groups are pooled into one ``(small groups)`` group that gets its own conformal
+threshold (its guarantee then covers their mixture), and only when even that pool is too small does
+the threshold fall back to its largest score.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 log = logging.getLogger(__name__)
+
+SMALL_GROUPS = "(small groups)"
 
 
 class CalibrationReport(BaseModel):
@@ -50,6 +56,28 @@ class CalibrationReport(BaseModel):
     group_sizes: dict[str, int] = Field(default_factory=dict)
     conformal_threshold: float | None = Field(None, description="The conformal threshold before midpoint placement.")
     placement: str = "conformal"
+    similarity_threshold: float | None = Field(None, description="The second decision: flag when an item's cosine to the "
+                                           "nearest forget entry exceeds this where that entry is nearer than any "
+                                           "known negative and no foreign name occurs; conformal at similarity_fpr on the "
+                                           "same calibration items.")
+    similarity_fpr: float = Field(0.0, description="The share of target_fpr the similarity decision may spend "
+                                               "(the classifier's threshold is calibrated at the rest).")
+    scope: str = Field("text", description="What one calibration score is: 'deployed' (a whole prompt or answer "
+                                          "scored as detection does: all units, turns and rules, the max) or "
+                                          "'text' (one text).")
+
+    @property
+    def not_guaranteed(self) -> dict[str, int]:
+        """Groups too small for their own FPR guarantee, with their sizes (empty in pooled mode)."""
+        return {g: self.group_sizes.get(g, 0) for g, ok in sorted(self.group_guaranteed.items()) if not ok}
+
+    def guarantee_note(self) -> str:
+        """One line for tables and reports: what the target FPR is guaranteed for, and what not."""
+        head = f"target FPR {self.target_fpr:g}" + ("" if self.guaranteed else f" not guaranteed: n={self.n_negatives}")
+        small = self.not_guaranteed
+        if not small:
+            return head
+        return head + "; not guaranteed per group: " + ", ".join(f"{g} n={n}" for g, n in small.items())
 
 
 def conformal_rank(n: int, alpha: float) -> int:
@@ -115,9 +143,31 @@ def midpoint_threshold(conformal: float, pos_scores: np.ndarray, quantile: float
     return float(max(conformal, 1.0 / (1.0 + math.exp(-mid))))
 
 
+def group_thresholds(scores: np.ndarray, alpha: float, groups: np.ndarray
+                     ) -> tuple[dict[str, float], dict[str, bool], dict[str, int]]:
+    """Conformal threshold, guarantee and size per group; groups too small for a guarantee share one threshold,
+    conformal on their pooled scores (the ``(small groups)`` entry), see the module docstring."""
+    g_thr: dict[str, float] = {}
+    g_ok: dict[str, bool] = {}
+    g_n: dict[str, int] = {}
+    small = []
+    for name in sorted(set(groups.tolist())):
+        t_g, _, ok_g = conformal_threshold(scores[groups == name], alpha, warn=False)
+        g_thr[name], g_ok[name], g_n[name] = float(t_g), ok_g, int((groups == name).sum())
+        if not ok_g:
+            small.append(name)
+    if len(small) > 1:  # the fallback: small groups pooled, with a conformal threshold of their own when n allows
+        pooled = np.isin(groups, small)
+        t_s, _, ok_s = conformal_threshold(scores[pooled], alpha, warn=False)
+        for name in small:
+            g_thr[name] = float(t_s)
+        g_thr[SMALL_GROUPS], g_ok[SMALL_GROUPS], g_n[SMALL_GROUPS] = float(t_s), ok_s, int(pooled.sum())
+    return g_thr, g_ok, g_n
+
+
 def calibrate(neg_scores: np.ndarray, alpha: float, pos_scores: np.ndarray | None = None,
               neg_groups: Sequence[str] | None = None, per_group: bool = False,
-              placement: str = "conformal", pos_quantile: float = 0.02) -> CalibrationReport:
+              placement: str = "conformal", pos_quantile: float = 0.02, scope: str = "text") -> CalibrationReport:
     """Choose the conformal threshold on ``neg_scores`` (optionally per group) and report FPR and TPR."""
     neg = np.asarray(neg_scores, dtype=np.float64).reshape(-1)
     thr, rank, ok = conformal_threshold(neg, alpha)
@@ -132,9 +182,7 @@ def calibrate(neg_scores: np.ndarray, alpha: float, pos_scores: np.ndarray | Non
     g_ok: dict[str, bool] = {}
     g_n: dict[str, int] = {}
     if per_group and g is not None:
-        for name in sorted(set(g.tolist())):
-            t_g, _, ok_g = conformal_threshold(neg[g == name], alpha, warn=False)
-            g_thr[name], g_ok[name], g_n[name] = float(t_g), ok_g, int((g == name).sum())
+        g_thr, g_ok, g_n = group_thresholds(neg, alpha, g)
         thr = max([thr, *g_thr.values()])
     thr = float(min(1.0, max(0.0, thr)))
     conformal = thr
@@ -151,4 +199,4 @@ def calibrate(neg_scores: np.ndarray, alpha: float, pos_scores: np.ndarray | Non
         tpr=None if pos_scores is None else rate_above(pos_scores, thr),
         n_positives=0 if pos_scores is None else len(pos_scores), fpr_by_group=by_group,
         mode="group" if per_group else "pooled", group_thresholds=g_thr, group_guaranteed=g_ok, group_sizes=g_n,
-        conformal_threshold=conformal, placement=placement)
+        conformal_threshold=conformal, placement=placement, scope=scope)

@@ -30,6 +30,19 @@ class DetectorConfig(BaseModel):
     paraphrase_frames: int = Field(3, ge=0, le=6, description="Conversational frames generated per forget question.")
     name_probes: bool = Field(True, description="Add 'Who is X?'-style probes per target name.")
     statement_prompts: bool = Field(True, description="Add 'Is it true that <answer>?' prompts per forget answer.")
+    description_probes: bool = Field(True, description="Store the sentences of forget texts (names masked) as "
+                                     "prompts, so questions that describe a target without naming it match.")
+    name_rule: bool = Field(True, description="Flag a prompt or answer that contains a stored target's full name or "
+                            "alias of 2+ identifying tokens, whatever its score (a bare first name or surname, which "
+                            "namesakes share, stays a feature).")
+    question_rule: bool = Field(True, description="Flag a prompt with a turn, sentence or window equal to a stored "
+                                "forget question after normalisation, whatever its score.")
+    similarity_share: float = Field(0.3, ge=0.0, lt=1.0, description="Share of target_fpr spent on the second "
+                                    "decision, 'close to a stored forget entry, closer than to any known negative, and "
+                                    "naming no one else' (its cosine, calibrated on its own): it catches descriptions without a name that "
+                                    "the classifier scores low. The two FPRs add up to target_fpr. 0: off.")
+    calibration_prompts: bool = Field(True, description="Calibrate on composed prompts too (multi-turn "
+                                      "conversations, long messages, system turns), scored as deployed.")
     builtin_benign: bool = Field(True, description="Use the built-in benign questions as extra negatives.")
     calib_fraction: float = Field(0.4, gt=0.0, lt=1.0, description="Share of negatives held out for calibration.")
     max_negatives_per_group: int = Field(1500, ge=10, description="Cap per negative group (large retain sets are subsampled).")

@@ -26,13 +26,21 @@ import numpy as np
 
 from core.generation import Prompt
 from core.schema import ForgetTarget, ForgetTask
-from detectors.calibration import CalibrationReport, calibrate
+from detectors.calibration import CalibrationReport, calibrate, conformal_threshold, group_thresholds
 from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
-from detectors.features import CHANNELS, FEATURES, PairBatch, pair_features
+from detectors.features import (
+    CHANNELS,
+    FEATURES,
+    RULE_NAME,
+    RULE_NONE,
+    RULE_QUESTION,
+    PairBatch,
+    pair_features,
+)
 from detectors.index import set_faiss_threads
-from detectors.inputs import prompt_units, text_units
+from detectors.inputs import calibration_prompts, prompt_units, text_units
 from detectors.normalize import normalize
 from detectors.persistence import read_detector, save_detector
 from detectors.store import ROLES, ForgetStore, NegativeItem, StoreSnapshot
@@ -41,7 +49,20 @@ from detectors.types import Detection, Evidence
 log = logging.getLogger(__name__)
 
 _MAX_TRAIN_POSITIVES = 20_000
+_DESCRIPTION = ROLES.index("description")
+_MARGIN = FEATURES.index("margin")
+_FOREIGN = FEATURES.index("foreign_only")
+_TOP1 = FEATURES.index("top1")
 _MAX_EVIDENCE_TARGETS = 3
+
+
+def _similarity_score(pb: PairBatch) -> np.ndarray:
+    """Per pair, the similarity decision's score: the cosine to the target's nearest stored entry where that
+    entry is closer than any known negative (margin > 0) and the text names nothing the target's data never
+    mentions (a description of the target); else -2 (a text naming someone or something else is left to the
+    classifier, which weighs the names)."""
+    ok = (pb.X[:, _FOREIGN] == 0) & (pb.X[:, _MARGIN] > 0)
+    return np.where(ok, pb.X[:, _TOP1], -2.0)
 
 
 class DetectorNotFittedError(RuntimeError):
@@ -134,9 +155,11 @@ class Detector:
         ids, vecs = pos.index.items()
         if not np.array_equal(ids, pos.ids):
             raise ClassifierError(f"{channel}: index and metadata of bank {pos_name!r} disagree")
-        sel = np.arange(len(ids))
+        sel = np.flatnonzero(pos.role != _DESCRIPTION)  # descriptions are retrieval entries, not prompts to learn
+        if len(sel) == 0:
+            raise ClassifierError(f"{channel}: the store has no forget entries to train on")
         if len(sel) > _MAX_TRAIN_POSITIVES:
-            sel = np.sort(np.random.default_rng(self.config.split_seed).choice(len(sel), _MAX_TRAIN_POSITIVES, replace=False))
+            sel = np.sort(np.random.default_rng(self.config.split_seed).choice(sel, _MAX_TRAIN_POSITIVES, replace=False))
         k = self.config.top_k
         pb = pair_features(snap, channel, vecs[sel], [""] * len(sel), k, own_target=pos.target[sel].astype(np.int64),
                            own_ent=pos.ent[sel], exclude_group=pos.group[sel], unit_caps=[pos.caps[i] for i in sel])
@@ -167,17 +190,36 @@ class Detector:
         calib = snap.calib["query" if channel == "prompt" else "content"]
         if len(calib.texts) == 0:
             raise ClassifierError(f"{channel}: no calibration negatives (raise calib_fraction or add negatives)")
-        cb = pair_features(snap, channel, calib.vectors, calib.texts, self.config.top_k)
-        neg_scores = cb.unit_max(scorer.predict(cb.X))
+        # Calibrate what is deployed: each calibration prompt is scored by the function detection applies
+        # (its units, windows, turns, the rules, the max), composed multi-turn and long prompts included.
+        cfg = self.config
+        if channel == "prompt":
+            prompts, groups = calibration_prompts(calib, snap.calib["content"], cfg.split_seed, cfg.calibration_prompts)
+            unit_lists = [prompt_units(p, cfg.window_words, cfg.window_stride, cfg.max_turns) for p in prompts]
+        else:
+            groups = list(calib.groups)
+            unit_lists = [text_units(t, cfg.window_words, cfg.window_stride) for t in calib.texts]
+        neg_scores, _, _, _, _, neg_sim = self._item_scores(snap, channel, scorer, unit_lists, memo=True)
         # Positives' scores for the TPR report: leave-one-group-out features, as in training.
         ids, vecs = pos.index.items()
-        pb = pair_features(snap, channel, vecs, [""] * len(ids), self.config.top_k,
-                           own_target=pos.target.astype(np.int64), own_ent=pos.ent, exclude_group=pos.group,
-                           unit_caps=pos.caps)
+        keep = np.flatnonzero(pos.role != _DESCRIPTION)
+        pb = pair_features(snap, channel, vecs[keep], [""] * len(keep), self.config.top_k,
+                           own_target=pos.target[keep].astype(np.int64), own_ent=pos.ent[keep],
+                           exclude_group=pos.group[keep], unit_caps=[pos.caps[i] for i in keep])
         pos_scores = pb.unit_max(scorer.predict(pb.X))
-        report = calibrate(neg_scores, self.config.target_fpr, pos_scores, calib.groups,
-                           per_group=self.config.calibration == "group", placement=self.config.placement,
-                           pos_quantile=self.config.pos_quantile)
+        # Two decisions share target_fpr (a union bound): the classifier at (1 - share), the similarity decision at share.
+        share = cfg.similarity_share if channel == "prompt" else 0.0
+        report = calibrate(neg_scores, cfg.target_fpr * (1.0 - share), pos_scores, groups,
+                           per_group=cfg.calibration == "group", placement=cfg.placement,
+                           pos_quantile=cfg.pos_quantile, scope="deployed")
+        report.target_fpr = cfg.target_fpr
+        if share > 0:
+            s_alpha = cfg.target_fpr * share
+            s_thr, _, _ = conformal_threshold(neg_sim, s_alpha, warn=False)
+            if cfg.calibration == "group":  # per group as the classifier's threshold (Mondrian)
+                s_thr = max([s_thr, *group_thresholds(neg_sim, s_alpha, np.asarray(groups))[0].values()])
+            report.similarity_threshold, report.similarity_fpr = float(s_thr), cfg.target_fpr * share
+            report.fpr_calibration = float(np.mean((neg_scores > report.threshold) | (neg_sim > s_thr)))
         log.info("%s channel: threshold %.4f (rank %d of %d negatives), calibration FPR %.4f, LOO TPR %.4f",
                  channel, report.threshold, report.rank, report.n_negatives, report.fpr_calibration, report.tpr or 0.0)
         return ChannelModel(scorer, report)
@@ -214,30 +256,69 @@ class Detector:
             self.fit()
 
     # -- scoring ----------------------------------------------------------------------------------
-    def _detect_units(self, unit_lists: list[list[str]], channel: str) -> list[Detection]:
-        """Score each item's units in one encoder call and one search per bank; max per item."""
-        model = self._model(channel)
-        snap = self.store.snapshot()
+    def _rules(self, pb: PairBatch, channel: str) -> np.ndarray:
+        """The rule of each pair that the config enables (RULE_NONE where none fires)."""
+        r = pb.rule if pb.rule is not None else np.zeros(len(pb.X), np.int8)
+        on = np.zeros(len(r), dtype=bool)
+        if self.config.name_rule:
+            on |= r == RULE_NAME
+        if self.config.question_rule and channel == "prompt":
+            on |= r == RULE_QUESTION
+        return np.where(on, r, RULE_NONE).astype(np.int8)
+
+    def _item_scores(self, snap: StoreSnapshot, channel: str, scorer: LogisticScorer, unit_lists: list[list[str]],
+                     memo: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, PairBatch, np.ndarray, np.ndarray, np.ndarray]:
+        """Score items as detection does: one encoder call, pair scores (1 where a rule fires), max per item.
+
+        Returns (item scores, item rule flags, pairs, pair scores, pair owners, item margins); calibration
+        and :meth:`_detect_units` both call it, so the thresholds are calibrated on the deployed scores.
+        """
         flat = [u for us in unit_lists for u in us]
         owner = np.repeat(np.arange(len(unit_lists)), [len(us) for us in unit_lists])
-        E = self.encoder.encode([normalize(u) for u in flat])
+        E = self.encoder.encode([normalize(u) for u in flat], memo=memo)
         pb = pair_features(snap, channel, E, flat, self.config.top_k)
-        probs = model.scorer.predict(pb.X)
+        rules = self._rules(pb, channel)
+        probs = np.where(rules > 0, 1.0, scorer.predict(pb.X)) if len(pb.X) else np.zeros(0)
+        pair_owner = owner[pb.unit] if len(pb.unit) else np.zeros(0, np.int64)
+        scores = np.zeros(len(unit_lists), dtype=np.float64)
+        margins = np.full(len(unit_lists), -2.0, dtype=np.float64)
+        ruled = np.zeros(len(unit_lists), dtype=bool)
+        if len(probs):
+            np.maximum.at(scores, pair_owner, probs)
+            np.maximum.at(margins, pair_owner, _similarity_score(pb))
+            ruled[pair_owner[rules > 0]] = True
+        return scores, ruled, pb, probs, pair_owner, margins
+
+    def _detect_units(self, unit_lists: list[list[str]], channel: str) -> list[Detection]:
+        """Score each item's units in one encoder call and one search per bank; max per item; rules flag."""
+        model = self._model(channel)
+        snap = self.store.snapshot()
+        _, _, pb, probs, pair_owner, _ = self._item_scores(snap, channel, model.scorer, unit_lists)
+        rules = self._rules(pb, channel)
         thr = model.threshold
+        s_thr = model.calibration.similarity_threshold
+        close = _similarity_score(pb) > s_thr if s_thr is not None and len(pb.X) else np.zeros(len(probs), dtype=bool)
         best: list[dict[int, int]] = [{} for _ in unit_lists]
         for j in np.argsort(-probs, kind="stable"):
-            item = int(owner[pb.unit[j]])
+            item = int(pair_owner[j])
             t = int(pb.target[j])
             if t not in best[item]:
                 best[item][t] = int(j)
+        near = {(int(pair_owner[j]), int(pb.target[j])) for j in np.flatnonzero(close)}
         out = []
         for item in range(len(unit_lists)):
             ranked = sorted(best[item].items(), key=lambda kv: -probs[kv[1]])
             score = float(probs[ranked[0][1]]) if ranked else 0.0
-            flagged = score > thr
-            tids = [snap.target_id(t) for t, j in ranked if probs[j] > thr]
+            hit = [(t, j) for t, j in ranked if probs[j] > thr or rules[j] > 0 or (item, t) in near]
+            flagged = bool(hit)
+            tids = [snap.target_id(t) for t, _ in hit]
             ev: list[Evidence] = []
             for t, j in ranked[:_MAX_EVIDENCE_TARGETS]:
+                if rules[j] > 0:
+                    ev.append(Evidence(kind="rule", target_id=snap.target_id(t), score=1.0,
+                                       detail="names the target in full" if rules[j] == RULE_NAME
+                                       else "repeats a stored forget question"))
                 ev.extend(self._evidence(snap, channel, pb, j, snap.target_id(t), float(probs[j])))
             out.append(Detection(flagged=flagged, score=min(1.0, max(0.0, score)), threshold=thr, target_ids=tids,
                                  evidence=ev))

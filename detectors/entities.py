@@ -33,6 +33,8 @@ class EntityHit:
     partial: float = 0.0
     phrase: float = 0.0
     detail: str = ""
+    full_tokens: int = 0
+    """Identifying tokens (see :func:`key_tokens`) of the longest name found whole; 0 when none was."""
 
 
 def name_tokens(name: str) -> tuple[str, ...]:
@@ -120,14 +122,19 @@ class EntityMatcher:
     def match_tokens(self, toks: list[str]) -> dict[str, EntityHit]:
         """:meth:`match` on the text's :func:`~detectors.normalize.skeleton_tokens`."""
         full: dict[str, str] = {}
+        size: dict[str, int] = {}
         for i, t in enumerate(toks):
             for name_toks, tid, name in self._by_first.get(t, ()):
-                if tid not in full and tuple(toks[i:i + len(name_toks)]) == name_toks:
-                    full[tid] = name
+                if tuple(toks[i:i + len(name_toks)]) == name_toks:
+                    n = len(key_tokens(name_toks))
+                    if n > size.get(tid, -1):  # the longest name found wins (a full name over a bare surname)
+                        full[tid], size[tid] = name, n
         if self._compact_re is not None:
             for m in self._compact_re.finditer("".join(toks)):
                 for tid, name in self._compact_map.get(m.group(0), ()):
-                    full.setdefault(tid, name)
+                    n = len(key_tokens(name_tokens(name)))
+                    if n > size.get(tid, -1):
+                        full[tid], size[tid] = name, n
         counts: dict[tuple[str, int], int] = {}
         for t in set(toks):
             for key in self._token_names.get(t, ()):
@@ -153,6 +160,6 @@ class EntityMatcher:
         for tid in set(full) | set(partial) | phrase:
             f = 1.0 if tid in full else 0.0
             out[tid] = EntityHit(full=f, partial=1.0 if f else min(1.0, partial.get(tid, 0.0)),
-                                 phrase=1.0 if tid in phrase else 0.0,
+                                 phrase=1.0 if tid in phrase else 0.0, full_tokens=size.get(tid, 0),
                                  detail=f"name {full[tid]!r}" if tid in full else ("key phrase" if tid in phrase else "partial name"))
         return out

@@ -139,6 +139,8 @@ class EvalReport(BaseModel):
     calibration_fpr: list[float]
     seconds: float
     config: dict = Field(default_factory=dict)
+    calibration_notes: list[str] = Field(default_factory=list, description="Per built detector and channel: what "
+                                         "its threshold guarantees ('not guaranteed: n=...' for small groups).")
 
     def rate(self, group: str, channel: str = "prompt") -> float:
         """The rate of one group (KeyError when absent)."""
@@ -157,6 +159,7 @@ class EvalReport(BaseModel):
                          f"{g.rate:8.4f} {g.extreme:14.4f}")
         for k, v in self.auroc.items():
             lines.append(f"AUROC {k:30} {v:.4f}")
+        lines += [f"calibration: {n}" for n in dict.fromkeys(self.calibration_notes)]
         return "\n".join(lines)
 
 
@@ -228,6 +231,7 @@ def evaluate_groups(det: Detector, task_name: str, mode: str, prompt_pos: dict[s
     _score_split(det, split, pool)
     rep = _report(ForgetTask(name=task_name), mode, 1, det.config, pool, [det.threshold],
                   [det.calibration["prompt"].fpr_calibration], time.perf_counter() - t0)
+    rep.calibration_notes = [f"{ch}: {r.guarantee_note()}" for ch, r in det.calibration.items()]
     for label, (pos_groups, neg_groups) in (auroc_sides or {}).items():
         for ch in ("prompt", "leak"):
             p = [x for g in pos_groups for x in pool.scores.get((ch, g, True), [])]

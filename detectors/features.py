@@ -33,12 +33,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from detectors.normalize import normalize, skeleton_tokens
-from detectors.store import StoreSnapshot, caps_hashes, foreign_share, mentions_other
+from detectors.store import StoreSnapshot, caps_hashes, foreign_share, mentions_other, question_key
 
 FEATURES: tuple[str, ...] = ("top1", "top3", "frac", "gap", "neg1", "neg3", "margin", "ent_full", "ent_partial",
                              "ent_phrase", "partial_only", "top1_x_partial", "foreign_only", "other_name")
 CHANNELS: dict[str, tuple[str, str]] = {"prompt": ("query", "neg_query"), "leak": ("content", "neg_content")}
 _NEG_K = 3
+RULE_NONE, RULE_NAME, RULE_QUESTION = 0, 1, 2
+"""Why a pair is flagged whatever its score: no rule, the target's full name, or a stored question verbatim."""
+MIN_RULE_NAME_TOKENS = 2
+"""A name found whole flags on its own only with this many identifying tokens: a bare surname or first name
+(what namesakes share) stays a feature."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class PairBatch:
     best_id: np.ndarray
     entity_detail: tuple[str, ...]
     n_units: int
+    rule: np.ndarray | None = None
+    """Per pair: RULE_NONE, RULE_NAME or RULE_QUESTION (inference only; None in training batches)."""
 
     def unit_max(self, scores: np.ndarray) -> np.ndarray:
         """Per-unit maximum of pair scores (0 for a unit without candidates)."""
@@ -100,7 +107,7 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     pos, neg = snap.banks[pos_name], snap.banks[neg_name]
     m = len(E)
     empty = PairBatch(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, len(FEATURES))),
-                      np.zeros(0, np.int64), (), m)
+                      np.zeros(0, np.int64), (), m, np.zeros(0, np.int8))
     if m == 0 or len(pos) == 0:
         return empty
     kk = min(k, len(pos))
@@ -130,8 +137,10 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     targ_l: list[int] = []
     ent_l: list[tuple[float, ...]] = []
     det_l: list[str] = []
+    rule_l: list[int] = []
     for u in range(m):
         hits: dict[int, tuple[tuple[float, ...], str]] = {}
+        rules: dict[int, int] = {}
         own = -1
         if own_target is not None:
             own = int(own_target[u])
@@ -141,16 +150,22 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
         else:
             caps = caps_hashes(texts[u], snap.salt)
             toks = skeleton_tokens(normalize(texts[u]))
-            other = mentions_other(snap, "", toks)
+            other = mentions_other(snap, "", toks, leave_one_out=exclude_neg_group is not None)
             for tid, h in snap.matcher.match_tokens(toks).items():
                 num = snap.num_of.get(tid)
                 if num is not None:
                     hits[num] = ((h.full, h.partial, h.phrase), h.detail)
+                    if h.full_tokens >= MIN_RULE_NAME_TOKENS:
+                        rules[num] = RULE_NAME
+            if channel == "prompt" and toks:
+                for num in snap.question_index.get(question_key(texts[u], snap.salt), ()):
+                    rules[num] = RULE_QUESTION
         cands = [int(c) for c in (c1[u], c2[u]) if c >= 0]
-        cands += [n for n in hits if n not in cands]
+        cands += [n for n in (*hits, *rules) if n not in cands]
         for c in cands:
             unit_l.append(u)
             targ_l.append(c)
+            rule_l.append(rules.get(c, RULE_NONE))
             e, d = hits.get(c, ((0.0, 0.0, 0.0), ""))
             if c != own:
                 e = e[:3] + (foreign_share(caps, snap.targets[c]) if c in snap.targets else 0.0, other)
@@ -179,4 +194,4 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     X = np.column_stack([top1, top3, frac, top1 - others, neg1[r], neg3[r], top1 - neg1[r],
                          ent[:, 0], ent[:, 1], ent[:, 2], np.where((ent[:, 0] == 0) & (ent[:, 1] < 1.0), ent[:, 1], 0.0),
                          top1 * ent[:, 1], ent[:, 3] * (1.0 - ent[:, 0]), ent[:, 4] * (1.0 - ent[:, 0])])
-    return PairBatch(r, c, X, best_id, tuple(det_l), m)
+    return PairBatch(r, c, X, best_id, tuple(det_l), m, np.asarray(rule_l, dtype=np.int8))

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable, Sequence
 
 from core.facts import leaked_facts, target_fact_values
+from core.generation import Prompt
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection, Evidence
 
@@ -80,8 +81,12 @@ class OracleDetector:
         return Detection(flagged=score >= self.threshold, score=score, threshold=self.threshold,
                          target_ids=ids, evidence=hits)
 
-    def detect(self, prompt: str) -> Detection:
-        """Flag a prompt that names a target or asks one of its questions."""
+    def detect(self, prompt: Prompt) -> Detection:
+        """Flag a prompt (any of its turns) that names a target or asks one of its questions."""
+        if not isinstance(prompt, str):  # chat messages: every turn, and each turn alone as a question
+            turns = [str(m.get("content") or "") for m in prompt]
+            verdicts = [self.detect(t) for t in ["\n".join(turns), *turns]]
+            return self._verdict([e for v in verdicts for e in v.evidence])
         hits: list[Evidence] = []
         q = _norm(prompt)
         for t in list(self._targets.values()):
@@ -92,7 +97,7 @@ class OracleDetector:
                 hits.append(Evidence(kind="entity", target_id=t.id, score=0.9, detail="asks a target question"))
         return self._verdict(hits)
 
-    def detect_batch(self, prompts: Sequence[str]) -> list[Detection]:
+    def detect_batch(self, prompts: Sequence[Prompt]) -> list[Detection]:
         """``detect`` on each prompt."""
         return [self.detect(p) for p in prompts]
 

@@ -134,13 +134,15 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "detector": det.meta})
         _write_json(tmp / "targets.json", [
             {"num": r.num, "id": r.id, "kind": r.kind, "names": list(r.names), "policy": r.policy,
-             "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())}}
+             "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())},
+             "question_keys": sorted(r.question_keys)}
             for _, r in sorted(snap.targets.items())])
         _write_json(tmp / "store.json", {
             "banks": {b: {"texts": texts_of(b), "caps": [list(c) for c in snap.banks[b].caps]}
                       for b in BANKS},
             "neg_names": list(snap.neg_names),
-            "calib": {c: {"texts": list(cs.texts), "groups": list(cs.groups)} for c, cs in snap.calib.items()}})
+            "calib": {c: {"texts": list(cs.texts), "groups": list(cs.groups), "clusters": list(cs.clusters)}
+                      for c, cs in snap.calib.items()}})
         arrays: dict[str, np.ndarray] = {}
         for b in BANKS:
             bank = snap.banks[b]
@@ -278,12 +280,14 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
             raise DetectorFormatError(fpath, f"holds {index.ntotal} vectors but metadata has {len(fields['ids'])} rows",
                                       "index and metadata of the same size")
         banks[b] = Bank(index=index, texts=texts, caps=caps, **fields)
-    calib = {c: CalibrationSet(arrays[f"calib.{c}.vectors"].astype(np.float32), tuple(v["texts"]), tuple(v["groups"]))
+    calib = {c: CalibrationSet(arrays[f"calib.{c}.vectors"].astype(np.float32), tuple(v["texts"]), tuple(v["groups"]),
+                               tuple(v.get("clusters", ())))
              for c, v in store_json["calib"].items()}
     targets = {int(t["num"]): TargetRecord(num=int(t["num"]), id=t["id"], kind=t["kind"], names=tuple(t["names"]),
                                            phrase_hashes=frozenset(t["phrase_hashes"]), policy=t.get("policy"),
                                            phrase_starts=frozenset(t.get("phrase_starts", ())),
-                                           vocab={h: frozenset(g) for h, g in t["vocab"].items()})
+                                           vocab={h: frozenset(g) for h, g in t["vocab"].items()},
+                                           question_keys=frozenset(t.get("question_keys", ())))
                for t in _json(path / "targets.json")}
     neg_names = tuple(store_json.get("neg_names", ()))
     snap = StoreSnapshot(dim=int(meta["dim"]), salt=meta["salt"], targets=targets,

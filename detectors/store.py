@@ -29,6 +29,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -48,9 +49,13 @@ NEGATIVE_GROUPS: tuple[str, ...] = ("neighbour", "retain", "benign", "builtin_be
                                      "world_facts", "other")
 ROLES: tuple[str, ...] = ("question", "paraphrase", "probe", "variant", "name_probe", "phrase_probe", "statement",
                           "answer", "text",
-                          *(f"neg_{g}" for g in NEGATIVE_GROUPS))
+                          *(f"neg_{g}" for g in NEGATIVE_GROUPS),
+                          "description")  # appended: saved role codes keep their meaning
 ROLE_CODE: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
 PROBE_KINDS = frozenset({"alias", "multihop", "probe"})
+QUESTION_ROLES = frozenset({"question", "paraphrase", "probe", "variant", "statement"})
+"""Query entries whose exact text (after normalisation) is always flagged: see :func:`question_key`."""
+_MIN_DESCRIPTION_WORDS = 6
 ENT_WIDTH = 5  # stored entity features of an entry vs its own target: full, partial, phrase, foreign, other_name
 BANKS: tuple[str, ...] = ("query", "content", "neg_query", "neg_content")
 
@@ -72,6 +77,8 @@ class TargetRecord:
     phrase_starts: frozenset[str] = frozenset()
     vocab: dict[str, frozenset[int]] = field(default_factory=dict)
     """Salted token hash -> groups whose texts use the token (-1: a name token, always explained)."""
+    question_keys: frozenset[str] = frozenset()
+    """Salted hashes of the stored forget questions (:func:`question_key`): an exact repeat is always flagged."""
 
     def explains(self, token_hash: str, exclude_group: int | None = None) -> bool:
         """Whether the target's own data uses this token (outside ``exclude_group``)."""
@@ -148,16 +155,18 @@ class NegativeItem:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Held-out negatives (never indexed) for conformal calibration: vectors, texts (normalised, cased), groups."""
+    """Held-out negatives (never indexed) for conformal calibration: vectors, texts (normalised, cased), groups,
+    and the cluster (person, document or item) each text comes from, so composed prompts stay within one."""
 
     vectors: np.ndarray
     texts: tuple[str, ...]
     groups: tuple[str, ...]
+    clusters: tuple[int, ...] = ()
 
     @classmethod
     def empty(cls, dim: int) -> CalibrationSet:
         """No calibration items."""
-        return cls(np.zeros((0, dim), np.float32), (), ())
+        return cls(np.zeros((0, dim), np.float32), (), (), ())
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,15 @@ class StoreSnapshot:
     def target_id(self, num: int) -> str:
         """The id string of a target number."""
         return self.targets[num].id
+
+    @cached_property
+    def question_index(self) -> dict[str, tuple[int, ...]]:
+        """Stored question key -> the targets that stored it (built once per snapshot)."""
+        out: dict[str, list[int]] = {}
+        for num, rec in self.targets.items():
+            for k in rec.question_keys:
+                out.setdefault(k, []).append(num)
+        return {k: tuple(v) for k, v in out.items()}
 
     @property
     def target_ids(self) -> list[str]:
@@ -222,6 +240,32 @@ def chunk_text(text: str, max_words: int) -> list[str]:
     return chunks
 
 
+def question_key(text: str, salt: str) -> str:
+    """Salted hash of a question's normalised tokens: equal for any casing, spacing, punctuation or homoglyphs."""
+    return phrase_hash(("\x00question", *skeleton_tokens(normalize(text))), salt)
+
+
+def mask_names(sentence: str, names: Sequence[str]) -> str:
+    """A sentence with the target's names (whole, then any of their tokens) replaced by "this person"."""
+    out = sentence
+    toks = sorted({t for n in names for t in n.split() if len(t) >= 3}, key=len, reverse=True)
+    for n in sorted(names, key=len, reverse=True) + toks:
+        out = re.sub(rf"(?<!\w){re.escape(n)}(?!\w)", "this person", out, flags=re.IGNORECASE)
+    return re.sub(r"(?:this person[\s,]*){2,}", "this person ", out).strip()
+
+
+def description_sentences(texts: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Sentences of a target's forget texts with its names masked: a question that describes the target
+    without naming it ("Who is the surgeon who separated three sets of twins?") is close to one of them."""
+    out = []
+    for text in texts:
+        for line in text.splitlines():
+            for sent in split_sentences(line):
+                if len(sent.split()) >= _MIN_DESCRIPTION_WORDS:
+                    out.append(mask_names(sent, names))
+    return out
+
+
 def target_entry_specs(target: ForgetTarget, cfg: DetectorConfig) -> list[_EntrySpec]:
     """Everything stored for one target: questions, variants, probes, answers and text chunks."""
     names = list(target.names)
@@ -250,6 +294,12 @@ def target_entry_specs(target: ForgetTarget, cfg: DetectorConfig) -> list[_Entry
                      for i, p in enumerate(phrase_probes([" ".join(toks) for toks in phrases])))
     for j, text in enumerate(target.texts):
         specs.extend(_EntrySpec("content", c, "text", f"text{j}") for c in chunk_text(text, cfg.text_chunk_words))
+        if cfg.description_probes:
+            specs.extend(_EntrySpec("query", d, "description", f"text{j}")
+                         for d in description_sentences([text], names))
+    if cfg.description_probes:  # what the answers say about the target, as descriptions too
+        specs.extend(_EntrySpec("query", d, "description", f"qa{i}") for i, qa in enumerate(target.qa)
+                     for d in description_sentences([qa.answer], names))
     if not any(s.bank == "query" for s in specs):
         raise StoreError(f"target {target.id!r} yields no query entries (no names, no QA)")
     # Deduplicate identical (bank, normalised text) pairs: keep the first.
@@ -285,12 +335,19 @@ def neg_name_matcher(names: Sequence[str], salt: str) -> EntityMatcher | None:
     return EntityMatcher([TargetNames(f"neg{i}", (n,)) for i, n in enumerate(names)], salt) if names else None
 
 
-def mentions_other(snap: StoreSnapshot, normalized: str, toks: list[str] | None = None) -> float:
-    """1.0 when the text names a known negative subject (a retain or neighbour person) in full."""
+def mentions_other(snap: StoreSnapshot, normalized: str, toks: list[str] | None = None,
+                   leave_one_out: bool = False) -> float:
+    """1.0 when the text names a known negative subject (a retain or neighbour person) in full.
+
+    ``leave_one_out`` (a stored negative itself, in training): its own subject does not count, so it needs two
+    named subjects; otherwise the classifier would learn from negatives that always name a known person, and
+    trust the feature on unseen people, who never do.
+    """
     if snap.neg_matcher is None:
         return 0.0
     hits = snap.neg_matcher.match_tokens(toks if toks is not None else skeleton_tokens(normalized))
-    return 1.0 if any(h.full for h in hits.values()) else 0.0
+    named = sum(1 for h in hits.values() if h.full)
+    return 1.0 if named > (1 if leave_one_out else 0) else 0.0
 
 
 def subject_names(items: Iterable[NegativeItem], forget_names: Iterable[str]) -> tuple[str, ...]:
@@ -336,25 +393,51 @@ def task_negatives(task: ForgetTask, builtin: bool = True) -> list[NegativeItem]
         items.append(NegativeItem(_retain_group(qa.kind), fresh((qa.question, qa.paraphrased_question)),
                                   fresh((qa.answer, qa.paraphrased_answer)), qa.subject))
     for t in task.retain_texts:
-        items.append(NegativeItem("retain_text", (), fresh(chunk_text(t, 60))))
+        # Its sentences are negatives of the prompt channel too, the counterpart of the targets' descriptions.
+        sents = [s for line in t.splitlines() for s in split_sentences(line) if len(s.split()) >= _MIN_DESCRIPTION_WORDS]
+        items.append(NegativeItem("retain_text", fresh(sents), fresh(chunk_text(t, 60)), _text_subject(t)))
     items.extend(NegativeItem("benign", fresh((q,))) for q in task.benign_questions)
     if builtin:
         items.extend(NegativeItem("builtin_benign", fresh((q,))) for q in builtin_benign_questions())
     return [it for it in items if it.queries or it.contents]
 
 
+def _text_subject(text: str) -> str | None:
+    """The subject of a document: its first line when that reads like a title (LUME and Wikipedia-style texts)."""
+    first = text.strip().split("\n", 1)[0].strip()
+    return first if first and len(first.split()) <= 8 and "\n" in text.strip() else None
+
+
+def cluster_key(item: NegativeItem) -> tuple[str, ...]:
+    """The unit the calibration split keeps whole: the item's subject (a person, a document), else the item."""
+    if item.subject:
+        return ("subject", normalize(item.subject))
+    return (item.group, *item.queries, *item.contents)
+
+
 def split_negatives(items: Sequence[NegativeItem], calib_fraction: float, seed: int,
                     max_per_group: int) -> tuple[list[NegativeItem], list[NegativeItem]]:
-    """Split negative items into (train, calibration) by a seeded hash; cap each group's size."""
+    """Split negative items into (train, calibration) by a seeded hash of their *cluster*; cap each group's size.
+
+    Questions come in clusters (one person, one document): a split per item would put questions about one
+    person on both sides, and a threshold calibrated on such items promises nothing about unseen people.
+    Splitting by cluster makes the calibration items exchangeable with a new person's questions.
+    """
     by_group: dict[str, list[tuple[float, NegativeItem]]] = {}
     for it in items:
         by_group.setdefault(it.group, []).append((_item_hash((it.group, *it.queries, *it.contents), seed), it))
     train, calib = [], []
     for g in sorted(by_group):
         ranked = sorted(by_group[g], key=lambda x: x[0])[:max_per_group]
-        for h, it in ranked:
-            u = _item_hash((str(h),), seed + 1)
-            (calib if u < calib_fraction else train).append(it)
+        # One cluster only (a single retain document): split its items, as nothing else can be held out.
+        whole = len({cluster_key(it) for _, it in ranked}) >= 2
+        keys = [cluster_key(it) if whole else (str(h),) for h, it in ranked]
+        u = [_item_hash(k, seed + 1) for k in keys]
+        cut = calib_fraction
+        if len(set(keys)) >= 2:  # a group of few clusters still puts one on each side
+            cut = min(max(cut, float(np.nextafter(min(u), 1.0))), max(u))
+        for (_, it), v in zip(ranked, u, strict=True):
+            (calib if v < cut else train).append(it)
     return train, calib
 
 
@@ -430,7 +513,9 @@ class ForgetStore:
             rec = TargetRecord(num=next_num, id=t.id, kind=t.kind, names=tuple(t.names),
                                phrase_hashes=frozenset(phrase_hash(p, salt) for p in phrases), policy=t.policy,
                                phrase_starts=frozenset(phrase_hash(p[:1], salt) for p in phrases),
-                               vocab={h: frozenset(g) for h, g in vocab.items()})
+                               vocab={h: frozenset(g) for h, g in vocab.items()},
+                               question_keys=frozenset(question_key(sp.text, salt) for sp in specs
+                                                       if sp.role in QUESTION_ROLES))
             next_num += 1
             records.append(rec)
             own = _matcher([rec], salt)
@@ -541,8 +626,17 @@ class ForgetStore:
                     item_no.append(k)
             return texts, groups, item_no
 
+        cluster_of: dict[tuple[str, ...], int] = {}
+        calib_cluster = [cluster_of.setdefault(cluster_key(it), len(cluster_of)) for it in calib]
+        train_of: dict[tuple[str, ...], int] = {}
+        train_cluster = np.asarray([train_of.setdefault(cluster_key(it), len(train_of)) for it in train], np.int64)
+
         parts = {(split, attr): flat(its, attr) for split, its in (("train", train), ("calib", calib))
                  for attr in ("queries", "contents")}
+        # The prompt channel's known negatives include their answers and texts: a prompt can carry them (an
+        # assistant turn, a pasted passage), and the targets' descriptions come from answers and texts too.
+        q, c = parts[("train", "queries")], parts[("train", "contents")]
+        parts[("train", "queries")] = (q[0] + c[0], q[1] + c[1], q[2] + c[2])
         all_texts = [t for p in parts.values() for t in p[0]]
         vecs = self.encoder.encode([normalize(t) for t in all_texts], memo=memo)
         with self._lock:
@@ -558,9 +652,11 @@ class ForgetStore:
                 if split == "train":
                     n = len(texts)
                     ids = np.arange(next_id, next_id + n, dtype=np.int64)
-                    gid = next_group + np.asarray(item_no, dtype=np.int64)
+                    # One group per cluster (person, document): training leaves a negative's whole cluster
+                    # out of its nearest-negative features, as it is for an unseen person.
+                    gid = next_group + train_cluster[np.asarray(item_no, dtype=np.int64)]
                     next_id += n
-                    next_group += (max(item_no) + 1) if item_no else 0
+                    next_group += len(train_of)
                     role = np.array([ROLE_CODE.get(f"neg_{g}", ROLE_CODE["neg_other"]) for g in groups], np.int8)
                     fresh = Bank.empty(snap.dim, cfg)
                     banks[bank_name] = fresh.added(v, ids, np.full(n, -1, np.int32), gid, role,
@@ -568,7 +664,7 @@ class ForgetStore:
                                                    [caps_hashes(t, snap.salt) for t in texts])
                 else:
                     calib_sets["query" if attr == "queries" else "content"] = CalibrationSet(
-                        np.ascontiguousarray(v), tuple(texts), tuple(groups))
+                        np.ascontiguousarray(v), tuple(texts), tuple(groups), tuple(calib_cluster[k] for k in item_no))
             self._snap = replace(snap, banks=banks, calib=calib_sets, next_id=next_id, next_group=next_group,
                                  neg_names=names, neg_matcher=neg_name_matcher(names, snap.salt))
         log.info("store: negatives %d train / %d calibration items, %d known subjects", len(train), len(calib), len(names))

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EvidenceKind = Literal["entity", "embedding", "classifier"]
+EvidenceKind = Literal["entity", "embedding", "classifier", "rule"]
 
 
 class Evidence(BaseModel):

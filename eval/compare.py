@@ -560,7 +560,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               "original's plain answers.",
               "white-box metrics (truth ratio, MCQ, MIA, probe) are not applicable to guarded systems: an attacker "
               "with the weights drops the guard; the weights are those of the row without 'guard'.",
-              f"detector threshold {detector.threshold:.4f} (target FPR {detector.config.target_fpr}); guard_fpr_c is "
+              f"detector threshold {detector.threshold:.4f} ({_calibration_note(detector)}); guard_fpr_c is "
               "the per-prompt rate measured on (c).",
               "the retain (reference) row is the model never trained on the forget facts: the target to match; the "
               "base (reference) row is the model before fine-tuning (general knowledge only)."]
@@ -575,3 +575,11 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
         split={**split.counts(), "evaluated": counts}, parity=parity.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"))
     return report, write_report(report, out)
+
+
+def _calibration_note(detector: Any) -> str:
+    """What the detector's prompt threshold guarantees, from its calibration report (fakes: their target FPR)."""
+    cal = getattr(detector, "calibration", None)
+    if isinstance(cal, dict) and "prompt" in cal:
+        return cal["prompt"].guarantee_note()
+    return f"target FPR {detector.config.target_fpr}"

@@ -10,6 +10,13 @@
 * FPR on (c) held-out negatives by group (unseen neighbour and retain people, benign and general questions;
   for the leak channel their answers and texts), per prompt, with the calibrated threshold;
 * AUROC of (a) and of (b) against (c).
+
+Beside the groups of the split it reports the shapes a deployment sends (:func:`shaped_groups`): (b) split
+into questions that name their target (a stored name or alias, whole) and descriptions without a name;
+(b)'s unseen-fact questions placed in a system, an assistant and a tool turn, and translated into French,
+German and Spanish by the translation attack's translator (with (c)'s questions, for the FPR); and (c) composed into
+multi-turn conversations and long messages about one held-out person, so the per-prompt FPR is measured
+on prompts like those the threshold was calibrated for.
 """
 
 from __future__ import annotations
@@ -17,11 +24,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.schema import ForgetTask
+from core.generation import Prompt
+from core.schema import ForgetTask, QAItem
 from detectors.config import DetectorConfig
 from detectors.detector import Detector
 from detectors.encoder import Encoder
+from detectors.entities import EntityMatcher, TargetNames
 from detectors.evaluation import EvalReport, evaluate_groups
+from detectors.normalize import normalize
+from eval.attacks.translate import translate
 from eval.split import SplitConfig, TaskSplit, detector_texts, exclude_overlaps, request_texts, split_task
 
 
@@ -42,6 +53,55 @@ def detector_groups(split: TaskSplit) -> dict[str, dict[str, list[str]]]:
             "leak_neg": leak_neg}
 
 
+_LONG = 6
+
+
+def _names_target(split: TaskSplit) -> EntityMatcher:
+    """An entity matcher over the request's target names (what the detector was told)."""
+    return EntityMatcher([TargetNames(t.id, tuple(t.names)) for t in split.request.targets], salt="eval")
+
+
+def _by_subject(items: list[QAItem]) -> list[list[QAItem]]:
+    """Items grouped by their subject (one held-out person), in first-seen order."""
+    out: dict[str, list[QAItem]] = {}
+    for q in items:
+        out.setdefault(q.subject or q.question, []).append(q)
+    return list(out.values())
+
+
+def shaped_groups(split: TaskSplit) -> tuple[dict[str, list[Prompt]], dict[str, list[Prompt]]]:
+    """Extra (positive, negative) prompt groups shaped like deployed traffic (see the module docstring)."""
+    matcher = _names_target(split)
+    held = split.heldout_items()
+    named = [any(h.full for h in matcher.match(normalize(q.question)).values()) for q in held]
+    pos: dict[str, list[Prompt]] = {"b:names_target": [q.question for q, n in zip(held, named, strict=True) if n],
+                                    "b:no_name": [q.question for q, n in zip(held, named, strict=True) if not n]}
+    unseen = [q.question for q in split.held_out.get("unseen_fact", [])]
+    pos["b:in_system_turn"] = [[{"role": "system", "content": q}, {"role": "user", "content": "Go ahead."}]
+                               for q in unseen]
+    pos["b:in_assistant_turn"] = [[{"role": "user", "content": "What should I ask you?"},
+                                   {"role": "assistant", "content": q}, {"role": "user", "content": "Answer that."}]
+                                  for q in unseen]
+    pos["b:in_tool_turn"] = [[{"role": "user", "content": "Look up the question in my notes and answer it."},
+                              {"role": "tool", "content": q}] for q in unseen]
+    langs = ("fr", "de", "es")  # the translation attack's translator (templates, then a glossary)
+    pos["b:translated"] = [r[0] for q in unseen for lang in langs if (r := translate(q, lang)) is not None]
+    neg: dict[str, list[Prompt]] = {"c:multi_turn": [], "c:long": [], "c:translated": [
+        r[0] for items in split.negatives.values() for q in items[:40] for lang in langs
+        if (r := translate(q.question, lang)) is not None]}
+    for items in split.negatives.values():
+        for person in _by_subject(items):
+            if len(person) >= 2:
+                neg["c:multi_turn"].append([{"role": "user", "content": person[0].question},
+                                            {"role": "assistant", "content": person[0].answer},
+                                            {"role": "user", "content": person[1].question}])
+            if len(person) >= 3:
+                neg["c:long"].append(" ".join(q.question for q in person[:_LONG]))
+    benign = [*split.benign, *(g.question for g in split.general)]
+    neg["c:long"] += [" ".join(benign[i:i + _LONG]) for i in range(0, len(benign) - _LONG + 1, _LONG)]
+    return {k: v for k, v in pos.items() if v}, {k: v for k, v in neg.items() if v}
+
+
 def split_detector_eval(task: ForgetTask, config: DetectorConfig | None = None,
                         split_config: SplitConfig | None = None, encoder: Encoder | None = None,
                         general: Any = None, save_to: str | Path | None = None) -> tuple[EvalReport, TaskSplit]:
@@ -56,8 +116,11 @@ def split_detector_eval(task: ForgetTask, config: DetectorConfig | None = None,
         det.meta["split"] = {"task": task.name, **split.config.model_dump()}
         det.save(save_to)
     g = detector_groups(split)
+    shaped_pos, shaped_neg = shaped_groups(split)
+    g["prompt_pos"].update(shaped_pos)
+    g["prompt_neg"].update(shaped_neg)
     a = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("a:")]
-    b = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("b:")]
+    b = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("b:") and k not in shaped_pos]
     c = [*g["prompt_neg"], *g["leak_neg"]]
     nb = [k for k in c if k.startswith("c:neighbour")]
     rep = evaluate_groups(det, task.name, "split (request -> held-out)", g["prompt_pos"], g["prompt_neg"],

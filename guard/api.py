@@ -44,7 +44,7 @@ from guard.batching import MicroBatcher
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
 from guard.output_check import LeakCheckError, StreamChecker, check_text
-from guard.prompt import assemble, neutralise, sanitise_messages, special_tokens_of, user_text
+from guard.prompt import assemble, detector_input, neutralise, sanitise_messages, special_tokens_of, user_text
 from guard.types import (
     AdminError,
     DetectorProtocol,
@@ -133,7 +133,7 @@ class GuardedLLM:
         self._markers = special_tokens_of(self.target.tokenizer)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="guard-detector")
         window_s = self.config.detector_batch_window_ms / 1000.0
-        self._prompt_batcher: MicroBatcher[str, Detection] = MicroBatcher(
+        self._prompt_batcher: MicroBatcher[Prompt, Detection] = MicroBatcher(
             self._detect_prompts, window_s=window_s, max_batch=self.config.detector_max_batch,
             max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
             name="detect_batch")
@@ -186,7 +186,7 @@ class GuardedLLM:
         """Deadline of a detector call on ``n`` texts (the same scaling as the sync batch path)."""
         return self.config.detector_timeout_s * max(1.0, n / 8)
 
-    def _detect_prompts(self, texts: list[str]) -> list[Detection]:
+    def _detect_prompts(self, texts: list[Prompt]) -> list[Detection]:
         """One batched prompt check (run by the micro-batcher in a worker thread)."""
         return list(self.detector.detect_batch(texts))
 
@@ -197,7 +197,7 @@ class GuardedLLM:
             return list(many(texts))
         return [self.detector.detect_leak(t) for t in texts]
 
-    async def _detect(self, texts: list[str], traces: list[GuardTrace], shared: bool) -> list[Detection | None]:
+    async def _detect(self, texts: list[Prompt], traces: list[GuardTrace], shared: bool) -> list[Detection | None]:
         """Judge prompts; None for each when failing open. ``shared``: each text joins the micro-batches of
         concurrent requests (the async API); else one deadline-bound ``detect``/``detect_batch`` call."""
         t0 = time.perf_counter()
@@ -221,10 +221,13 @@ class GuardedLLM:
             tr.add_time("detect", dt)
         return dets
 
-    def _prepare(self, prompts: Sequence[Prompt], raw: bool) -> tuple[list[_Plan], list[str], list[list[Message]]]:
-        """Sanitise the prompts: a plan per prompt, the text the detector judges, the messages to send."""
+    def _prepare(self, prompts: Sequence[Prompt], raw: bool
+                 ) -> tuple[list[_Plan], list[str], list[Prompt], list[list[Message]]]:
+        """Sanitise the prompts: a plan per prompt, the text the guard model reads, what the detector judges (the
+        whole conversation: system, user, assistant and tool turns), the messages to send."""
         plans: list[_Plan] = []
         texts: list[str] = []
+        judged: list[Prompt] = []
         msgs_list: list[list[Message]] = []
         for p in prompts:
             plans.append(_Plan(trace=GuardTrace(output_check_mode=self.config.output_check), t0=time.perf_counter()))
@@ -233,16 +236,18 @@ class GuardedLLM:
                     raise TypeError("raw completion prompts must be strings")
                 msgs = [{"role": "user", "content": neutralise(p, self._markers)}]
                 texts.append(p)
+                judged.append(p)
             else:
                 msgs = sanitise_messages(p, self._markers)
-                texts.append(user_text(msgs))
+                texts.append(user_text(msgs) or "\n".join(m["content"] for m in msgs))
+                judged.append(detector_input(msgs))
             msgs_list.append(msgs)
-        return plans, texts, msgs_list
+        return plans, texts, judged, msgs_list
 
     async def _plan(self, prompts: Sequence[Prompt], raw: bool, shared: bool) -> list[_Plan]:
         """Judge the prompts and decide, for each, refusal or the messages to send (a guard LLM runs in a thread)."""
-        plans, texts, msgs_list = self._prepare(prompts, raw)
-        dets = await self._detect(texts, [pl.trace for pl in plans], shared)
+        plans, texts, judged, msgs_list = self._prepare(prompts, raw)
+        dets = await self._detect(judged, [pl.trace for pl in plans], shared)
         flagged = self._apply(plans, dets, texts, msgs_list, prompts, raw)
         if flagged:
             args = (plans, flagged, [texts[i] for i in flagged])

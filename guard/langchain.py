@@ -23,7 +23,7 @@ GuardInput = str | Sequence[BaseMessage] | PromptValue | Sequence[dict[str, str]
 GuardOutput = str | AIMessage
 
 _ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant", "system": "system",
-          "developer": "system"}
+          "developer": "system", "tool": "tool"}
 
 
 def to_messages(value: Any) -> tuple[str | list[Message], bool]:
@@ -45,7 +45,7 @@ def to_messages(value: Any) -> tuple[str | list[Message], bool]:
             if isinstance(m, BaseMessage):
                 role = _ROLES.get(m.type)
                 if role is None:
-                    raise ValueError(f"message type {m.type!r} is not supported by the guard (human, ai, system)")
+                    raise ValueError(f"message type {m.type!r} is not supported by the guard (human, ai, system, tool)")
                 content = m.content if isinstance(m.content, str) else m.text()
                 out.append({"role": role, "content": content})
             elif isinstance(m, dict) and "role" in m and "content" in m:

@@ -73,8 +73,8 @@ def sanitise_messages(prompt: Prompt, extra_markers: Iterable[str] = ()) -> list
     out: list[Message] = []
     for m in msgs:
         role = str(m.get("role", "user"))
-        if role not in {"system", "user", "assistant", "developer"}:
-            raise ValueError(f"unsupported message role {role!r}; accepted: system, developer, user, assistant")
+        if role not in {"system", "user", "assistant", "developer", "tool"}:
+            raise ValueError(f"unsupported message role {role!r}; accepted: system, developer, user, assistant, tool")
         content = m.get("content", "")
         if not isinstance(content, str):
             raise ValueError("message content must be a string (multi-part content is not supported)")
@@ -83,6 +83,14 @@ def sanitise_messages(prompt: Prompt, extra_markers: Iterable[str] = ()) -> list
         else:
             out.append({"role": role, "content": neutralise(content, markers)})
     return out
+
+
+def detector_input(messages: Sequence[Message]) -> Prompt:
+    """What the detector judges: the whole conversation, every turn with its role (a forget question in a system,
+    assistant or tool turn is scored too); a lone user turn as its text."""
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return messages[0]["content"]
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def user_text(messages: Sequence[Message]) -> str:

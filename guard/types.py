@@ -8,6 +8,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, computed_field
 
+from core.generation import Prompt
 from core.schema import ForgetTarget
 from detectors.types import Detection
 
@@ -16,11 +17,11 @@ from detectors.types import Detection
 class DetectorProtocol(Protocol):
     """What the guard needs from a detector (``detectors.detector`` implements it; tests use fakes)."""
 
-    def detect(self, prompt: str) -> Detection:
-        """Verdict on one prompt."""
+    def detect(self, prompt: Prompt) -> Detection:
+        """Verdict on one prompt: a string, or chat messages whose every turn is judged."""
         ...
 
-    def detect_batch(self, prompts: Sequence[str]) -> list[Detection]:
+    def detect_batch(self, prompts: Sequence[Prompt]) -> list[Detection]:
         """Verdicts on many prompts, in order."""
         ...
 

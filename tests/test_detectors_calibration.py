@@ -167,3 +167,18 @@ def test_ivf_remove_and_clone_are_independent() -> None:
     assert not np.isin(ids, np.arange(10)).any()
     got_ids, got = idx.items()
     assert got_ids.tolist() == list(range(2000)) and np.allclose(got, x)
+
+
+def test_small_groups_are_pooled_and_reported_not_guaranteed() -> None:
+    rng = np.random.default_rng(4)
+    big, a, b = rng.beta(1, 30, 400), rng.beta(3, 10, 30), rng.beta(3, 10, 80)
+    neg = np.concatenate([big, a, b])
+    groups = ["benign"] * 400 + ["neighbour"] * 30 + ["retain"] * 80
+    rep = calibrate(neg, 0.01, None, groups, per_group=True)
+    assert rep.not_guaranteed == {"neighbour": 30, "retain": 80}
+    pooled, _, ok = conformal_threshold(np.concatenate([a, b]), 0.01)  # 110 >= 99: the pool has a guarantee
+    assert ok and rep.group_thresholds["neighbour"] == rep.group_thresholds["retain"] == pytest.approx(pooled)
+    assert rep.group_guaranteed["(small groups)"] is True and rep.threshold >= pooled
+    note = rep.guarantee_note()
+    assert note.startswith("target FPR 0.01; not guaranteed per group:") and "neighbour n=30" in note
+    assert calibrate(big, 0.01, None, ["benign"] * 400, per_group=True).guarantee_note() == "target FPR 0.01"

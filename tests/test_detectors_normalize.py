@@ -127,7 +127,7 @@ def test_prompt_units_string_and_chat() -> None:
             {"role": "user", "content": "Where was she born?"}]
     units = prompt_units(chat)
     assert "I have a question about Elara Vosberg. Where was she born?" in units  # user turns joined
-    assert "Where was she born?" in units and "You are helpful." not in " ".join(units[:3])
+    assert "Where was she born?" in units and "You are helpful." in units  # every turn is scored, system too
     parts = [{"role": "user", "content": [{"type": "text", "text": "Where was"}, {"type": "text", "text": "Elara born?"}]}]
     assert prompt_units(parts) == ["Where was\nElara born?".replace("\n", " ")]
 

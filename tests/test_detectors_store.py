@@ -266,3 +266,51 @@ def test_in_sample_evaluation_and_fold_split(det: Detector, task) -> None:  # ty
         assert stored.isdisjoint(s.pos["forget_question"]) and stored.isdisjoint(s.pos["forget_probe"])
         test_negs = {q for g in s.neg.values() for q in g}
         assert test_negs.isdisjoint({q for it in s.train_negatives for q in it.queries})
+
+
+def test_calibration_split_keeps_each_person_on_one_side() -> None:
+    from detectors.store import NegativeItem, cluster_key, split_negatives
+
+    items = [NegativeItem("retain", (f"What did person {p} write in year {k}?",), (), f"Person Number{p}")
+             for p in range(40) for k in range(6)]
+    items += [NegativeItem("benign", (f"Benign question {i}?",)) for i in range(50)]
+    train, calib = split_negatives(items, 0.4, 0, 1500)
+    side = {}
+    for where, its in (("train", train), ("calib", calib)):
+        for it in its:
+            assert side.setdefault(cluster_key(it), where) == where  # no person on both sides
+    people_calib = {it.subject for it in calib if it.subject}
+    assert 5 <= len(people_calib) <= 30 and sum(it.group == "benign" for it in calib) > 5
+
+
+def test_calibration_prompts_include_deployed_shapes() -> None:
+    from detectors.inputs import calibration_prompts
+    from detectors.store import CalibrationSet
+
+    texts = tuple(f"What is fact {k} about person {p}?" for p in range(10) for k in range(4))
+    q = CalibrationSet(np.zeros((len(texts), 4), np.float32), texts, ("retain",) * len(texts),
+                       tuple(p for p in range(10) for _ in range(4)))
+    a = CalibrationSet(np.zeros((10, 4), np.float32), tuple(f"Person {p} did things." for p in range(10)),
+                       ("retain",) * 10, tuple(range(10)))
+    prompts, groups = calibration_prompts(q, a, seed=0)
+    assert prompts[:len(texts)] == list(texts) and len(prompts) == len(groups) == len(texts) + len(texts) // 2
+    shapes = {g.split("|")[1] for g in groups if "|" in g}
+    assert shapes == {"conversation", "long", "system"}
+    conv = next(p for p, g in zip(prompts, groups, strict=True) if g == "retain|conversation")
+    assert [m["role"] for m in conv] == ["user", "assistant", "user"]
+    p_of = {t: t.split("person ")[1] for t in texts}
+    assert p_of[conv[0]["content"]] == p_of[conv[2]["content"]]  # one person per conversation
+    assert calibration_prompts(q, a, composed=False) == (list(texts), list(q.groups))
+
+
+def test_question_keys_and_longest_full_name() -> None:
+    from detectors.entities import EntityMatcher, TargetNames
+    from detectors.normalize import normalize
+    from detectors.store import question_key
+
+    assert question_key("Where was Elara Vosberg born?", "s") == question_key("  WHERE was elara vosberg born ?!", "s")
+    assert question_key("Where was Elara Vosberg born?", "s") != question_key("Where was Elara Vosberg raised?", "s")
+    m = EntityMatcher([TargetNames("t", ("Vosberg", "Elara Vosberg"))], "s")
+    assert m.match(normalize("Vosberg wrote to Elara Vosberg."))["t"].full_tokens == 2
+    assert m.match(normalize("Mr Vosberg wrote."))["t"].full_tokens == 1
+    assert "t" not in m.match(normalize("Elara Smith wrote.")) or m.match(normalize("Elara Smith wrote."))["t"].full == 0

@@ -16,6 +16,7 @@ from core.registry import Registry
 
 Messages = Sequence[Message]
 BACKENDS: Registry[type[Backend]] = Registry("guard backend")
+_CLOSE_WAIT_S = 2.0
 
 
 class BackendConfig(BaseModel):
@@ -164,3 +165,6 @@ async def aiter_thread(make_iter: Any, maxsize: int = 64) -> AsyncIterator[Any]:
         stop.set()
         while not queue.empty():  # unblock a worker waiting on a full queue
             queue.get_nowait()
+        if thread.is_alive():  # closed early: wait (briefly) until the worker has closed the blocking iterator,
+            # so "closed" means generation stopped; a worker inside a slow step finishes it on its own
+            await asyncio.to_thread(thread.join, _CLOSE_WAIT_S)
