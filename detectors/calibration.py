@@ -62,6 +62,8 @@ class CalibrationReport(BaseModel):
                                            "same calibration items.")
     similarity_fpr: float = Field(0.0, description="The share of target_fpr the similarity decision may spend "
                                                "(the classifier's threshold is calibrated at the rest).")
+    rule_fpr: float = Field(0.0, description="Share of the calibration items the rules (a stored question, a full "
+                                             "name) flag; spent from target_fpr before the thresholds are set.")
     scope: str = Field("text", description="What one calibration score is: 'deployed' (a whole prompt or answer "
                                           "scored as detection does: all units, turns and rules, the max) or "
                                           "'text' (one text).")
@@ -74,6 +76,10 @@ class CalibrationReport(BaseModel):
     def guarantee_note(self) -> str:
         """One line for tables and reports: what the target FPR is guaranteed for, and what not."""
         head = f"target FPR {self.target_fpr:g}" + ("" if self.guaranteed else f" not guaranteed: n={self.n_negatives}")
+        if self.rule_fpr >= self.target_fpr:
+            head += f" not guaranteed: the rules alone flag {self.rule_fpr:.4f} of the calibration prompts"
+        elif self.rule_fpr > 0:
+            head += f" (rules flag {self.rule_fpr:.4f} of the calibration prompts, counted in it)"
         small = self.not_guaranteed
         if not small:
             return head

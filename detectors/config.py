@@ -41,6 +41,12 @@ class DetectorConfig(BaseModel):
                                     "decision, 'close to a stored forget entry, closer than to any known negative, and "
                                     "naming no one else' (its cosine, calibrated on its own): it catches descriptions without a name that "
                                     "the classifier scores low. The two FPRs add up to target_fpr. 0: off.")
+    similarity_floor: float = Field(0.6, ge=-1.0, le=1.0, description="Least cosine the similarity decision needs, "
+                                    "whatever its calibrated threshold (raising a threshold keeps the guarantee): "
+                                    "below it a text only shares topic words with a description.")
+    value_rule: bool = Field(True, description="Flag a prompt or answer that states an identifying value of a "
+                             "target (an e-mail address, a number of 6+ digits such as a phone, account or ID number "
+                             "or a full date, from its answers and texts; stored as salted hashes).")
     calibration_prompts: bool = Field(True, description="Calibrate on composed prompts too (multi-turn "
                                       "conversations, long messages, system turns), scored as deployed.")
     builtin_benign: bool = Field(True, description="Use the built-in benign questions as extra negatives.")

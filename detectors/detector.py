@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ from detectors.features import (
     RULE_NAME,
     RULE_NONE,
     RULE_QUESTION,
+    RULE_VALUE,
     PairBatch,
+    description_similarity,
     pair_features,
 )
 from detectors.index import set_faiss_threads
@@ -49,20 +52,32 @@ from detectors.types import Detection, Evidence
 log = logging.getLogger(__name__)
 
 _MAX_TRAIN_POSITIVES = 20_000
-_DESCRIPTION = ROLES.index("description")
-_MARGIN = FEATURES.index("margin")
-_FOREIGN = FEATURES.index("foreign_only")
-_TOP1 = FEATURES.index("top1")
+
 _MAX_EVIDENCE_TARGETS = 3
 
 
-def _similarity_score(pb: PairBatch) -> np.ndarray:
-    """Per pair, the similarity decision's score: the cosine to the target's nearest stored entry where that
-    entry is closer than any known negative (margin > 0) and the text names nothing the target's data never
-    mentions (a description of the target); else -2 (a text naming someone or something else is left to the
-    classifier, which weighs the names)."""
-    ok = (pb.X[:, _FOREIGN] == 0) & (pb.X[:, _MARGIN] > 0)
-    return np.where(ok, pb.X[:, _TOP1], -2.0)
+@dataclass(frozen=True)
+class _Scored:
+    """What :meth:`Detector._item_scores` computes for a batch of items (prompts or answers)."""
+
+    scores: np.ndarray
+    """Per item: the max pair score (1 where a rule fires)."""
+    ruled: np.ndarray
+    """Per item: whether a rule fired."""
+    sim: np.ndarray
+    """Per item: the similarity decision's max score (-2: none)."""
+    pairs: PairBatch
+    pair_scores: np.ndarray
+    pair_rules: np.ndarray
+    pair_owner: np.ndarray
+    owner: np.ndarray
+    """Per unit: its item."""
+    unit_sim: np.ndarray
+    unit_sim_target: np.ndarray
+
+
+_RULE_DETAIL = {RULE_NAME: "names the target in full", RULE_QUESTION: "repeats a stored forget question",
+                RULE_VALUE: "states an identifying value of the target"}
 
 
 class DetectorNotFittedError(RuntimeError):
@@ -155,9 +170,7 @@ class Detector:
         ids, vecs = pos.index.items()
         if not np.array_equal(ids, pos.ids):
             raise ClassifierError(f"{channel}: index and metadata of bank {pos_name!r} disagree")
-        sel = np.flatnonzero(pos.role != _DESCRIPTION)  # descriptions are retrieval entries, not prompts to learn
-        if len(sel) == 0:
-            raise ClassifierError(f"{channel}: the store has no forget entries to train on")
+        sel = np.arange(len(ids))
         if len(sel) > _MAX_TRAIN_POSITIVES:
             sel = np.sort(np.random.default_rng(self.config.split_seed).choice(sel, _MAX_TRAIN_POSITIVES, replace=False))
         k = self.config.top_k
@@ -199,27 +212,39 @@ class Detector:
         else:
             groups = list(calib.groups)
             unit_lists = [text_units(t, cfg.window_words, cfg.window_stride) for t in calib.texts]
-        neg_scores, _, _, _, _, neg_sim = self._item_scores(snap, channel, scorer, unit_lists, memo=True)
+        scored = self._item_scores(snap, channel, scorer, unit_lists, memo=True)
+        neg_scores, neg_ruled, neg_sim = scored.scores, scored.ruled, scored.sim
         # Positives' scores for the TPR report: leave-one-group-out features, as in training.
         ids, vecs = pos.index.items()
-        keep = np.flatnonzero(pos.role != _DESCRIPTION)
-        pb = pair_features(snap, channel, vecs[keep], [""] * len(keep), self.config.top_k,
-                           own_target=pos.target[keep].astype(np.int64), own_ent=pos.ent[keep],
-                           exclude_group=pos.group[keep], unit_caps=[pos.caps[i] for i in keep])
+        pb = pair_features(snap, channel, vecs, [""] * len(ids), self.config.top_k,
+                           own_target=pos.target.astype(np.int64), own_ent=pos.ent, exclude_group=pos.group,
+                           unit_caps=pos.caps)
         pos_scores = pb.unit_max(scorer.predict(pb.X))
-        # Two decisions share target_fpr (a union bound): the classifier at (1 - share), the similarity decision at share.
+        # Three decisions share target_fpr (a union bound): the rules flag what they flag (their rate on the
+        # calibration prompts is spent first), the similarity decision gets `share` of the rest, the classifier
+        # the remainder, each threshold conformal on the prompts the rules leave.
         share = cfg.similarity_share if channel == "prompt" else 0.0
-        report = calibrate(neg_scores, cfg.target_fpr * (1.0 - share), pos_scores, groups,
+        rule_rate = float(neg_ruled.mean()) if len(neg_ruled) else 0.0
+        budget = max(cfg.target_fpr - rule_rate, cfg.target_fpr * 0.05)
+        if rule_rate > 0:
+            log.warning("%s channel: the rules flag %.4f of the calibration prompts; the thresholds share the rest "
+                        "of target FPR %.4g", channel, rule_rate, cfg.target_fpr)
+        free = ~neg_ruled
+        groups_free = [g for g, f in zip(groups, free, strict=True) if f]
+        report = calibrate(neg_scores[free], budget * (1.0 - share), pos_scores, groups_free,
                            per_group=cfg.calibration == "group", placement=cfg.placement,
                            pos_quantile=cfg.pos_quantile, scope="deployed")
-        report.target_fpr = cfg.target_fpr
+        report.target_fpr, report.rule_fpr = cfg.target_fpr, rule_rate
+        flagged = neg_ruled | (neg_scores > report.threshold)
         if share > 0:
-            s_alpha = cfg.target_fpr * share
-            s_thr, _, _ = conformal_threshold(neg_sim, s_alpha, warn=False)
+            s_alpha = budget * share
+            s_thr, _, _ = conformal_threshold(neg_sim[free], s_alpha, warn=False)
             if cfg.calibration == "group":  # per group as the classifier's threshold (Mondrian)
-                s_thr = max([s_thr, *group_thresholds(neg_sim, s_alpha, np.asarray(groups))[0].values()])
-            report.similarity_threshold, report.similarity_fpr = float(s_thr), cfg.target_fpr * share
-            report.fpr_calibration = float(np.mean((neg_scores > report.threshold) | (neg_sim > s_thr)))
+                s_thr = max([s_thr, *group_thresholds(neg_sim[free], s_alpha, np.asarray(groups_free))[0].values()])
+            s_thr = max(float(s_thr), cfg.similarity_floor)
+            report.similarity_threshold, report.similarity_fpr = s_thr, s_alpha
+            flagged |= neg_sim > s_thr
+        report.fpr_calibration = float(np.mean(flagged))
         log.info("%s channel: threshold %.4f (rank %d of %d negatives), calibration FPR %.4f, LOO TPR %.4f",
                  channel, report.threshold, report.rank, report.n_negatives, report.fpr_calibration, report.tpr or 0.0)
         return ChannelModel(scorer, report)
@@ -264,16 +289,15 @@ class Detector:
             on |= r == RULE_NAME
         if self.config.question_rule and channel == "prompt":
             on |= r == RULE_QUESTION
+        if self.config.value_rule:
+            on |= r == RULE_VALUE
         return np.where(on, r, RULE_NONE).astype(np.int8)
 
     def _item_scores(self, snap: StoreSnapshot, channel: str, scorer: LogisticScorer, unit_lists: list[list[str]],
-                     memo: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray, PairBatch, np.ndarray, np.ndarray, np.ndarray]:
-        """Score items as detection does: one encoder call, pair scores (1 where a rule fires), max per item.
-
-        Returns (item scores, item rule flags, pairs, pair scores, pair owners, item margins); calibration
-        and :meth:`_detect_units` both call it, so the thresholds are calibrated on the deployed scores.
-        """
+                     memo: bool = False) -> _Scored:
+        """Score items as detection does: one encoder call, pair scores (1 where a rule fires), max per item, and
+        the similarity decision's score per unit; calibration and :meth:`_detect_units` both call it, so the
+        thresholds are calibrated on the deployed scores."""
         flat = [u for us in unit_lists for u in us]
         owner = np.repeat(np.arange(len(unit_lists)), [len(us) for us in unit_lists])
         E = self.encoder.encode([normalize(u) for u in flat], memo=memo)
@@ -282,45 +306,55 @@ class Detector:
         probs = np.where(rules > 0, 1.0, scorer.predict(pb.X)) if len(pb.X) else np.zeros(0)
         pair_owner = owner[pb.unit] if len(pb.unit) else np.zeros(0, np.int64)
         scores = np.zeros(len(unit_lists), dtype=np.float64)
-        margins = np.full(len(unit_lists), -2.0, dtype=np.float64)
         ruled = np.zeros(len(unit_lists), dtype=bool)
         if len(probs):
             np.maximum.at(scores, pair_owner, probs)
-            np.maximum.at(margins, pair_owner, _similarity_score(pb))
             ruled[pair_owner[rules > 0]] = True
-        return scores, ruled, pb, probs, pair_owner, margins
+        sim = np.full(len(unit_lists), -2.0)
+        unit_sim, unit_sim_target = (description_similarity(snap, E, flat) if channel == "prompt"
+                                     else (np.full(len(flat), -2.0), np.full(len(flat), -1, np.int64)))
+        if len(flat):
+            np.maximum.at(sim, owner, unit_sim)
+        return _Scored(scores, ruled, sim, pb, probs, rules, pair_owner, owner, unit_sim, unit_sim_target)
 
     def _detect_units(self, unit_lists: list[list[str]], channel: str) -> list[Detection]:
         """Score each item's units in one encoder call and one search per bank; max per item; rules flag."""
         model = self._model(channel)
         snap = self.store.snapshot()
-        _, _, pb, probs, pair_owner, _ = self._item_scores(snap, channel, model.scorer, unit_lists)
-        rules = self._rules(pb, channel)
+        sc = self._item_scores(snap, channel, model.scorer, unit_lists)
+        pb, probs, rules, pair_owner = sc.pairs, sc.pair_scores, sc.pair_rules, sc.pair_owner
         thr = model.threshold
         s_thr = model.calibration.similarity_threshold
-        close = _similarity_score(pb) > s_thr if s_thr is not None and len(pb.X) else np.zeros(len(probs), dtype=bool)
+        near: dict[int, dict[int, float]] = {}  # item -> target -> best description cosine above s_thr
+        if s_thr is not None:
+            for u in np.flatnonzero(sc.unit_sim > s_thr):
+                d = near.setdefault(int(sc.owner[u]), {})
+                t = int(sc.unit_sim_target[u])
+                d[t] = max(d.get(t, -2.0), float(sc.unit_sim[u]))
         best: list[dict[int, int]] = [{} for _ in unit_lists]
         for j in np.argsort(-probs, kind="stable"):
             item = int(pair_owner[j])
             t = int(pb.target[j])
             if t not in best[item]:
                 best[item][t] = int(j)
-        near = {(int(pair_owner[j]), int(pb.target[j])) for j in np.flatnonzero(close)}
         out = []
         for item in range(len(unit_lists)):
             ranked = sorted(best[item].items(), key=lambda kv: -probs[kv[1]])
             score = float(probs[ranked[0][1]]) if ranked else 0.0
-            hit = [(t, j) for t, j in ranked if probs[j] > thr or rules[j] > 0 or (item, t) in near]
-            flagged = bool(hit)
-            tids = [snap.target_id(t) for t, _ in hit]
+            close = near.get(item, {})
+            hit = [t for t, j in ranked if probs[j] > thr or rules[j] > 0 or t in close]
+            hit += [t for t in close if t not in hit]
+            tids = [snap.target_id(t) for t in hit]
             ev: list[Evidence] = []
             for t, j in ranked[:_MAX_EVIDENCE_TARGETS]:
                 if rules[j] > 0:
                     ev.append(Evidence(kind="rule", target_id=snap.target_id(t), score=1.0,
-                                       detail="names the target in full" if rules[j] == RULE_NAME
-                                       else "repeats a stored forget question"))
+                                       detail=_RULE_DETAIL[int(rules[j])]))
                 ev.extend(self._evidence(snap, channel, pb, j, snap.target_id(t), float(probs[j])))
-            out.append(Detection(flagged=flagged, score=min(1.0, max(0.0, score)), threshold=thr, target_ids=tids,
+            ev.extend(Evidence(kind="embedding", target_id=snap.target_id(t), score=min(1.0, max(0.0, c)),
+                               detail=f"describes the target (cosine {c:.3f} to a stored description, "
+                                      f"threshold {s_thr:.3f})") for t, c in close.items())
+            out.append(Detection(flagged=bool(hit), score=min(1.0, max(0.0, score)), threshold=thr, target_ids=tids,
                                  evidence=ev))
         return out
 

@@ -21,6 +21,10 @@ from detectors.normalize import normalize, skeleton_tokens
 _STOP = frozenset("""a an the of and or in on at to for by with from de da di du del der den van von al el la le
     mr mrs ms dr prof sir author writer person creator""".split())
 _QUOTED = re.compile(r'"([^"]{3,120})"')
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_DIGIT_SPAN = re.compile(r"\d[\d\s().#/+-]{4,}\d")
+_MIN_VALUE_DIGITS = 6
+_MAX_VALUE_TOKENS = 12
 _MAX_PHRASE_TOKENS = 8
 _MIN_COMPACT = 8
 
@@ -35,6 +39,8 @@ class EntityHit:
     detail: str = ""
     full_tokens: int = 0
     """Identifying tokens (see :func:`key_tokens`) of the longest name found whole; 0 when none was."""
+    value: bool = False
+    """An identifying value of the target (see :func:`extract_values`) occurs."""
 
 
 def name_tokens(name: str) -> tuple[str, ...]:
@@ -68,6 +74,47 @@ def extract_phrases(texts: Iterable[str]) -> set[tuple[str, ...]]:
     return out
 
 
+def _digits(text: str) -> int:
+    """How many digits a text has."""
+    return sum(c.isdigit() for c in text)
+
+
+def value_tokens(tokens: Iterable[str]) -> tuple[str, ...]:
+    """Tokens with runs of all-digit tokens joined, so 721-625-3765, 721 625 3765 and 7216253765 compare equal."""
+    out: list[str] = []
+    prev_digit = False
+    for t in tokens:
+        if t.isdigit() and prev_digit:
+            out[-1] += t
+        else:
+            out.append(t)
+        prev_digit = t.isdigit()
+    return tuple(out)
+
+
+def extract_values(answers: Iterable[str], texts: Iterable[str] = ()) -> set[tuple[str, ...]]:
+    """Identifying values (PII-like: e-mail addresses and spans of 6+ digits, such as phone, account or ID
+    numbers and full dates) of a target's answers and texts, and its short answers that hold 6+ digits (an
+    address), as token tuples: stating one is a leak whoever is named."""
+    out: set[tuple[str, ...]] = set()
+    for t in [*answers, *texts]:
+        for m in _EMAIL.finditer(t):
+            out.add(value_tokens(skeleton_tokens(normalize(m.group(0)))))
+        for m in _DIGIT_SPAN.finditer(t):
+            if _digits(m.group(0)) >= _MIN_VALUE_DIGITS:
+                out.add(value_tokens(skeleton_tokens(normalize(m.group(0)))))
+    for a in answers:
+        toks = value_tokens(skeleton_tokens(normalize(a)))
+        if len(toks) <= _MAX_VALUE_TOKENS and _digits(a) >= _MIN_VALUE_DIGITS:
+            out.add(toks)
+    return {v for v in out if v}
+
+
+def value_hash(tokens: tuple[str, ...], salt: str) -> str:
+    """Salted hash of an identifying value's tokens (kept apart from the key-phrase hashes)."""
+    return phrase_hash(("\x00value", *tokens), salt)
+
+
 @dataclass(frozen=True)
 class TargetNames:
     """What the matcher knows about one target: its names (as given) and its phrase hashes."""
@@ -77,6 +124,8 @@ class TargetNames:
     phrase_hashes: frozenset[str] = field(default_factory=frozenset)
     phrase_starts: frozenset[str] = field(default_factory=frozenset)
     """Hashes of the phrases' first tokens (a cheap pre-check before hashing n-grams)."""
+    value_hashes: frozenset[tuple[int, str]] = field(default_factory=frozenset)
+    """(token count, :func:`value_hash`) of the target's identifying values."""
 
 
 class EntityMatcher:
@@ -91,6 +140,8 @@ class EntityMatcher:
         self._phrases: dict[str, set[str]] = {}
         self._phrase_starts: set[str] = set()
         self._phrase_lengths: set[int] = set()
+        self._values: dict[str, set[str]] = {}
+        self._value_lengths: set[int] = set()
         compact: list[tuple[str, str, str]] = []
         for tn in targets:
             for ni, name in enumerate(tn.names):
@@ -107,6 +158,9 @@ class EntityMatcher:
             for h in tn.phrase_hashes:
                 self._phrases.setdefault(h, set()).add(tn.target_id)
             self._phrase_starts.update(tn.phrase_starts)
+            for n, h in tn.value_hashes:
+                self._values.setdefault(h, set()).add(tn.target_id)
+                self._value_lengths.add(n)
         self._phrase_lengths = set(range(2, _MAX_PHRASE_TOKENS + 1)) if self._phrases else set()
         self._compact = compact
         self._compact_re = (re.compile("|".join(re.escape(c) for c, _, _ in sorted(compact, key=lambda x: -len(x[0]))))
@@ -156,10 +210,18 @@ class EntityMatcher:
                     hit = self._phrases.get(phrase_hash(tuple(toks[i:i + n]), self.salt))
                     if hit:
                         phrase.update(hit)
+        value: set[str] = set()
+        vtoks = value_tokens(toks) if self._values else ()
+        for n in self._value_lengths:
+            for i in range(len(vtoks) - n + 1):
+                hit = self._values.get(value_hash(vtoks[i:i + n], self.salt))
+                if hit:
+                    value.update(hit)
         out: dict[str, EntityHit] = {}
-        for tid in set(full) | set(partial) | phrase:
+        for tid in set(full) | set(partial) | phrase | value:
             f = 1.0 if tid in full else 0.0
             out[tid] = EntityHit(full=f, partial=1.0 if f else min(1.0, partial.get(tid, 0.0)),
                                  phrase=1.0 if tid in phrase else 0.0, full_tokens=size.get(tid, 0),
+                                 value=tid in value,
                                  detail=f"name {full[tid]!r}" if tid in full else ("key phrase" if tid in phrase else "partial name"))
         return out

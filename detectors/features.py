@@ -39,8 +39,9 @@ FEATURES: tuple[str, ...] = ("top1", "top3", "frac", "gap", "neg1", "neg3", "mar
                              "ent_phrase", "partial_only", "top1_x_partial", "foreign_only", "other_name")
 CHANNELS: dict[str, tuple[str, str]] = {"prompt": ("query", "neg_query"), "leak": ("content", "neg_content")}
 _NEG_K = 3
-RULE_NONE, RULE_NAME, RULE_QUESTION = 0, 1, 2
-"""Why a pair is flagged whatever its score: no rule, the target's full name, or a stored question verbatim."""
+RULE_NONE, RULE_NAME, RULE_QUESTION, RULE_VALUE = 0, 1, 2, 3
+"""Why a pair is flagged whatever its score: no rule, the target's full name, a stored question verbatim, or an
+identifying value of the target (an e-mail address, a 6+ digit number)."""
 MIN_RULE_NAME_TOKENS = 2
 """A name found whole flags on its own only with this many identifying tokens: a bare surname or first name
 (what namesakes share) stays a feature."""
@@ -157,6 +158,8 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
                     hits[num] = ((h.full, h.partial, h.phrase), h.detail)
                     if h.full_tokens >= MIN_RULE_NAME_TOKENS:
                         rules[num] = RULE_NAME
+                    elif h.value:
+                        rules[num] = RULE_VALUE
             if channel == "prompt" and toks:
                 for num in snap.question_index.get(question_key(texts[u], snap.salt), ()):
                     rules[num] = RULE_QUESTION
@@ -195,3 +198,24 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
                          ent[:, 0], ent[:, 1], ent[:, 2], np.where((ent[:, 0] == 0) & (ent[:, 1] < 1.0), ent[:, 1], 0.0),
                          top1 * ent[:, 1], ent[:, 3] * (1.0 - ent[:, 0]), ent[:, 4] * (1.0 - ent[:, 0])])
     return PairBatch(r, c, X, best_id, tuple(det_l), m, np.asarray(rule_l, dtype=np.int8))
+
+
+def description_similarity(snap: StoreSnapshot, E: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit, the similarity decision's (score, target number): the cosine to the nearest stored description
+    of a target (a sentence of its forget texts or answers, names masked) where that is closer than any known
+    negative and the text names nothing the target's data never mentions; else (-2, -1). A text naming someone
+    or something else is left to the classifier, which weighs the names."""
+    desc, neg = snap.banks["description"], snap.banks["neg_query"]
+    score = np.full(len(E), -2.0)
+    target = np.full(len(E), -1, dtype=np.int64)
+    if len(desc) == 0 or len(E) == 0:
+        return score, target
+    S, ids = desc.index.search(E, 1)
+    rows = desc.rows(ids[:, 0])
+    neg1 = neg.index.search(E, 1)[0][:, 0] if len(neg) else np.full(len(E), -1.0)
+    for u in np.flatnonzero((rows >= 0) & (S[:, 0] > neg1)):
+        t = int(desc.target[rows[u]])
+        rec = snap.targets.get(t)
+        if rec is not None and foreign_share(caps_hashes(texts[u], snap.salt), rec) == 0:
+            score[u], target[u] = float(S[u, 0]), t
+    return score, target

@@ -1,6 +1,6 @@
 """Save and load a detector as a directory, without pickle, atomically, with checksums.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2; version 1 had no description bank)::
 
     manifest.json          format name and version, sha256 and size of every other file
     config.json            DetectorConfig
@@ -54,6 +54,7 @@ from detectors.features import CHANNELS, FEATURES
 from detectors.index import VectorIndex, VectorIndexError
 from detectors.store import (
     BANKS,
+    FORGET_BANKS,
     Bank,
     CalibrationSet,
     ForgetStore,
@@ -69,7 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "unlearn-guard-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _BANK_FIELDS = ("ids", "target", "group", "role", "ent")
 _DTYPES = {"ids": np.int64, "target": np.int32, "group": np.int64, "role": np.int8, "ent": np.float32}
@@ -124,7 +125,7 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
 
     def texts_of(bank: str) -> list[str | None]:
         texts = list(snap.banks[bank].texts)
-        return texts if keep_text or bank not in ("query", "content") else [None] * len(texts)
+        return texts if keep_text or bank not in FORGET_BANKS else [None] * len(texts)
 
     with atomic_dir(path) as tmp:
         _write_json(tmp / "config.json", config)
@@ -135,7 +136,7 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
         _write_json(tmp / "targets.json", [
             {"num": r.num, "id": r.id, "kind": r.kind, "names": list(r.names), "policy": r.policy,
              "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())},
-             "question_keys": sorted(r.question_keys)}
+             "question_keys": sorted(r.question_keys), "value_hashes": sorted([n, h] for n, h in r.value_hashes)}
             for _, r in sorted(snap.targets.items())])
         _write_json(tmp / "store.json", {
             "banks": {b: {"texts": texts_of(b), "caps": [list(c) for c in snap.banks[b].caps]}
@@ -167,7 +168,7 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
 
 
 def _expected_files() -> set[str]:
-    """Every file a version-1 detector directory must list in its manifest."""
+    """Every file a version-2 detector directory must list in its manifest."""
     return ({"config.json", "meta.json", "targets.json", "store.json", "arrays.safetensors", "classifier.safetensors",
              "classifier.json"} | {f"index_{b}.faiss" for b in BANKS})
 
@@ -287,7 +288,8 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
                                            phrase_hashes=frozenset(t["phrase_hashes"]), policy=t.get("policy"),
                                            phrase_starts=frozenset(t.get("phrase_starts", ())),
                                            vocab={h: frozenset(g) for h, g in t["vocab"].items()},
-                                           question_keys=frozenset(t.get("question_keys", ())))
+                                           question_keys=frozenset(t.get("question_keys", ())),
+                                           value_hashes=frozenset((int(n), h) for n, h in t.get("value_hashes", ())))
                for t in _json(path / "targets.json")}
     neg_names = tuple(store_json.get("neg_names", ()))
     snap = StoreSnapshot(dim=int(meta["dim"]), salt=meta["salt"], targets=targets,

@@ -38,7 +38,15 @@ from core.schema import ForgetTarget, ForgetTask
 from detectors.benign import builtin_benign_questions
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
-from detectors.entities import EntityMatcher, TargetNames, extract_phrases, name_tokens, phrase_hash
+from detectors.entities import (
+    EntityMatcher,
+    TargetNames,
+    extract_phrases,
+    extract_values,
+    name_tokens,
+    phrase_hash,
+    value_hash,
+)
 from detectors.index import VectorIndex
 from detectors.normalize import normalize, normalize_cased, proper_nouns, skeleton_tokens
 from detectors.paraphrase import name_probes, phrase_probes, question_variants, statement_variants
@@ -57,7 +65,9 @@ QUESTION_ROLES = frozenset({"question", "paraphrase", "probe", "variant", "state
 """Query entries whose exact text (after normalisation) is always flagged: see :func:`question_key`."""
 _MIN_DESCRIPTION_WORDS = 6
 ENT_WIDTH = 5  # stored entity features of an entry vs its own target: full, partial, phrase, foreign, other_name
-BANKS: tuple[str, ...] = ("query", "content", "neg_query", "neg_content")
+BANKS: tuple[str, ...] = ("query", "content", "neg_query", "neg_content", "description")
+FORGET_BANKS: tuple[str, ...] = ("query", "content", "description")
+"""The banks built from the forget request (their texts are kept only with keep_raw_text)."""
 
 
 class StoreError(ValueError):
@@ -77,6 +87,8 @@ class TargetRecord:
     phrase_starts: frozenset[str] = frozenset()
     vocab: dict[str, frozenset[int]] = field(default_factory=dict)
     """Salted token hash -> groups whose texts use the token (-1: a name token, always explained)."""
+    value_hashes: frozenset[tuple[int, str]] = frozenset()
+    """(token count, salted hash) of the target's identifying values (e-mails, 6+ digit numbers)."""
     question_keys: frozenset[str] = frozenset()
     """Salted hashes of the stored forget questions (:func:`question_key`): an exact repeat is always flagged."""
 
@@ -295,10 +307,10 @@ def target_entry_specs(target: ForgetTarget, cfg: DetectorConfig) -> list[_Entry
     for j, text in enumerate(target.texts):
         specs.extend(_EntrySpec("content", c, "text", f"text{j}") for c in chunk_text(text, cfg.text_chunk_words))
         if cfg.description_probes:
-            specs.extend(_EntrySpec("query", d, "description", f"text{j}")
+            specs.extend(_EntrySpec("description", d, "description", f"text{j}")
                          for d in description_sentences([text], names))
     if cfg.description_probes:  # what the answers say about the target, as descriptions too
-        specs.extend(_EntrySpec("query", d, "description", f"qa{i}") for i, qa in enumerate(target.qa)
+        specs.extend(_EntrySpec("description", d, "description", f"qa{i}") for i, qa in enumerate(target.qa)
                      for d in description_sentences([qa.answer], names))
     if not any(s.bank == "query" for s in specs):
         raise StoreError(f"target {target.id!r} yields no query entries (no names, no QA)")
@@ -327,7 +339,8 @@ def foreign_share(caps: Sequence[str], target: TargetRecord, exclude_group: int 
 
 def _matcher(targets: Iterable[TargetRecord], salt: str) -> EntityMatcher:
     """The entity matcher over ``targets``."""
-    return EntityMatcher([TargetNames(t.id, t.names, t.phrase_hashes, t.phrase_starts) for t in targets], salt)
+    return EntityMatcher([TargetNames(t.id, t.names, t.phrase_hashes, t.phrase_starts, t.value_hashes)
+                          for t in targets], salt)
 
 
 def neg_name_matcher(names: Sequence[str], salt: str) -> EntityMatcher | None:
@@ -514,6 +527,9 @@ class ForgetStore:
                                phrase_hashes=frozenset(phrase_hash(p, salt) for p in phrases), policy=t.policy,
                                phrase_starts=frozenset(phrase_hash(p[:1], salt) for p in phrases),
                                vocab={h: frozenset(g) for h, g in vocab.items()},
+                               value_hashes=frozenset((len(v), value_hash(v, salt)) for v in extract_values(
+                                   [*(q.answer for q in t.qa), *(q.paraphrased_answer for q in t.qa
+                                                                 if q.paraphrased_answer)], t.texts)),
                                question_keys=frozenset(question_key(sp.text, salt) for sp in specs
                                                        if sp.role in QUESTION_ROLES))
             next_num += 1
@@ -530,7 +546,7 @@ class ForgetStore:
         vecs = self.encoder.encode([normalize(c) for c in cased], memo=memo)
         next_id = snap.next_id
         ids = np.arange(next_id, next_id + len(all_specs), dtype=np.int64)
-        per_bank: dict[str, list[int]] = {b: [] for b in ("query", "content")}
+        per_bank: dict[str, list[int]] = {b: [] for b in FORGET_BANKS}
         for i, (_, sp, _) in enumerate(all_specs):
             per_bank[sp.bank].append(i)
         rows: dict[str, tuple[Any, ...]] = {}
@@ -589,7 +605,7 @@ class ForgetStore:
             raise StoreError(f"no target {target_id!r} in the store; stored: {snap.target_ids}")
         num = snap.num_of[target_id]
         banks = dict(snap.banks)
-        for b in ("query", "content"):
+        for b in FORGET_BANKS:
             banks[b] = banks[b].removed(banks[b].target != num)
         tmap = {n: r for n, r in snap.targets.items() if n != num}
         num_of = {k: v for k, v in snap.num_of.items() if k != target_id}

@@ -151,3 +151,22 @@ def test_questions_written_in_french_german_and_spanish_that_name_the_target(det
                 assert d.flagged and t.id in d.target_ids, q
     for q in ("Où se trouve la tour Eiffel ?", "Wie spät ist es in Berlin?", "¿Cuál es la capital de España?"):
         assert not det.detect(q).flagged, q
+
+
+def test_an_answer_stating_a_targets_identifying_value_is_a_leak(det: Detector) -> None:
+    from core.schema import QAItem
+
+    pii = ForgetTarget(id="pii", kind="privacy", names=["Tiffany Magenta Orr"], policy="Do not reveal her details.",
+                       qa=[QAItem(question="What is Tiffany Magenta Orr's e-mail address?", answer="tiffi_magenta@me.com"),
+                           QAItem(question="What is Tiffany Magenta Orr's phone number?", answer="7216253765")])
+    det.add_target(pii)
+    try:
+        for leak in ("You can write to tiffi_magenta@me.com any time.", "Call 721-625-3765 after six.",
+                     "Her number is 7216253765."):
+            d = det.detect_leak(leak)
+            assert d.flagged and "pii" in d.target_ids and any(e.kind == "rule" for e in d.evidence), leak
+        for clean in ("You can write to someone_else@example.org any time.", "Call 555-010-9999 after six."):
+            assert not det.detect_leak(clean).flagged, clean
+        assert det.detect("Whose phone number is 7216253765?").flagged  # a prompt stating it, too
+    finally:
+        det.remove_target("pii")
