@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -104,13 +105,15 @@ class Backend(ABC):
 
     async def astream(self, messages: Messages, params: GenParams) -> AsyncIterator[str]:
         """Async view of ``stream``: the blocking iterator runs in a thread."""
-        async for d in aiter_thread(lambda: self.stream(messages, params)):
-            yield d
+        async with contextlib.aclosing(aiter_thread(lambda: self.stream(messages, params))) as it:
+            async for d in it:  # closing this stream closes the thread's iterator now, not at garbage collection
+                yield d
 
     async def astream_complete(self, text: str, params: GenParams) -> AsyncIterator[str]:
         """Async view of ``stream_complete``: the blocking iterator runs in a thread."""
-        async for d in aiter_thread(lambda: self.stream_complete(text, params)):
-            yield d
+        async with contextlib.aclosing(aiter_thread(lambda: self.stream_complete(text, params))) as it:
+            async for d in it:
+                yield d
 
     def ready(self) -> bool:
         """Whether the backend can take requests now (HTTP backends ping upstream)."""
