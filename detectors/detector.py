@@ -52,6 +52,7 @@ from detectors.types import Detection, Evidence
 log = logging.getLogger(__name__)
 
 _MAX_TRAIN_POSITIVES = 20_000
+_DESCRIPTION = ROLES.index("description")
 
 _MAX_EVIDENCE_TARGETS = 3
 
@@ -170,7 +171,9 @@ class Detector:
         ids, vecs = pos.index.items()
         if not np.array_equal(ids, pos.ids):
             raise ClassifierError(f"{channel}: index and metadata of bank {pos_name!r} disagree")
-        sel = np.arange(len(ids))
+        sel = np.flatnonzero(pos.role != _DESCRIPTION)  # descriptions are neighbours to find, not prompts to learn
+        if len(sel) == 0:
+            raise ClassifierError(f"{channel}: the store has no forget prompts to train on (only descriptions)")
         if len(sel) > _MAX_TRAIN_POSITIVES:
             sel = np.sort(np.random.default_rng(self.config.split_seed).choice(sel, _MAX_TRAIN_POSITIVES, replace=False))
         k = self.config.top_k
@@ -216,9 +219,10 @@ class Detector:
         neg_scores, neg_ruled, neg_sim = scored.scores, scored.ruled, scored.sim
         # Positives' scores for the TPR report: leave-one-group-out features, as in training.
         ids, vecs = pos.index.items()
-        pb = pair_features(snap, channel, vecs, [""] * len(ids), self.config.top_k,
-                           own_target=pos.target.astype(np.int64), own_ent=pos.ent, exclude_group=pos.group,
-                           unit_caps=pos.caps)
+        keep = np.flatnonzero(pos.role != _DESCRIPTION)
+        pb = pair_features(snap, channel, vecs[keep], [""] * len(keep), self.config.top_k,
+                           own_target=pos.target[keep].astype(np.int64), own_ent=pos.ent[keep],
+                           exclude_group=pos.group[keep], unit_caps=[pos.caps[i] for i in keep])
         pos_scores = pb.unit_max(scorer.predict(pb.X))
         # Three decisions share target_fpr (a union bound): the rules flag what they flag (their rate on the
         # calibration prompts is spent first), the similarity decision gets `share` of the rest, the classifier

@@ -24,6 +24,8 @@ _QUOTED = re.compile(r'"([^"]{3,120})"')
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _DIGIT_SPAN = re.compile(r"\d[\d\s().#/+-]{4,}\d")
 _MIN_VALUE_DIGITS = 6
+_DATE = re.compile(r"\d{4}\D\d{1,2}\D\d{1,2}|\d{1,2}\D\d{1,2}\D\d{2,4}|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b",
+                   re.IGNORECASE)
 _MAX_VALUE_TOKENS = 12
 _MAX_PHRASE_TOKENS = 8
 _MIN_COMPACT = 8
@@ -94,18 +96,19 @@ def value_tokens(tokens: Iterable[str]) -> tuple[str, ...]:
 
 def extract_values(answers: Iterable[str], texts: Iterable[str] = ()) -> set[tuple[str, ...]]:
     """Identifying values (PII-like: e-mail addresses and spans of 6+ digits, such as phone, account or ID
-    numbers and full dates) of a target's answers and texts, and its short answers that hold 6+ digits (an
-    address), as token tuples: stating one is a leak whoever is named."""
+    numbers) of a target's answers and texts, and its short answers that hold 6+ digits (an address), as token
+    tuples: stating one is a leak whoever is named. Dates are left out: people share birthdays."""
     out: set[tuple[str, ...]] = set()
     for t in [*answers, *texts]:
+        t = t.replace("\\", "")  # markdown escapes ("tiffi\\_orr@me.com") would cut an address in two
         for m in _EMAIL.finditer(t):
             out.add(value_tokens(skeleton_tokens(normalize(m.group(0)))))
         for m in _DIGIT_SPAN.finditer(t):
-            if _digits(m.group(0)) >= _MIN_VALUE_DIGITS:
+            if _digits(m.group(0)) >= _MIN_VALUE_DIGITS and not _DATE.search(m.group(0)):
                 out.add(value_tokens(skeleton_tokens(normalize(m.group(0)))))
     for a in answers:
         toks = value_tokens(skeleton_tokens(normalize(a)))
-        if len(toks) <= _MAX_VALUE_TOKENS and _digits(a) >= _MIN_VALUE_DIGITS:
+        if len(toks) <= _MAX_VALUE_TOKENS and _digits(a) >= _MIN_VALUE_DIGITS and not _DATE.search(a):
             out.add(toks)
     return {v for v in out if v}
 

@@ -64,6 +64,9 @@ PROBE_KINDS = frozenset({"alias", "multihop", "probe"})
 QUESTION_ROLES = frozenset({"question", "paraphrase", "probe", "variant", "statement"})
 """Query entries whose exact text (after normalisation) is always flagged: see :func:`question_key`."""
 _MIN_DESCRIPTION_WORDS = 6
+_DESCRIPTION_BANKS = ("description", "query")
+"""A description is searched by the similarity decision and is a neighbour in the classifier's features (the
+classifier never trains on it as a positive: it is a statement, not a prompt)."""
 ENT_WIDTH = 5  # stored entity features of an entry vs its own target: full, partial, phrase, foreign, other_name
 BANKS: tuple[str, ...] = ("query", "content", "neg_query", "neg_content", "description")
 FORGET_BANKS: tuple[str, ...] = ("query", "content", "description")
@@ -307,11 +310,11 @@ def target_entry_specs(target: ForgetTarget, cfg: DetectorConfig) -> list[_Entry
     for j, text in enumerate(target.texts):
         specs.extend(_EntrySpec("content", c, "text", f"text{j}") for c in chunk_text(text, cfg.text_chunk_words))
         if cfg.description_probes:
-            specs.extend(_EntrySpec("description", d, "description", f"text{j}")
-                         for d in description_sentences([text], names))
+            specs.extend(_EntrySpec(bank, d, "description", f"text{j}")
+                         for d in description_sentences([text], names) for bank in _DESCRIPTION_BANKS)
     if cfg.description_probes:  # what the answers say about the target, as descriptions too
-        specs.extend(_EntrySpec("description", d, "description", f"qa{i}") for i, qa in enumerate(target.qa)
-                     for d in description_sentences([qa.answer], names))
+        specs.extend(_EntrySpec(bank, d, "description", f"qa{i}") for i, qa in enumerate(target.qa)
+                     for d in description_sentences([qa.answer], names) for bank in _DESCRIPTION_BANKS)
     if not any(s.bank == "query" for s in specs):
         raise StoreError(f"target {target.id!r} yields no query entries (no names, no QA)")
     # Deduplicate identical (bank, normalised text) pairs: keep the first.
