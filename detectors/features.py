@@ -28,7 +28,7 @@ other_name the text names a known negative subject (a retain or neighbour person
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -58,7 +58,9 @@ class PairBatch:
     entity_detail: tuple[str, ...]
     n_units: int
     rule: np.ndarray | None = None
-    """Per pair: RULE_NONE, RULE_NAME or RULE_QUESTION (inference only; None in training batches)."""
+    """Per pair: RULE_NONE, RULE_NAME, RULE_QUESTION or RULE_VALUE (all RULE_NONE for stored positives)."""
+    unit_neg1: np.ndarray | None = None
+    """Per unit: the cosine to its nearest known negative (None when nothing was searched)."""
 
     def unit_max(self, scores: np.ndarray) -> np.ndarray:
         """Per-unit maximum of pair scores (0 for a unit without candidates)."""
@@ -175,7 +177,7 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
             ent_l.append(e)
             det_l.append(d)
     if not unit_l:
-        return empty
+        return replace(empty, unit_neg1=neg1)
     r = np.asarray(unit_l, dtype=np.int64)
     c = np.asarray(targ_l, dtype=np.int64)
     ent = np.asarray(ent_l, dtype=np.float64)
@@ -197,22 +199,23 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     X = np.column_stack([top1, top3, frac, top1 - others, neg1[r], neg3[r], top1 - neg1[r],
                          ent[:, 0], ent[:, 1], ent[:, 2], np.where((ent[:, 0] == 0) & (ent[:, 1] < 1.0), ent[:, 1], 0.0),
                          top1 * ent[:, 1], ent[:, 3] * (1.0 - ent[:, 0]), ent[:, 4] * (1.0 - ent[:, 0])])
-    return PairBatch(r, c, X, best_id, tuple(det_l), m, np.asarray(rule_l, dtype=np.int8))
+    return PairBatch(r, c, X, best_id, tuple(det_l), m, np.asarray(rule_l, dtype=np.int8), neg1)
 
 
-def description_similarity(snap: StoreSnapshot, E: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def description_similarity(snap: StoreSnapshot, E: np.ndarray, texts: Sequence[str],
+                           neg1: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Per unit, the similarity decision's (score, target number): the cosine to the nearest stored description
     of a target (a sentence of its forget texts or answers, names masked) where that is closer than any known
-    negative and the text names nothing the target's data never mentions; else (-2, -1). A text naming someone
-    or something else is left to the classifier, which weighs the names."""
-    desc, neg = snap.banks["description"], snap.banks["neg_query"]
+    negative (``neg1``: :attr:`PairBatch.unit_neg1` of the prompt channel, which searched the same negatives)
+    and the text names nothing the target's data never mentions; else (-2, -1). A text naming someone or
+    something else is left to the classifier, which weighs the names."""
+    desc = snap.banks["description"]
     score = np.full(len(E), -2.0)
     target = np.full(len(E), -1, dtype=np.int64)
-    if len(desc) == 0 or len(E) == 0:
+    if len(desc) == 0 or len(E) == 0 or neg1 is None:  # no neighbours searched: no forget query bank, no targets
         return score, target
     S, ids = desc.index.search(E, 1)
     rows = desc.rows(ids[:, 0])
-    neg1 = neg.index.search(E, 1)[0][:, 0] if len(neg) else np.full(len(E), -1.0)
     for u in np.flatnonzero((rows >= 0) & (S[:, 0] > neg1)):
         t = int(desc.target[rows[u]])
         rec = snap.targets.get(t)
