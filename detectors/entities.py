@@ -94,20 +94,26 @@ def value_tokens(tokens: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _value_key(text: str) -> tuple[str, ...]:
+    """The matching key of a value: its skeleton tokens with digit runs joined (see :func:`value_tokens`)."""
+    return value_tokens(skeleton_tokens(normalize(text)))
+
+
 def extract_values(answers: Iterable[str], texts: Iterable[str] = ()) -> set[tuple[str, ...]]:
     """Identifying values (PII-like: e-mail addresses and spans of 6+ digits, such as phone, account or ID
     numbers) of a target's answers and texts, and its short answers that hold 6+ digits (an address), as token
     tuples: stating one is a leak whoever is named. Dates are left out: people share birthdays."""
     out: set[tuple[str, ...]] = set()
+    answers = list(answers)  # read twice below
     for t in [*answers, *texts]:
         t = t.replace("\\", "")  # markdown escapes ("tiffi\\_orr@me.com") would cut an address in two
         for m in _EMAIL.finditer(t):
-            out.add(value_tokens(skeleton_tokens(normalize(m.group(0)))))
+            out.add(_value_key(m.group(0)))
         for m in _DIGIT_SPAN.finditer(t):
             if _digits(m.group(0)) >= _MIN_VALUE_DIGITS and not _DATE.search(m.group(0)):
-                out.add(value_tokens(skeleton_tokens(normalize(m.group(0)))))
+                out.add(_value_key(m.group(0)))
     for a in answers:
-        toks = value_tokens(skeleton_tokens(normalize(a)))
+        toks = _value_key(a)
         if len(toks) <= _MAX_VALUE_TOKENS and _digits(a) >= _MIN_VALUE_DIGITS and not _DATE.search(a):
             out.add(toks)
     return {v for v in out if v}

@@ -269,16 +269,15 @@ def mask_names(sentence: str, names: Sequence[str]) -> str:
     return re.sub(r"(?:this person[\s,]*){2,}", "this person ", out).strip()
 
 
+def text_sentences(text: str) -> list[str]:
+    """The sentences of a text (line by line) long enough to describe someone: the description-sized units."""
+    return [s for line in text.splitlines() for s in split_sentences(line) if len(s.split()) >= _MIN_DESCRIPTION_WORDS]
+
+
 def description_sentences(texts: Sequence[str], names: Sequence[str]) -> list[str]:
     """Sentences of a target's forget texts with its names masked: a question that describes the target
     without naming it ("Who is the surgeon who separated three sets of twins?") is close to one of them."""
-    out = []
-    for text in texts:
-        for line in text.splitlines():
-            for sent in split_sentences(line):
-                if len(sent.split()) >= _MIN_DESCRIPTION_WORDS:
-                    out.append(mask_names(sent, names))
-    return out
+    return [mask_names(sent, names) for text in texts for sent in text_sentences(text)]
 
 
 def target_entry_specs(target: ForgetTarget, cfg: DetectorConfig) -> list[_EntrySpec]:
@@ -410,8 +409,7 @@ def task_negatives(task: ForgetTask, builtin: bool = True) -> list[NegativeItem]
                                   fresh((qa.answer, qa.paraphrased_answer)), qa.subject))
     for t in task.retain_texts:
         # Its sentences are negatives of the prompt channel too, the counterpart of the targets' descriptions.
-        sents = [s for line in t.splitlines() for s in split_sentences(line) if len(s.split()) >= _MIN_DESCRIPTION_WORDS]
-        items.append(NegativeItem("retain_text", fresh(sents), fresh(chunk_text(t, 60)), _text_subject(t)))
+        items.append(NegativeItem("retain_text", fresh(text_sentences(t)), fresh(chunk_text(t, 60)), _text_subject(t)))
     items.extend(NegativeItem("benign", fresh((q,))) for q in task.benign_questions)
     if builtin:
         items.extend(NegativeItem("builtin_benign", fresh((q,))) for q in builtin_benign_questions())
