@@ -36,14 +36,6 @@ SURGEON = ForgetTarget(
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    try:
-        return Encoder.load("minilm-l6")
-    except Exception as e:  # noqa: BLE001 - the embedded encoder package is missing
-        pytest.skip(f"embedded encoder unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def split():  # type: ignore[no-untyped-def]
     return split_task(generate_benchmark())
 

@@ -17,14 +17,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def encoder() -> Encoder:
-    try:
-        return Encoder.load("minilm-l6")
-    except Exception as e:  # noqa: BLE001 - the embedded encoder package is missing
-        pytest.skip(f"embedded encoder unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
 def task():  # type: ignore[no-untyped-def]
     return generate_benchmark()
 

@@ -30,12 +30,8 @@ def test_tofu_names_and_split(tofu_task) -> None:  # type: ignore[no-untyped-def
     assert all(q.paraphrased_question is None for t in split.train_task.targets for q in t.qa)
 
 
-def test_tofu_forget01_held_out(tofu_task) -> None:  # type: ignore[no-untyped-def]
-    try:
-        enc = Encoder.load("minilm-l6")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"embedded encoder unavailable: {e}")
-    rep = cross_validate(tofu_task, DetectorConfig(), enc, folds=2)
+def test_tofu_forget01_held_out(tofu_task, encoder: Encoder) -> None:  # type: ignore[no-untyped-def]
+    rep = cross_validate(tofu_task, DetectorConfig(), encoder, folds=2)
     print("\n" + rep.table())
     assert rep.rate("forget_paraphrase") >= 0.95
     assert rep.rate("forget_question") >= 0.85
