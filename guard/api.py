@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -141,6 +143,9 @@ class GuardedLLM:
             self._detect_leaks, window_s=window_s, max_batch=self.config.detector_max_batch,
             max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
             name="detect_leak_batch")
+        self.upstream_slot: Callable[[], AbstractAsyncContextManager[Any]] = contextlib.nullcontext
+        """Held around every call of the target model (an answer, or a whole stream); the proxy sets it to its
+        concurrency limit, so refusals decided before any target call never wait for a slot."""
         if self.config.fail_open:
             log.warning("guard configured with fail_open=True: detector/guard failures will let requests through")
 
@@ -353,16 +358,19 @@ class GuardedLLM:
             raw_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.raw_text is not None]
             outs: dict[int, GenOutput] = {}
             t0 = time.perf_counter()
-            if chat_idx:
-                batch = [plans[i].messages or [] for i in chat_idx]
-                got = ([await self.target.agenerate(batch[0], params)] if shared and len(batch) == 1
-                       else await self.target.agenerate_batch(batch, params))
-                outs.update(zip(chat_idx, got, strict=True))
-            if raw_idx:
-                texts = [plans[i].raw_text or "" for i in raw_idx]
-                got = ([await self.target.acomplete(texts[0], params)] if shared and len(texts) == 1
-                       else await self.target.acomplete_batch(texts, params))
-                outs.update(zip(raw_idx, got, strict=True))
+            if chat_idx or raw_idx:
+                async with self.upstream_slot():
+                    t0 = time.perf_counter()
+                    if chat_idx:
+                        batch = [plans[i].messages or [] for i in chat_idx]
+                        got = ([await self.target.agenerate(batch[0], params)] if shared and len(batch) == 1
+                               else await self.target.agenerate_batch(batch, params))
+                        outs.update(zip(chat_idx, got, strict=True))
+                    if raw_idx:
+                        texts = [plans[i].raw_text or "" for i in raw_idx]
+                        got = ([await self.target.acomplete(texts[0], params)] if shared and len(texts) == 1
+                               else await self.target.acomplete_batch(texts, params))
+                        outs.update(zip(raw_idx, got, strict=True))
             gen_dt = time.perf_counter() - t0
             results: list[GuardResult] = []
             for i, pl in enumerate(plans):
@@ -388,27 +396,28 @@ class GuardedLLM:
                 box.finish_reason = "content_filter"
                 yield pl.refusal
                 return
-            source = (self.target.astream_complete(pl.raw_text, params) if pl.raw_text is not None
-                      else self.target.astream(pl.messages or [], params))
             checker = StreamChecker(self._leak_fn(shared), self.config, pl.trace)
             released_any = blocked = False
-            t_gen = time.perf_counter()
             n = 0
-            try:
-                async for delta in source:
-                    n += 1
-                    out = await self._step(pl, checker, checker.feed(delta))
-                    if out is None:
-                        blocked = True
-                        break
-                    if out:
-                        released_any = True
-                        yield out
-            finally:
-                aclose = getattr(source, "aclose", None)
-                if callable(aclose):
-                    await aclose()
-                self._add_generate_time(pl, t_gen)
+            async with self.upstream_slot():
+                t_gen = time.perf_counter()
+                source = (self.target.astream_complete(pl.raw_text, params) if pl.raw_text is not None
+                          else self.target.astream(pl.messages or [], params))
+                try:
+                    async for delta in source:
+                        n += 1
+                        out = await self._step(pl, checker, checker.feed(delta))
+                        if out is None:
+                            blocked = True
+                            break
+                        if out:
+                            released_any = True
+                            yield out
+                finally:
+                    aclose = getattr(source, "aclose", None)
+                    if callable(aclose):
+                        await aclose()
+                    self._add_generate_time(pl, t_gen)
             rest = None if blocked else await self._step(pl, checker, checker.finish())
             if rest is None:
                 box.finish_reason = "content_filter"
