@@ -28,6 +28,18 @@ but no forget question, answer or text; detection scores are the same after load
 Loading verifies the manifest, the format version and every file's size and sha256 *before*
 parsing anything (faiss must never see a corrupt file), and raises :class:`DetectorFormatError`
 naming the file and what was expected.
+
+Generations (so that a served store only moves forward): ``meta.json`` records ``generation`` (an
+integer), ``task`` (the name of the ``ForgetTask`` the store was built for, from ``Detector.build``:
+the task fingerprint) and ``content_digest`` (sha256 over every other file's checksum and meta's store
+fields, so it ignores ``saved_at``). A save writes the detector's generation plus one when its content
+differs from what it was loaded as or last saved as (a fresh build saves as 1; an unchanged detector
+saved again keeps its number), and never less than the generation already in the destination directory
+(one more when that directory holds other content), so every save moves that directory forward; a
+copied-in directory keeps the generation it was saved with. ``Detector.load`` puts ``generation`` and
+``content_digest`` into ``det.meta``. Directories saved before generations existed load as generation 0.
+:func:`read_store_header` reads a directory's generation, task and digests from ``manifest.json`` and
+``meta.json`` alone (``meta.json`` checked against the manifest), without loading the detector.
 """
 
 from __future__ import annotations
@@ -101,6 +113,84 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+# meta.json fields that are part of the store's content (saved_at, counters of time and the generation are not)
+_CONTENT_META = ("encoder", "dim", "salt", "next_id", "next_group", "next_num", "keep_raw_text", "task")
+_GENERATION_KEYS = ("generation", "content_digest")  # kept in det.meta by load and save, not in meta["detector"]
+
+
+def _content_digest(file_sums: dict[str, str], meta: dict[str, Any]) -> str:
+    """sha256 of a save's content (checksums of every file but meta.json, meta's store fields): equal stores, equal digest."""
+    body = {"files": dict(sorted(file_sums.items())), "meta": {k: meta.get(k) for k in _CONTENT_META}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """A detector directory's version, read from manifest.json and meta.json without loading the detector."""
+
+    generation: int  # 0 for directories saved before generations existed
+    task: str | None  # name of the forget task the store was built for (None when not recorded)
+    content_digest: str | None  # see _content_digest; None for directories saved before generations existed
+    manifest_digest: str  # sha256 of manifest.json: changes with every save
+
+
+def read_store_header(path: str | Path) -> StoreHeader:
+    """Read a directory's generation and task cheaply (meta.json verified against the manifest), to decide on a reload."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    try:
+        raw = mpath.read_bytes()
+    except OSError as e:
+        raise DetectorFormatError(mpath, f"cannot be read ({e.strerror or e.__class__.__name__})",
+                                  f"a {MANIFEST} written by Detector.save") from e
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DetectorFormatError(mpath, f"is not valid JSON ({e})", "the manifest JSON written by Detector.save") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise DetectorFormatError(mpath, "is not a detector manifest", f"format {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DetectorFormatError(mpath, f"has format_version {manifest.get('format_version')!r}",
+                                  f"format_version {FORMAT_VERSION}")
+    files = manifest.get("files")
+    info = files.get("meta.json") if isinstance(files, dict) else None
+    if not isinstance(info, dict):
+        raise DetectorFormatError(mpath, "does not list meta.json", "a sha256 and size per file")
+    mfile = path / "meta.json"
+    try:
+        data = mfile.read_bytes()
+    except OSError as e:
+        raise DetectorFormatError(mfile, f"cannot be read ({e.strerror or e.__class__.__name__})",
+                                  f"a file listed in {MANIFEST}") from e
+    if len(data) != info.get("bytes") or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        raise DetectorFormatError(mfile, f"does not match {MANIFEST} (incomplete, corrupt or modified)",
+                                  f"the size and sha256 recorded in {MANIFEST}")
+    try:
+        meta = json.loads(data)
+        generation = int(meta.get("generation", 0))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise DetectorFormatError(mfile, f"is not a valid meta.json ({e})", "the meta.json written by Detector.save") from e
+    inner = meta.get("detector") if isinstance(meta.get("detector"), dict) else {}
+    task = meta.get("task", inner.get("task"))
+    return StoreHeader(generation=generation, task=None if task is None else str(task),
+                       content_digest=meta.get("content_digest"), manifest_digest=hashlib.sha256(raw).hexdigest())
+
+
+def _next_generation(det: Detector, path: Path, digest: str) -> int:
+    """The generation a save of content ``digest`` to ``path`` gets: never below the detector's or the directory's."""
+    own = det.meta
+    gen = int(own.get("generation", 0) or 0)
+    if own.get("content_digest") != digest:
+        gen += 1  # changed since it was loaded or last saved (or never saved)
+    try:
+        disk = read_store_header(path) if (path / MANIFEST).is_file() else None
+    except DetectorFormatError:
+        disk = None  # a damaged directory is replaced; it has no generation to respect
+    if disk is not None:
+        gen = max(gen, disk.generation if disk.content_digest == digest else disk.generation + 1)
+    return gen
+
+
 def save_detector(det: Detector, path: str | Path, plaintext: bool | None = None) -> Path:
     """Write ``det`` to directory ``path`` atomically (replacing an existing one).
 
@@ -129,10 +219,6 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
 
     with atomic_dir(path) as tmp:
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "meta.json", {
-            "encoder": det.encoder.name, "dim": snap.dim, "salt": snap.salt, "next_id": snap.next_id,
-            "next_group": snap.next_group, "next_num": snap.next_num, "keep_raw_text": keep_text,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "detector": det.meta})
         _write_json(tmp / "targets.json", [
             {"num": r.num, "id": r.id, "kind": r.kind, "names": list(r.names), "policy": r.policy,
              "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())},
@@ -161,9 +247,20 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
             "features": list(FEATURES),
             "channels": {ch: {"features": list(m.scorer.feature_names), "calibration": m.calibration.model_dump()}
                          for ch, m in models.items()}})
+        # meta.json last but one: its generation depends on the content digest of all the other files
+        meta = {"encoder": det.encoder.name, "dim": snap.dim, "salt": snap.salt, "next_id": snap.next_id,
+                "next_group": snap.next_group, "next_num": snap.next_num, "keep_raw_text": keep_text,
+                "task": det.meta.get("task")}
+        digest = _content_digest({p.name: _sha256(p) for p in tmp.iterdir() if p.is_file()}, meta)
+        generation = _next_generation(det, path, digest)
+        _write_json(tmp / "meta.json", {
+            **meta, "generation": generation, "content_digest": digest,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "detector": {k: v for k, v in det.meta.items() if k not in _GENERATION_KEYS}})
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / MANIFEST, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": files})
-    log.info("detector saved to %s (%d files)", path, len(files) + 1)
+    det.meta.update(generation=generation, content_digest=digest)  # what the detector now is on disk
+    log.info("detector saved to %s (%d files, generation %d)", path, len(files) + 1, generation)
     return path
 
 
@@ -310,5 +407,9 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
         except ClassifierError as e:
             raise DetectorFormatError(path / "classifier.safetensors", str(e), "parameters for every feature") from e
         models[ch] = ChannelModel(scorer, CalibrationReport.model_validate(info["calibration"]))
-    log.info("detector read from %s: %d targets", path, len(targets))
-    return DetectorParts(ForgetStore(snap, enc, cfg), cfg, models, dict(meta.get("detector", {})))
+    det_meta = dict(meta.get("detector", {}))
+    if meta.get("task") is not None:
+        det_meta["task"] = meta["task"]
+    det_meta.update(generation=int(meta.get("generation", 0)), content_digest=meta.get("content_digest"))
+    log.info("detector read from %s: %d targets, generation %d", path, len(targets), det_meta["generation"])
+    return DetectorParts(ForgetStore(snap, enc, cfg), cfg, models, det_meta)

@@ -1,7 +1,13 @@
-"""Admin endpoints behind the admin key: list, add and remove forget targets at runtime.
+"""Admin endpoints behind the admin key: list, add and remove forget targets at runtime, reload the store.
 
 Admin changes are serialised by a lock and, with ``store_path``, saved atomically before the response,
-so concurrent changes are never lost.
+so concurrent changes are never lost. A save never writes over a version this replica has not loaded:
+when ``store_path`` holds a newer generation (another replica or an operator wrote it), or a store that
+cannot be read (it may be being copied in), the change is answered 409 and memory and disk stay as they
+were: the check runs before the change is made, and again just before the save, where a change already
+made is undone in memory (an added target is removed; a removed one comes back with its names and
+policy, its question-and-answer embeddings only after a reload). ``POST /admin/store/reload`` loads the
+store on disk now; with ``{"force": true}`` also an older or foreign one.
 """
 
 from __future__ import annotations
@@ -9,16 +15,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.schema import ForgetTarget
 from guard.server.errors import ApiError
 from guard.server.schemas import _diagnose_body, _inline_schema, _lone_surrogate
 from guard.server.state import ServerState, State
+from guard.server.watch import StoreWatcher, served_store
 from guard.types import AdminError
 
 log = logging.getLogger(__name__)
@@ -26,11 +34,56 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def persist(st: ServerState) -> None:
-    """Save the detector to ``store_path`` (atomically; the caller holds ``admin_lock``)."""
+def disk_conflict(st: ServerState) -> str | None:
+    """Why saving to ``store_path`` now would overwrite a version this replica has not loaded, or None."""
+    path = st.config.store_path
+    if path is None or not (path / "manifest.json").is_file():
+        return None  # nothing there yet (or not a directory: the save itself reports that)
+    from detectors.persistence import DetectorFormatError, read_store_header
+
+    try:
+        disk = read_store_header(path)
+    except DetectorFormatError as e:
+        return f"the store in {path} cannot be read ({e.problem}; it may be being copied in)"
+    served = served_store(st.guarded)
+    if disk.generation > served.generation:
+        return f"{path} holds generation {disk.generation}, newer than generation {served.generation} served here"
+    if (disk.generation == served.generation and disk.content_digest and served.content_digest
+            and disk.content_digest != served.content_digest):
+        return f"{path} holds another store of generation {disk.generation}, the generation served here"
+    return None
+
+
+def check_disk(st: ServerState) -> None:
+    """Refuse (409) an admin change that could not be saved without overwriting a newer store; admin lock held."""
+    why = disk_conflict(st)
+    if why is None:
+        return
+    st.metrics.fault("store_save_conflict")
+    log.error("admin change refused, not saved: %s", why)
+    raise ApiError(409, f"not changed and not saved: {why}. Load it first (POST /admin/store/reload), then repeat "
+                   "the change", "conflict_error", None, "store_newer_on_disk")
+
+
+def persist(st: ServerState, undo: Callable[[], None] | None = None) -> None:
+    """Save the detector to ``store_path`` (atomically; the caller holds ``admin_lock``).
+
+    When a newer store reached the disk since :func:`check_disk` ran, ``undo`` reverts the change in
+    memory and the request is answered 409, so memory and disk do not diverge.
+    """
     cfg, watcher = st.config, st.watcher
     if cfg.store_path is None:
         return
+    try:
+        check_disk(st)
+    except ApiError:
+        if undo is not None:
+            try:
+                undo()
+            except Exception as e:  # noqa: BLE001 - the 409 is answered either way; the log says what is live
+                log.error("undoing the refused admin change failed (%s: %s); it stays live but unsaved",
+                          e.__class__.__name__, e)
+        raise
     try:
         st.guarded.detector.save(cfg.store_path)  # type: ignore[attr-defined]
         if watcher is not None and cfg.store_path.resolve() == watcher.path.resolve():
@@ -51,6 +104,7 @@ def add_locked(st: ServerState, targets: list[ForgetTarget]) -> None:
         if taken:
             raise ApiError(409, f"forget target(s) {taken} already exist; DELETE them first or use new ids",
                            "conflict_error", "id", "target_exists")
+        check_disk(st)
         done: list[str] = []
         try:
             for t in targets:
@@ -65,19 +119,48 @@ def add_locked(st: ServerState, targets: list[ForgetTarget]) -> None:
                 raise ApiError(400, f"target {targets[len(done)].id!r} was refused: {e}", "invalid_request_error",
                                "targets") from e
             raise
-        persist(st)
+
+        def undo() -> None:
+            for tid in done:
+                guarded.remove_target(tid)
+
+        persist(st, undo)
 
 
 def remove_locked(st: ServerState, target_id: str) -> bool:
     """Remove one target, then save; runs under the admin lock."""
+    guarded = st.guarded
     with st.admin_lock:
+        check_disk(st)
+        stored = getattr(guarded.detector, "target", None) if st.config.store_path is not None else None
         try:
-            removed = st.guarded.remove_target(target_id)
+            spare = stored(target_id) if callable(stored) else None  # names and policy, to undo a refused save
+        except Exception:  # noqa: BLE001 - unknown id, or a detector that cannot say: nothing to undo with
+            spare = None
+        try:
+            removed = guarded.remove_target(target_id)
         except AdminError as e:
             raise ApiError(501, str(e), "not_implemented") from e
         if removed:
-            persist(st)
+            persist(st, undo=None if spare is None else lambda: guarded.add_target(spare))
         return removed
+
+
+def store_watcher(st: ServerState) -> StoreWatcher | None:
+    """The watcher that reloads this replica's store: the app's own, else a one-off one on ``store_path``."""
+    if st.watcher is not None:
+        return st.watcher
+    if st.config.store_path is None:
+        return None
+    return StoreWatcher(st.guarded, st.config.store_path, st.config.watch_interval_s, st.metrics, st.admin_lock)
+
+
+class ReloadRequest(BaseModel):
+    """Body of ``POST /admin/store/reload`` (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+    force: bool = Field(False, strict=True, description="Load the store on disk even when its generation is older "
+                        "than the one served, or it was built for another task (logged and counted).")
 
 
 # Route handlers carry no docstring: FastAPI would publish it as the operation's description in OpenAPI.
@@ -121,6 +204,25 @@ async def add_targets(request: Request, st: State) -> JSONResponse:
     await asyncio.to_thread(add_locked, st, targets)
     log.info("admin added targets %s", ids)
     return JSONResponse({"added": ids}, status_code=201)
+
+
+@router.post("/admin/store/reload")
+async def reload_store(st: State, body: ReloadRequest | None = None) -> dict[str, Any]:
+    force = body is not None and body.force
+    watcher = store_watcher(st)
+    if watcher is None:
+        raise ApiError(400, "this replica has no store directory to reload: set server.watch_store or "
+                       "server.store_path", "invalid_request_error", None, "no_store")
+    if force:
+        log.warning("admin forced a reload of the forget store from %s", watcher.path)
+    res = await asyncio.to_thread(watcher.reload, force)
+    if res.outcome == "refused":
+        raise ApiError(409, f"{res.message}; still serving generation {res.generation}. Send {{\"force\": true}} to "
+                       "load it anyway", "conflict_error", "force", res.fault)
+    if res.outcome == "failed":
+        raise ApiError(503, f"{res.message}; still serving generation {res.generation}", "store_reload_error",
+                       headers={"Retry-After": str(max(1, round(watcher.interval_s)))})
+    return {"outcome": res.outcome, "generation": res.generation, "message": res.message, "forced": force}
 
 
 @router.delete("/admin/targets/{target_id}")

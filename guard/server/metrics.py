@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from guard.types import GuardTrace
 
@@ -10,7 +10,8 @@ FAULT_KINDS: tuple[str, ...] = (
     "backend_unreachable", "backend_timeout", "backend_http_error", "backend_bad_response", "backend_stream_cut",
     "backend_stream_error", "backend_error", "detector_error", "detector_timeout", "output_check_error",
     "output_check_timeout", "guard_model_error", "guard_model_timeout", "request_timeout", "store_save_error",
-    "store_reload_error", "internal_error")
+    "store_reload_error", "store_rollback_refused", "store_foreign_task_refused", "store_save_conflict",
+    "internal_error")
 
 
 def _endpoint_of(path: str) -> str:
@@ -40,8 +41,15 @@ class Metrics:
                               ["kind"], registry=r)
         for kind in FAULT_KINDS:
             self.faults.labels(kind)
+        self.shed = Counter("guard_shed", "Requests answered 429 at once: every upstream slot busy and the queue "
+                            "full (server.max_concurrency, server.max_queue)", registry=r)
         self.store_reloads = Counter("guard_store_reloads_total", "Forget-store reloads after its directory changed",
                                      registry=r)
+        self.store_forced_reloads = Counter("guard_store_forced_reloads_total", "Admin-forced reloads of an older or "
+                                            "foreign forget store that a plain reload refuses", registry=r)
+        self.store_generation = Gauge("guard_store_generation", "Generation of the forget store served", registry=r)
+        self.store_reload_pending = Gauge("guard_store_reload_pending", "1 while a changed forget store on disk "
+                                          "has not loaded yet (it is retried), else 0", registry=r)
         self.error_responses = Counter("guard_error_responses_total", "Error responses by endpoint, status and code",
                                        ["endpoint", "status", "code"], registry=r)
         self.stage = Histogram("guard_stage_seconds", "Time per guard stage", ["stage"], registry=r,
