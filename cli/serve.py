@@ -14,6 +14,25 @@ app = typer.Typer(help="Serve a guarded LLM behind an OpenAI-compatible HTTP API
 log = logging.getLogger(__name__)
 
 
+def keys_of(api_keys: list[str] | None, admin_key: str | None) -> tuple[list[str], str | None]:
+    """The client keys and the admin key from the flags, else the environment; an empty or blank key given
+    either way is refused (ValueError naming where it came from, never the key): an empty client key would let
+    in anyone who sends an empty Bearer token, and an empty admin key is a mistake, not "admin off"."""
+    env_key, env_admin = os.environ.get("UNLEARN_GUARD_API_KEY"), os.environ.get("UNLEARN_GUARD_ADMIN_KEY")
+    keys = list(api_keys or []) or ([env_key] if env_key is not None else [])
+    admin = admin_key if admin_key is not None else env_admin
+    src_keys = "--api-key" if api_keys else "$UNLEARN_GUARD_API_KEY"
+    src_admin = "--admin-key" if admin_key is not None else "$UNLEARN_GUARD_ADMIN_KEY"
+    for i, k in enumerate(keys):
+        if not k.strip() or k != k.strip():
+            what = "is empty or only whitespace" if not k.strip() else "starts or ends with whitespace"
+            raise ValueError(f"{src_keys} (key {i + 1}) {what}; give a real key, or none to serve without client keys")
+    if admin is not None and (not admin.strip() or admin != admin.strip()):
+        what = "is empty or only whitespace" if not admin.strip() else "starts or ends with whitespace"
+        raise ValueError(f"{src_admin} {what}; give a real key, or leave it unset to disable the admin endpoints")
+    return keys, admin
+
+
 def load_detector(path: Path, oracle: bool = False) -> Any:
     """Load a saved detector directory (``detectors.detector``), or an oracle detector from a task file."""
     if oracle:
@@ -58,7 +77,7 @@ def serve(
     import uvicorn
     import yaml
 
-    from core.config import load_config
+    from core.config import ConfigError, load_config
     from guard.api import GuardedLLM
     from guard.backends import backend_config
     from guard.config import GuardConfig, ServerConfig
@@ -67,16 +86,24 @@ def serve(
     sections: dict[str, Any] = {}
     if config is not None:
         sections = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    keys = list(api_key or []) or ([os.environ["UNLEARN_GUARD_API_KEY"]] if os.environ.get("UNLEARN_GUARD_API_KEY") else [])
-    admin = admin_key or os.environ.get("UNLEARN_GUARD_ADMIN_KEY")
+    try:
+        keys, admin = keys_of(api_key, admin_key)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
     # A flag given on the command line wins over the YAML; an omitted flag leaves the YAML (or the default).
     flags = {"fail_open": fail_open, "output_check": output_check, "guard_mode": guard_mode}
-    gcfg = load_config(GuardConfig, base={**sections.get("guard", {}), **{k: v for k, v in flags.items() if v is not None}})
     server_flags = {"host": host, "port": port, "expose_trace": expose_trace,
                     "watch_store": detector if watch and not oracle and detector.is_dir() else None}
     server_flags.update(api_keys=keys or None, admin_key=admin)
-    scfg = load_config(ServerConfig, base={**sections.get("server", {}),
-                                           **{k: v for k, v in server_flags.items() if v is not None}})
+    try:
+        gcfg = load_config(GuardConfig, base={**sections.get("guard", {}),
+                                              **{k: v for k, v in flags.items() if v is not None}})
+        scfg = load_config(ServerConfig, base={**sections.get("server", {}),
+                                               **{k: v for k, v in server_flags.items() if v is not None}})
+    except ConfigError as e:  # e.g. an empty key in the YAML's server.api_keys (the message never shows a key)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
     host, port = scfg.host, scfg.port
     if host not in {"127.0.0.1", "localhost", "::1"} and not scfg.api_keys:
         log.warning("serving on %s without client API keys: anyone who can reach it can use it", host)

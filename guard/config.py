@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 OutputCheckMode = Literal["off", "log", "block"]
 GuardMode = Literal["llm", "template"]
@@ -58,6 +58,9 @@ class GuardConfig(_Cfg):
 class ServerConfig(_Cfg):
     """The HTTP layer: bind address, keys, limits and the upstream."""
 
+    # keys are secrets: a validation error must not print what was given
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model_name: str = Field("unlearn-guard", description="The model id reported by /v1/models and responses.")
@@ -68,8 +71,18 @@ class ServerConfig(_Cfg):
     max_prompt_chars: int = Field(100_000, ge=1, description="Most characters of message text (or prompt) per "
                                   "request; longer ones are refused with 400 before any model or detector runs.")
     max_tokens_cap: int = Field(2048, ge=1, description="Upper bound on max_tokens a client may ask for.")
-    request_timeout_s: float = Field(120.0, gt=0, description="Whole non-streamed request; per chunk when streamed.")
-    max_concurrency: int = Field(4, ge=1, description="Requests generating at once; others wait.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Deadline of a whole non-streamed request, and of a "
+                                     "stream's first delta, the wait for an upstream slot included (then 504); later "
+                                     "deltas of a stream: each within this time.")
+    max_concurrency: int = Field(4, ge=1, description="Target-model calls (answers or whole streams) running at "
+                                 "once; more wait in the queue. Refusals decided before any target call never wait.")
+    max_queue: int | None = Field(None, ge=0, description="Requests that may wait for an upstream slot; one more is "
+                                  "answered 429 with Retry-After at once. None: 4 x max_concurrency; 0: no waiting.")
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After (seconds) of a 429 sent when the queue is full.")
+    public_metrics: bool = Field(False, description="Serve /metrics without a key even when client keys are set "
+                                 "(default: with client keys, /metrics needs one too).")
+    public_docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json without a key even when "
+                              "client keys are set (default: with client keys, they need one too).")
     expose_trace: bool = Field(False, description="Add the guard trace to responses (field 'guard').")
     store_path: Path | None = Field(None, description="Detector directory re-saved (atomically) after every admin "
                                     "change to the forget targets; unset: admin changes live in memory only.")
@@ -81,3 +94,33 @@ class ServerConfig(_Cfg):
         "least this size are mapped separately and handed back to the OS when freed, so the encoder's ever-changing "
         "batch shapes do not leave the heap growing (on the test machine: flat resident memory over 20,000 requests, "
         "for about 16% less peak throughput). None: glibc's default (a threshold that adapts upwards).")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_not_blank(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        """An empty or padded client key would let anyone in with an empty Bearer token (or never match): refuse it."""
+        for i, k in enumerate(keys):
+            _check_key(k, f"api_keys[{i}]")
+        return keys
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_not_blank(cls, key: SecretStr | None) -> SecretStr | None:
+        """An empty admin key is a mistake, not "admin off" (that is: leave it unset); refuse it."""
+        if key is not None:
+            _check_key(key, "admin_key")
+        return key
+
+    @property
+    def queue_limit(self) -> int:
+        """How many requests may wait for an upstream slot (``max_queue``, default 4 x ``max_concurrency``)."""
+        return 4 * self.max_concurrency if self.max_queue is None else self.max_queue
+
+
+def _check_key(key: SecretStr, name: str) -> None:
+    """ValueError naming the setting (never the key) when a key is empty, only whitespace, or padded with it."""
+    v = key.get_secret_value()
+    if not v.strip():
+        raise ValueError(f"{name} is empty or only whitespace; leave it unset instead")
+    if v != v.strip():
+        raise ValueError(f"{name} starts or ends with whitespace, so no request could present it")

@@ -143,7 +143,8 @@ def test_proxy_in_front_of_own_server_with_openai_client(tiny_upstream: str) -> 
         exercise_langchain(base)
         r = httpx.get(base.replace("/v1", "/readyz"), timeout=10)
         assert r.status_code == 200
-        metrics = httpx.get(base.replace("/v1", "/metrics"), timeout=10).text
+        metrics = httpx.get(base.replace("/v1", "/metrics"), timeout=10,
+                            headers={"Authorization": f"Bearer {PROXY_KEY}"}).text  # keys set: /metrics needs one
         assert 'guard_requests_total{endpoint="chat",status="200"}' in metrics
 
 

@@ -143,7 +143,7 @@ def test_metrics_and_readiness() -> None:
     c, _ = client()
     chat(c, "hello")
     chat(c, "Where was Elara Voswick born?")
-    text = c.get("/metrics").text
+    text = c.get("/metrics", headers=H).text  # with client keys, /metrics needs one
     assert 'guard_requests_total{endpoint="chat",status="200"} 2.0' in text
     assert "guard_flagged_total 1.0" in text and "guard_stage_seconds_bucket" in text
     assert c.get("/readyz").json() == {"status": "ready"}

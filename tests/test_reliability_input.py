@@ -253,7 +253,7 @@ def test_unicode_text_is_answered_unless_empty_or_not_unicode(client: TestClient
 
 def test_server_keeps_serving_after_the_properties(client: TestClient) -> None:
     still_serving(client)
-    metrics = client.get("/metrics").text
+    metrics = client.get("/metrics", headers=H).text  # with client keys, /metrics needs one
     assert 'guard_error_responses_total{code="invalid_value",endpoint="chat",status="400"}' in metrics
 
 

@@ -21,12 +21,23 @@ read from each non-streamed answer's guard trace (``expose_trace``) and from the
     python -m eval.bench.load --requests 200                  # quick
     python -m eval.bench.load --soak 10000                    # memory soak: RSS every 1000 requests
     python -m eval.bench.load --soak 10000 --proxy-env MALLOC_ARENA_MAX=2
+    python -m eval.bench.load --saturation                    # overload: 64 clients, 4 slots, 16 queued, 2 s
 
-Results: ``runs/bench/load/load.{json,md}`` (``soak.{json,md}`` for the soak), and the table on stdout.
+Results: ``runs/bench/load/load.{json,md}`` (``soak.{json,md}`` for the soak, ``saturation.{json,md}`` for
+the saturation run), and the table on stdout.
 Targets (PASS/FAIL per row): no 5xx, no dropped checks, added p50 <= 15 ms and p99 <= 40 ms at
 concurrency 32; soak: RSS growth over the second half of the soak (the first half is warm-up: the
 encoder's allocations grow while it meets new batch sizes, then level off) under 20 MB; a leak shows
 as growth that goes on, so the slope after warm-up (KB per request) is reported too.
+
+Saturation (``--saturation``): proxy only, far more clients (``--saturation-clients``, default 64) than
+upstream slots (``--proxy-max-concurrency 4``, ``--proxy-max-queue 16``) in front of an upstream that takes
+``--upstream-delay-ms`` (default 200) per answer, with the proxy's request deadline
+``--proxy-request-timeout-s`` (default 2). Each client sends its next request when the last one is answered,
+after the 429's ``Retry-After`` when it was shed (as the OpenAI SDK does). It reports p50/p99 latency over every
+answer and over the 200s, and the shares answered 200, shed with 429, timed out with 504, other 5xx and other
+errors. Target: p99 over every answer <= the deadline + ``saturation_slack_ms`` (100 ms of response overhead),
+no 5xx other than 504, no dropped checks.
 """
 
 from __future__ import annotations
@@ -100,6 +111,32 @@ class LoadConfig(BaseModel):
     max_added_p50_ms: float = 15.0
     max_added_p99_ms: float = 40.0
     max_rss_growth_mb: float = 20.0
+    saturation: bool = Field(False, description="Saturation mode: proxy only, saturation_clients clients against "
+                                                "few upstream slots and a bounded queue.")
+    saturation_clients: int = Field(64, ge=1, description="Concurrent clients of the saturation run.")
+    saturation_slack_ms: float = Field(100.0, ge=0, description="Response overhead allowed over the proxy's deadline "
+                                                                "in the saturation target (p99 <= deadline + this).")
+    honour_retry_after: bool = Field(True, description="Saturation: a shed client waits the 429's Retry-After "
+                                                       "before its next request.")
+    upstream_delay_ms: float | None = Field(None, ge=0, description="The fake upstream's time per answer (before its "
+                                            "first byte); None: 0, or 200 in saturation mode.")
+    proxy_max_queue: int | None = Field(None, ge=0, description="ServerConfig.max_queue of the proxy (None: its "
+                                        "default, or 16 in saturation mode).")
+    proxy_request_timeout_s: float | None = Field(None, gt=0, description="ServerConfig.request_timeout_s of the "
+                                                  "proxy (None: timeout_s, or 2 in saturation mode).")
+    retry_after_s: int = Field(1, ge=0, description="ServerConfig.retry_after_s of the proxy.")
+
+    def effective(self) -> LoadConfig:
+        """This config with the saturation defaults filled in (4 slots, 16 queued, 2 s deadline, 200 ms upstream)
+        where saturation mode is on and the option was not given."""
+        if not self.saturation:
+            return self
+        given = self.model_fields_set
+        return self.model_copy(update={
+            "upstream_delay_ms": 200.0 if self.upstream_delay_ms is None else self.upstream_delay_ms,
+            "proxy_max_queue": 16 if self.proxy_max_queue is None else self.proxy_max_queue,
+            "proxy_request_timeout_s": 2.0 if self.proxy_request_timeout_s is None else self.proxy_request_timeout_s,
+            "proxy_max_concurrency": self.proxy_max_concurrency if "proxy_max_concurrency" in given else 4})
 
 
 # ---- the fake upstream ------------------------------------------------------------------------------
@@ -113,6 +150,18 @@ def _chunks(text: str, n: int = 4) -> list[str]:
     words = re.findall(r"\s*\S+", text)
     k = max(1, -(-len(words) // n))
     return ["".join(words[i:i + k]) for i in range(0, len(words), k)]
+
+
+def make_fake_upstream(delay_s: float = 0.0) -> Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]:
+    """The fake upstream, taking ``delay_s`` per completion before its first byte (a model's time per answer)."""
+
+    async def app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        """The fake upstream ASGI app (see ``fake_upstream``), after its delay."""
+        if delay_s and scope["type"] == "http" and scope.get("method") == "POST":
+            await asyncio.sleep(delay_s)
+        await fake_upstream(scope, receive, send)
+
+    return app
 
 
 async def fake_upstream(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -243,8 +292,10 @@ def proxy_app(cfg: LoadConfig, upstream: str, det_dir: Path) -> Any:
                        fallback_requires_refusal=cfg.refuse_flagged,
                        **{k: v for k, v in batching.items() if v is not None})
     guarded = GuardedLLM(target, det, config=gcfg, targets=benchmark_task(cfg))
+    limits: dict[str, Any] = {"max_queue": cfg.proxy_max_queue} if cfg.proxy_max_queue is not None else {}
     app = create_app(guarded, ServerConfig(max_concurrency=cfg.proxy_max_concurrency, expose_trace=True,
-                                           model_name="guarded", request_timeout_s=cfg.timeout_s))
+                                           model_name="guarded", retry_after_s=cfg.retry_after_s,
+                                           request_timeout_s=cfg.proxy_request_timeout_s or cfg.timeout_s, **limits))
 
     @app.get("/bench/batch-stats")
     async def batch_stats() -> dict[str, Any]:
@@ -353,6 +404,7 @@ class Outcome:
     error: str | None = None
     dropped: bool = False
     flagged_header: str | None = None
+    retry_after_s: float | None = None  # a 429's Retry-After
 
 
 def _sse_text(raw: str, chat: bool) -> tuple[str, str | None]:
@@ -392,7 +444,9 @@ async def one_request(client: Any, spec: Spec, cfg: LoadConfig, proxy: bool) -> 
         return Outcome(time.perf_counter() - t0, 0, False, f"{e.__class__.__name__}: {e}"[:200])
     dt = time.perf_counter() - t0
     if resp.status_code != 200:
-        return Outcome(dt, resp.status_code, False, raw[:200])
+        retry = resp.headers.get("retry-after", "") if resp.status_code == 429 else ""
+        return Outcome(dt, resp.status_code, False, raw[:200],
+                       retry_after_s=float(retry) if retry.replace(".", "", 1).isdigit() else None)
     try:
         if spec.stream:
             text, err = _sse_text(raw, chat)
@@ -413,8 +467,9 @@ async def one_request(client: Any, spec: Spec, cfg: LoadConfig, proxy: bool) -> 
 
 
 async def drive(base_url: str, specs: list[Spec], concurrency: int, cfg: LoadConfig, proxy: bool,
-                pbar: Any = None) -> tuple[list[Outcome], float]:
-    """Closed loop: ``concurrency`` workers send the specs in order; returns outcomes (in spec order) and wall time."""
+                pbar: Any = None, honour_retry_after: bool = False) -> tuple[list[Outcome], float]:
+    """Closed loop: ``concurrency`` workers send the specs in order (a shed worker first waits the 429's
+    Retry-After when ``honour_retry_after``); returns outcomes (in spec order) and wall time."""
     import httpx
 
     # One client (one keep-alive connection) per worker: a shared pool of many connections costs the
@@ -433,9 +488,11 @@ async def drive(base_url: str, specs: list[Spec], concurrency: int, cfg: LoadCon
             while nxt < len(specs):
                 i = nxt
                 nxt += 1
-                out[i] = await one_request(client, specs[i], cfg, proxy)
+                o = out[i] = await one_request(client, specs[i], cfg, proxy)
                 if pbar is not None:
                     pbar.update(1)
+                if honour_retry_after and o.status == 429 and o.retry_after_s and nxt < len(specs):
+                    await asyncio.sleep(min(o.retry_after_s, 30.0))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in clients))
@@ -466,6 +523,9 @@ async def proxy_counters(base_url: str) -> dict[str, float]:
         m = re.match(r"guard_fail_open_total (\S+)", line)
         if m:
             out["fail_open"] = float(m.group(1))
+        m = re.match(r"guard_shed_total (\S+)", line)
+        if m:
+            out["shed"] = float(m.group(1))
         m = re.match(r'guard_errors_total\{stage="(\w+)"\} (\S+)', line)
         if m:
             out[f"error:{m.group(1)}"] = float(m.group(2))
@@ -645,6 +705,79 @@ async def run_soak(cfg: LoadConfig, up: Child, px: Child) -> dict[str, Any]:
                      "verdict": "FAIL" if fails else "PASS", "failures": fails}}
 
 
+def classify(outs: list[Outcome]) -> dict[str, int]:
+    """How many answers were 200 (valid), shed (429), timed out (504), another 5xx, or another error."""
+    return {"ok_200": sum(o.ok for o in outs), "shed_429": sum(o.status == 429 for o in outs),
+            "timeout_504": sum(o.status == 504 for o in outs),
+            "other_5xx": sum(500 <= o.status < 600 and o.status != 504 for o in outs),
+            "other_errors": sum((not o.ok) and not (500 <= o.status < 600) and o.status != 429 for o in outs)}
+
+
+def saturation_summary(outs: list[Outcome], wall: float, cfg: LoadConfig) -> dict[str, Any]:
+    """Latency over every answer and over the 200s, the share of each outcome, and the PASS/FAIL verdict
+    (p99 over every answer within the proxy's deadline + slack, no 5xx but 504)."""
+    n = max(1, len(outs))
+    counts = classify(outs)
+    deadline_ms = 1000.0 * (cfg.proxy_request_timeout_s or cfg.timeout_s)
+    every = [o.latency_s for o in outs]
+    ok = [o.latency_s for o in outs if o.ok]
+    row: dict[str, Any] = {
+        "clients": min(cfg.saturation_clients, len(outs)), "requests": len(outs), "max_concurrency": cfg.proxy_max_concurrency,
+        "max_queue": cfg.proxy_max_queue, "deadline_ms": deadline_ms, "upstream_delay_ms": cfg.upstream_delay_ms,
+        "wall_s": round(wall, 3), "throughput_rps": round(len(outs) / wall, 1) if wall > 0 else 0.0,
+        "answered_200_rps": round(counts["ok_200"] / wall, 1) if wall > 0 else 0.0,
+        "p50_ms": _pct(every, 50), "p99_ms": _pct(every, 99), "max_ms": _pct(every, 100),
+        "p50_ms_200": _pct(ok, 50), "p99_ms_200": _pct(ok, 99), **counts,
+        "share": {k: round(v / n, 4) for k, v in counts.items()}}
+    fails = []
+    if not row["p99_ms"] <= deadline_ms + cfg.saturation_slack_ms:
+        fails.append(f"p99 {row['p99_ms']} ms > deadline {deadline_ms:g} ms + {cfg.saturation_slack_ms:g} ms")
+    if counts["other_5xx"]:
+        fails.append(f"{counts['other_5xx']} 5xx other than 504")
+    row["verdict"], row["failures"] = ("FAIL" if fails else "PASS"), fails
+    return row
+
+
+async def run_saturation(cfg: LoadConfig, up: Child, px: Child) -> dict[str, Any]:
+    """Proxy only: ``requests`` requests from ``saturation_clients`` clients against few upstream slots."""
+    from tqdm import tqdm
+
+    await _warm(up, px, cfg)
+    specs = request_mix(cfg, cfg.requests, salt=20_000)
+    m0 = await proxy_counters(px.url)
+    with tqdm(total=len(specs), desc=f"saturation, {cfg.saturation_clients} clients", unit="req", leave=False) as bar:
+        outs, wall = await drive(px.url, specs, cfg.saturation_clients, cfg, proxy=True, pbar=bar,
+                                 honour_retry_after=cfg.honour_retry_after)
+    m1 = await proxy_counters(px.url)
+    row = saturation_summary(outs, wall, cfg)
+    row["proxy_shed_counter"] = int(m1.get("shed", 0.0) - m0.get("shed", 0.0))
+    row["dropped_checks"] = dropped_checks(outs, m0, m1, cfg)
+    if row["dropped_checks"]["total"]:
+        row["failures"].append(f"{row['dropped_checks']['total']} dropped checks")
+        row["verdict"] = "FAIL"
+    row["error_kinds"] = summarise(outs, wall)["error_kinds"]
+    log.info("saturation: p99 %.0f ms (deadline %.0f ms), 200 %.1f%%, 429 %.1f%%, 504 %.1f%% -> %s", row["p99_ms"],
+             row["deadline_ms"], 100 * row["share"]["ok_200"], 100 * row["share"]["shed_429"],
+             100 * row["share"]["timeout_504"], row["verdict"])
+    return {"saturation": row}
+
+
+def saturation_table(rep: dict[str, Any]) -> str:
+    """The markdown table of a saturation run."""
+    r = rep["saturation"]
+    sh = {k: f"{100 * v:.1f}%" for k, v in r["share"].items()}
+    head = ("| clients | requests | slots | queue | deadline ms | upstream ms | req/s | 200/s | p50 ms | p99 ms | "
+            "p50 ms (200) | p99 ms (200) | 200 | 429 shed | 504 timeout | other 5xx | other | verdict |")
+    row = (f"| {r['clients']} | {r['requests']} | {r['max_concurrency']} | {r['max_queue']} | {r['deadline_ms']:g} | "
+           f"{r['upstream_delay_ms']:g} | {r['throughput_rps']} | {r['answered_200_rps']} | {r['p50_ms']} | "
+           f"{r['p99_ms']} | {r['p50_ms_200']} | {r['p99_ms_200']} | {sh['ok_200']} | {sh['shed_429']} | "
+           f"{sh['timeout_504']} | {sh['other_5xx']} | {sh['other_errors']} | "
+           f"{r['verdict']}{' (' + '; '.join(r['failures']) + ')' if r['failures'] else ''} |")
+    return "\n".join([head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|", row, "",
+                      f"429s counted by the proxy (guard_shed_total): {r['proxy_shed_counter']}; dropped checks: "
+                      f"{r['dropped_checks']['total']}; latency over every answer, 429s and 504s included."])
+
+
 def levels_table(rep: dict[str, Any]) -> str:
     """The markdown table of a levels run."""
     head = ("| concurrency | requests | direct req/s | proxy req/s | ratio | direct p50 ms | direct p99 ms | "
@@ -691,6 +824,7 @@ def environment() -> dict[str, Any]:
 
 def run(cfg: LoadConfig) -> dict[str, Any]:
     """Build or load the detector, start the upstream and the proxy, run the load, write JSON and markdown."""
+    cfg = cfg.effective()
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     det_dir = detector_path(cfg)
     cfg_json = cfg.model_dump_json()
@@ -702,15 +836,17 @@ def run(cfg: LoadConfig) -> dict[str, Any]:
             raise RuntimeError("detector build failed")
     env = environment()
     t0 = time.perf_counter()
-    with start_child("upstream", ["--role", "upstream"], cfg.out_dir, "/v1/models", cfg.startup_timeout_s) as up, \
+    with start_child("upstream", ["--role", "upstream", "--config-json", cfg_json], cfg.out_dir, "/v1/models",
+                     cfg.startup_timeout_s) as up, \
             start_child("proxy", ["--role", "proxy", "--config-json", cfg_json, "--upstream", up.url + "/v1",
                                   "--detector-path", str(det_dir)], cfg.out_dir, "/readyz", cfg.startup_timeout_s,
                         env=cfg.proxy_env) as px:
-        rep = _run_async(run_soak(cfg, up, px) if cfg.soak else run_levels(cfg, up, px))
+        rep = _run_async(run_soak(cfg, up, px) if cfg.soak else
+                         run_saturation(cfg, up, px) if cfg.saturation else run_levels(cfg, up, px))
     rep = {"config": json.loads(cfg_json), "environment": env, "detector_dir": str(det_dir),
            "seconds": round(time.perf_counter() - t0, 1), **rep}
-    name = "soak" if cfg.soak else "load"
-    table = soak_table(rep) if cfg.soak else levels_table(rep)
+    name = "soak" if cfg.soak else "saturation" if cfg.saturation else "load"
+    table = soak_table(rep) if cfg.soak else saturation_table(rep) if cfg.saturation else levels_table(rep)
     from core.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(cfg.out_dir / f"{name}.json", rep)
@@ -760,7 +896,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-window-ms", type=float)
     p.add_argument("--max-batch", type=int)
     p.add_argument("--max-inflight", type=int)
-    p.add_argument("--proxy-max-concurrency", type=int)
+    p.add_argument("--proxy-max-concurrency", type=int, help="The proxy's max_concurrency (default 64; 4 with "
+                                                              "--saturation).")
+    p.add_argument("--saturation", action="store_true", default=None,
+                   help="Saturation run: proxy only, --saturation-clients clients against few upstream slots.")
+    p.add_argument("--saturation-clients", type=int, help="Clients of the saturation run (default 64).")
+    p.add_argument("--saturation-slack-ms", type=float, help="Allowed over the deadline at p99 (default 100).")
+    p.add_argument("--no-retry-after", dest="honour_retry_after", action="store_false", default=None,
+                   help="Saturation: a shed client sends its next request at once instead of after Retry-After.")
+    p.add_argument("--upstream-delay-ms", type=float, help="The fake upstream's time per answer (default 0; 200 "
+                                                           "with --saturation).")
+    p.add_argument("--proxy-max-queue", type=int, help="The proxy's max_queue (default: its own; 16 with "
+                                                       "--saturation).")
+    p.add_argument("--proxy-request-timeout-s", type=float, help="The proxy's request_timeout_s (default --timeout-s; "
+                                                                 "2 with --saturation).")
+    p.add_argument("--retry-after-s", type=int, help="The proxy's retry_after_s (default 1).")
     p.add_argument("--malloc-mmap-threshold-kb", type=lambda v: "none" if v.lower() == "none" else int(v),
                    help="The proxy's ServerConfig.malloc_mmap_threshold_kb (default 128; 'none': glibc's default).")
     p.add_argument("--timeout-s", type=float)
@@ -783,7 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if args.role == "upstream":
-        _serve(fake_upstream)
+        delay_ms = LoadConfig.model_validate_json(args.config_json).upstream_delay_ms if args.config_json else None
+        _serve(make_fake_upstream((delay_ms or 0.0) / 1000.0))
         return 0
     internal = {"role", "config_json", "upstream", "detector_path"}
     if args.config_json:
@@ -803,8 +954,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rep = run(cfg)
     print(rep["table"])
-    print(f"\nJSON and markdown written to {cfg.out_dir}/{'soak' if cfg.soak else 'load'}.{{json,md}}")
-    if not cfg.soak:
+    name = "soak" if cfg.soak else "saturation" if cfg.saturation else "load"
+    print(f"\nJSON and markdown written to {cfg.out_dir}/{name}.{{json,md}}")
+    if not cfg.soak and not cfg.saturation:
         for r in rep["rows"]:
             print(f"concurrency {r['concurrency']}: flag rate forget {r['flag_rates']['forget_flagged']}, other "
                   f"{r['flag_rates']['other_flagged']}; batching {r['batching']}")

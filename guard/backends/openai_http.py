@@ -8,14 +8,18 @@ Every failure is a :class:`~guard.types.BackendError` whose ``kind`` says what h
 is unreachable, too slow ('timeout'), answered an HTTP error, sent something that is not an OpenAI
 answer ('bad_response': not JSON, wrong schema), or cut a stream off before ``data: [DONE]``
 ('stream_cut'). Error messages describe the shape of a bad answer, never its text: an answer that
-fails to parse is unchecked model output and must not reach a client or a log through an error.
+fails to parse, an upstream error body and an SSE error event may hold unchecked model output, so their
+text appears only redacted (length and a short hash). An :class:`UpstreamError` also carries the upstream's
+HTTP status and, when it is a short identifier-like token, its error code: all that the proxy tells a client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterator, Sequence
 from typing import Any, Literal
@@ -29,28 +33,66 @@ from guard.types import BackendError
 
 log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-_MAX_ERROR_CHARS = 200
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
+_MEDIA_TYPE = re.compile(r"[\w.+-]{1,40}/[\w.+-]{1,60}")
 
 
-def _error_text(resp: httpx.Response) -> str:
-    """A short description of an upstream error response: its status and JSON error message, never a raw body."""
+class UpstreamError(BackendError):
+    """A BackendError of the upstream that also says what a client may be told: its HTTP status and its error
+    code (a short identifier-like token), never its text."""
+
+    def __init__(self, message: str, kind: str, status: int | None = None, code: str | None = None) -> None:
+        """The log message (upstream text redacted), the kind, and the upstream's status and error code."""
+        super().__init__(message, kind)
+        self.status = status
+        self.code = code if code is not None and _TOKEN.fullmatch(code) else None
+
+
+def _redacted(text: str | bytes) -> str:
+    """A log-safe stand-in for upstream text: its length and a short hash, never its words."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    return f"<redacted {len(raw)} {'chars' if isinstance(text, str) else 'bytes'} " \
+           f"sha256:{hashlib.sha256(raw).hexdigest()[:10]}>"
+
+
+def _error_fields(err: Any) -> tuple[str | None, str | None]:
+    """The error code (a short token: its ``code``, else its ``type``) and the message of an OpenAI error object."""
+    if isinstance(err, str):
+        return None, err
+    if not isinstance(err, dict):
+        return None, None
+    code = next((c for c in (err.get("code"), err.get("type")) if isinstance(c, str) and _TOKEN.fullmatch(c)), None)
+    msg = err.get("message")
+    return code, msg if isinstance(msg, str) else None
+
+
+def _error_info(resp: httpx.Response) -> tuple[str, str | None]:
+    """A log-safe description of an upstream error response (its status, error code and redacted message,
+    never the raw body), and the error code."""
     try:
         body = resp.json()
     except (ValueError, UnicodeDecodeError):
-        return f"HTTP {resp.status_code} (a non-JSON body of {len(resp.content)} bytes)"
-    msg: Any = None
-    if isinstance(body, dict):
-        err = body.get("error")
-        msg = err.get("message") if isinstance(err, dict) else (err if isinstance(err, str) else body.get("detail"))
-    if isinstance(msg, str) and msg:
-        return f"HTTP {resp.status_code}: {msg[:_MAX_ERROR_CHARS]}"
-    return f"HTTP {resp.status_code} (a JSON body without an error message)"
+        return f"HTTP {resp.status_code} (a non-JSON body, {_redacted(resp.content)})", None
+    code, msg = _error_fields(body.get("error") if isinstance(body, dict) else None)
+    if msg is None and isinstance(body, dict) and isinstance(body.get("detail"), str):
+        msg = body["detail"]
+    parts = [f"code {code}"] if code else []
+    parts.append(f"message {_redacted(msg)}" if msg else "a JSON body without an error message")
+    return f"HTTP {resp.status_code} ({', '.join(parts)})", code
+
+
+def _error_text(resp: httpx.Response) -> str:
+    """A log-safe description of an upstream error response (see ``_error_info``)."""
+    return _error_info(resp)[0]
 
 
 def _shape(data: Any) -> str:
-    """What a JSON value looks like (type and top-level keys), without its content."""
+    """What a JSON value looks like (type and its identifier-like top-level keys), without its content."""
     if isinstance(data, dict):
-        return f"an object with keys {sorted(str(k) for k in data)[:10]}"
+        keys = sorted(str(k) for k in data)
+        shown = [k for k in keys if _TOKEN.fullmatch(k)][:10]
+        more = len(keys) - len(shown)
+        return f"an object with keys {shown}" + (f" and {more} more" if more else "")
     return f"a JSON {type(data).__name__}"
 
 
@@ -96,7 +138,8 @@ def _json_of(resp: httpx.Response, where: str) -> Any:
     try:
         return resp.json()
     except (ValueError, UnicodeDecodeError) as e:
-        ctype = resp.headers.get("content-type", "no content-type")
+        media = resp.headers.get("content-type", "").split(";")[0].strip()
+        ctype = media if _MEDIA_TYPE.fullmatch(media) else "no usable content-type"
         raise BackendError(f"upstream {where} answered HTTP 200 with a body that is not JSON "
                            f"({len(resp.content)} bytes, {ctype})", "bad_response") from e
 
@@ -162,11 +205,11 @@ class OpenAIHTTPBackend(Backend):
     def _attempts(self, path: str, body: dict[str, Any]) -> Generator[dict[str, Any] | float, Any, Any]:
         """The retry policy without I/O: yields a body to POST (and
         receives its response or httpx error) or a pause in seconds; returns the JSON answer."""
-        last, kind = "", "error"
+        last, kind, status, code = "", "error", None, None
         for attempt in range(self.cfg.max_retries + 1):
             reply = yield body
             if isinstance(reply, httpx.HTTPError):
-                last, kind = f"{reply.__class__.__name__}: {reply}", _transport_kind(reply)
+                last, kind, status, code = f"{reply.__class__.__name__}: {reply}", _transport_kind(reply), None, None
             else:
                 if reply.status_code == 200:
                     return _json_of(reply, f"{self.base_url}{path}")
@@ -176,12 +219,12 @@ class OpenAIHTTPBackend(Backend):
                     self.supports_json_schema = False
                     body = {k: v for k, v in body.items() if k != "response_format"}
                     continue
-                last, kind = _error_text(reply), "http_error"
+                (last, code), kind, status = _error_info(reply), "http_error", reply.status_code
                 if reply.status_code not in _RETRY_STATUS:
                     break
             if attempt < self.cfg.max_retries:
                 yield self.cfg.retry_backoff_s * (2 ** attempt)
-        raise BackendError(f"upstream {self.base_url}{path} failed: {last}", kind)
+        raise UpstreamError(f"upstream {self.base_url}{path} failed: {last}", kind, status, code)
 
     async def _apost(self, path: str, body: dict[str, Any]) -> Any:
         """POST with retries on transient failures (a 400 caused by response_format drops it once), on the
@@ -226,9 +269,10 @@ class OpenAIHTTPBackend(Backend):
         last = attempt >= self.cfg.max_retries
         if isinstance(failure, httpx.Response):
             if last or failure.status_code not in _RETRY_STATUS:
-                raise BackendError(f"upstream {where} failed: {_error_text(failure)}", "http_error")
+                text, code = _error_info(failure)
+                raise UpstreamError(f"upstream {where} failed: {text}", "http_error", failure.status_code, code)
         elif last:
-            raise BackendError(f"upstream {where} unreachable: {failure}", "unreachable") from failure
+            raise UpstreamError(f"upstream {where} unreachable: {failure}", "unreachable") from failure
         return self.cfg.retry_backoff_s * (2 ** attempt)
 
     def _stream_body(self, params: GenParams, **payload: Any) -> dict[str, Any]:
@@ -366,10 +410,10 @@ class _SSEReader:
             raise BackendError(f"upstream stream {self.where} sent a data line that is not JSON "
                                f"({len(payload)} chars)", "bad_response") from e
         if isinstance(data, dict) and data.get("error"):
-            err = data["error"]
-            msg = err.get("message") if isinstance(err, dict) else err
-            raise BackendError(f"upstream stream {self.where} reported an error: {str(msg)[:_MAX_ERROR_CHARS]}",
-                               "stream_error")
+            code, msg = _error_fields(data["error"])
+            parts = ([f"code {code}"] if code else []) + ([f"message {_redacted(msg)}"] if msg else [])
+            raise UpstreamError(f"upstream stream {self.where} reported an error ({', '.join(parts) or 'no message'})",
+                                "stream_error", code=code)
         if not isinstance(data, dict) or not isinstance(data.get("choices", []), list):
             raise BackendError(f"upstream stream {self.where} sent a chunk that is not an OpenAI chunk "
                                f"(got {_shape(data)})", "bad_response")

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from guard.api import GuardedLLM
 from guard.config import ServerConfig
 from guard.server import admin, health, openai
-from guard.server.auth import admin_auth, client_auth
+from guard.server.auth import admin_auth, client_auth, ops_auth
 from guard.server.errors import install_error_handlers
-from guard.server.limits import BodyLimit
+from guard.server.limits import BodyLimit, UpstreamLimiter
 from guard.server.metrics import Metrics
 from guard.server.state import ServerState
 from guard.server.watch import StoreWatcher
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
@@ -57,12 +62,36 @@ def install_openapi(app: FastAPI, cfg: ServerConfig) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def docs_router(app: FastAPI) -> APIRouter:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` as ordinary routes, so they can sit behind ``ops_auth``."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi_json() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @router.get("/redoc")
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    return router
+
+
 def build_state(guarded: GuardedLLM, cfg: ServerConfig) -> ServerState:
     """The state one app shares between its routes (keys unwrapped, store watcher set up when configured)."""
     if cfg.store_path is not None and not callable(getattr(guarded.detector, "save", None)):
         raise ValueError(f"store_path is set but detector {type(guarded.detector).__name__} has no save(); use a "
                          "detectors.detector.Detector or unset store_path")
-    st = ServerState(guarded=guarded, config=cfg, metrics=Metrics(), sem=asyncio.Semaphore(cfg.max_concurrency),
+    metrics = Metrics()
+    limiter = UpstreamLimiter(cfg.max_concurrency, cfg.queue_limit, cfg.retry_after_s, on_shed=metrics.shed.inc)
+    if guarded.upstream_slot is not contextlib.nullcontext:
+        log.info("this GuardedLLM already served another app: its upstream slots are now this app's")
+    guarded.upstream_slot = limiter.slot  # target calls hold a slot; refusals decided before them never wait
+    st = ServerState(guarded=guarded, config=cfg, metrics=metrics, limiter=limiter,
                      client_keys=[k.get_secret_value() for k in cfg.api_keys],
                      admin_key=cfg.admin_key.get_secret_value() if cfg.admin_key else None)
     if cfg.watch_store is not None:
@@ -74,7 +103,9 @@ def create_app(guarded: GuardedLLM, config: ServerConfig | None = None) -> FastA
     """Build the proxy app around a GuardedLLM (the guarded model may itself be an upstream server)."""
     cfg = config or ServerConfig()
     st = build_state(guarded, cfg)
-    app = FastAPI(title="unlearn-guard proxy", version="0.1.0", lifespan=lifespan)
+    # the docs are served by docs_router, behind the same key as /metrics (ServerConfig.public_docs)
+    app = FastAPI(title="unlearn-guard proxy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.guard = st
     # kept for callers that read them off the app (cli tests, benches)
     app.state.store_watcher, app.state.guarded, app.state.config, app.state.metrics = st.watcher, guarded, cfg, st.metrics
@@ -82,6 +113,7 @@ def create_app(guarded: GuardedLLM, config: ServerConfig | None = None) -> FastA
     install_openapi(app, cfg)
     install_error_handlers(app, st)
     app.include_router(openai.router, dependencies=[Depends(client_auth)])
-    app.include_router(health.router)
+    app.include_router(health.router, dependencies=[Depends(ops_auth)])
+    app.include_router(docs_router(app), dependencies=[Depends(ops_auth)])
     app.include_router(admin.router, dependencies=[Depends(admin_auth)])
     return app

@@ -1,6 +1,8 @@
 """API-key checks: a client key for the OpenAI endpoints, a separate admin key for ``/admin``.
 
-Keys are compared with ``hmac.compare_digest`` against every configured key and never logged.
+With client keys configured, ``/metrics`` and the API docs (``/docs``, ``/redoc``, ``/openapi.json``) need a
+client key too, unless ``public_metrics`` / ``public_docs``; ``/healthz`` and ``/readyz`` stay open for load
+balancers. Keys are compared with ``hmac.compare_digest`` against every configured key and never logged.
 """
 
 from __future__ import annotations
@@ -47,3 +49,21 @@ async def admin_auth(request: Request) -> None:
     if not _matches(_key_of(request), [st.admin_key]):
         raise ApiError(401, "invalid or missing admin key", "invalid_request_error", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+_DOC_PATHS = frozenset({"/docs", "/redoc", "/openapi.json"})
+
+
+async def ops_auth(request: Request) -> None:
+    """FastAPI dependency of the operations and docs routes: a client key for ``/metrics`` and the docs when
+    client keys are configured (unless made public); the probes stay open."""
+    st: ServerState = request.app.state.guard
+    path = getattr(request.scope.get("route"), "path", request.url.path)
+    if path == "/metrics":
+        public = st.config.public_metrics
+    elif path in _DOC_PATHS:
+        public = st.config.public_docs
+    else:
+        return
+    if not public:
+        await client_auth(request)

@@ -1,13 +1,19 @@
 """OpenAI-style errors: the ``{"error": {"message", "type", "param", "code"}}`` body and the app's handlers.
 
 A failed or late detector answers 503 ``guard_unavailable`` (fail closed); upstream faults answer 502/504;
-a rejected request body answers 400 whose ``param`` names the field. Every error response is counted by
-endpoint, status and code, and every fault by kind.
+a full upstream queue answers 429 ``rate_limit_exceeded`` (``guard.server.limits``); a rejected request body
+answers 400 whose ``param`` names the field. Every error response is counted by endpoint, status and code, and
+every fault by kind.
+
+The message of an upstream or guard failure is the proxy's own text: an upstream's error body, an SSE error
+event or an exception's message may quote unchecked model output (or the upstream's address), so a client sees
+at most the upstream's HTTP status, a short identifier-like error code and an exception's class name.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from functools import partial
 from typing import Any
 
@@ -33,6 +39,52 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code or type_
         self.headers = headers
+
+
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
+
+_UPSTREAM_TEXT = {
+    "unreachable": "the upstream model server could not be reached",
+    "timeout": "the upstream model server did not answer in time",
+    "http_error": "the upstream model server answered with an error",
+    "bad_response": "the upstream model server sent a response that is not a valid OpenAI answer",
+    "stream_cut": "the upstream stream was cut off before it ended",
+    "stream_error": "the upstream stream failed",
+}
+
+_STAGE_TEXT = {"detector": "the detector", "guard": "the guard model", "output_check": "the output check"}
+
+
+def safe_token(value: object) -> str | None:
+    """``value`` when it is a short identifier-like token (an error code, a class name), else None: no free text
+    from an upstream or an exception reaches a client."""
+    return value if isinstance(value, str) and _TOKEN.fullmatch(value) else None
+
+
+def backend_failure(exc: BaseException) -> tuple[int, str, str]:
+    """HTTP status, client message and error code of a backend failure, in the proxy's own words (the upstream's
+    status and error code at most, never its text or address)."""
+    kind = getattr(exc, "kind", "error")
+    code = "upstream_error" if kind == "error" else f"upstream_{kind}"
+    status = getattr(exc, "status", None)
+    message = _UPSTREAM_TEXT.get(kind, "the upstream model failed")
+    if kind == "http_error" and isinstance(status, int) and 100 <= status <= 599:
+        message = f"the upstream model server answered HTTP {status}"
+    upstream_code = safe_token(getattr(exc, "code", None))
+    if upstream_code is not None:
+        message += f" (upstream error code: {upstream_code})"
+    return (504 if kind == "timeout" else 502), message + "; the request was not answered", code
+
+
+def unavailable_message(exc: GuardUnavailableError) -> str:
+    """The client message of a fail-closed guard stage: which stage, late or failed, and the exception's class
+    name (never its message, which may quote a detector's or the guard model's input or output)."""
+    fault = exc.fault
+    stage = _STAGE_TEXT.get(fault.stage.value, "a guard stage")
+    if fault.timeout:
+        return f"guard unavailable: {stage} did not answer in time; the request was not answered"
+    cls = safe_token(fault.error)
+    return f"guard unavailable: {stage} failed{f' ({cls})' if cls else ''}; the request was not answered"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -62,15 +114,16 @@ def install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(GuardUnavailableError)
     async def _unavailable(request: Request, exc: GuardUnavailableError) -> JSONResponse:
         metrics.fault(exc.fault.metric)
-        return error(request, 503, str(exc), "guard_unavailable", code="guard_unavailable", headers={"Retry-After": "5"})
+        return error(request, 503, unavailable_message(exc), "guard_unavailable", code="guard_unavailable",
+                     headers={"Retry-After": "5"})
 
     @app.exception_handler(BackendError)
     async def _backend(request: Request, exc: BackendError) -> JSONResponse:
         kind = getattr(exc, "kind", "error")
         metrics.fault(f"backend_{kind}" if kind != "error" else "backend_error")
-        log.error("backend error (%s): %s", kind, exc)
-        return error(request, 504 if kind == "timeout" else 502, str(exc), "upstream_error",
-                     code="upstream_error" if kind == "error" else f"upstream_{kind}")
+        log.error("backend error (%s): %s", kind, exc)  # the backend's message: upstream text only redacted
+        status, message, code = backend_failure(exc)
+        return error(request, status, message, "upstream_error", code=code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

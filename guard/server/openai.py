@@ -1,8 +1,9 @@
 """The OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``.
 
-``stream: true`` answers as SSE ending with ``data: [DONE]``. Blocking work runs in worker threads,
-bounded by ``max_concurrency``; a refused or blocked answer is a normal completion with
-``finish_reason: "content_filter"``.
+``stream: true`` answers as SSE ending with ``data: [DONE]``. Target-model calls are bounded by the app's
+``UpstreamLimiter`` (``max_concurrency`` running, ``max_queue`` waiting, then 429), which the guarded model holds
+around each call, so a refusal decided before any target call never waits for a slot; ``request_timeout_s``
+covers the wait (504). A refused or blocked answer is a normal completion with ``finish_reason: "content_filter"``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.background import BackgroundTask
 
 from guard.api import AsyncGuardStream, GuardResult
 from guard.backends import GenParams
-from guard.server.errors import ApiError, error_body
+from guard.server.errors import ApiError, backend_failure, error_body, unavailable_message
 from guard.server.schemas import ChatCompletionRequest, CompletionRequest, _GenRequest, _lone_surrogate
 from guard.server.state import ServerState, State
 from guard.types import BackendError, GuardTrace, GuardUnavailableError
@@ -62,15 +64,20 @@ def params_of(st: ServerState, req: _GenRequest, max_tokens: int | None, field: 
                      stop=stop, seed=req.seed)
 
 
-async def run_guarded(st: ServerState, make: Callable[[], Awaitable[GuardResult]]) -> GuardResult:
-    """Run the guarded model's async path (detector calls micro-batched across requests) under the limits."""
+async def run_guarded(st: ServerState, make: Callable[[], Awaitable[GuardResult]], endpoint: str) -> GuardResult:
+    """Run the guarded model's async path (detector calls micro-batched across requests) within the request
+    deadline, which counts the wait for an upstream slot; a failure is counted as the endpoint's error."""
     timeout = st.config.request_timeout_s
-    async with st.sem:
-        try:
-            return await asyncio.wait_for(make(), timeout=timeout)
-        except asyncio.TimeoutError as e:
-            st.metrics.errors.labels("timeout").inc()
-            raise ApiError(504, f"request took longer than {timeout:.0f}s", "timeout") from e
+    try:
+        return await asyncio.wait_for(make(), timeout=timeout)
+    except asyncio.TimeoutError as e:
+        st.metrics.errors.labels("timeout").inc()
+        st.metrics.requests.labels(endpoint, "error").inc()
+        raise ApiError(504, f"request took longer than {timeout:g}s (waiting for the upstream included)",
+                       "timeout") from e
+    except Exception:
+        st.metrics.requests.labels(endpoint, "error").inc()
+        raise
 
 
 def usage(res: GuardResult) -> dict[str, int]:
@@ -89,7 +96,7 @@ def headers_of(trace: GuardTrace) -> dict[str, str]:
 async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
               make_chunk: Callable[[str | None, str | None], dict[str, Any]],
               endpoint: str, t0: float) -> AsyncIterator[bytes]:
-    """Emit the stream as SSE; the semaphore is held until the stream ends."""
+    """Emit the stream as SSE; the stream (and the upstream slot it holds) is closed when it ends or fails."""
     metrics = st.metrics
     try:
         if first is not None:
@@ -103,42 +110,66 @@ async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
         yield f"data: {json.dumps(make_chunk(None, stream.finish_reason))}\n\n".encode()
         metrics.requests.labels(endpoint, "200").inc()
     except Exception as e:  # noqa: BLE001 - any failure mid-stream ends in an error event, never silence
+        # The message is the proxy's own: an upstream error event or an exception may quote unchecked output.
         if isinstance(e, GuardUnavailableError):
-            kind, code = "guard_unavailable", "guard_unavailable"  # counted from the trace below
+            kind, code, message = "guard_unavailable", "guard_unavailable", unavailable_message(e)  # counted below
         elif isinstance(e, BackendError):
-            kind, code = "upstream_error", f"upstream_{e.kind}" if e.kind != "error" else "upstream_error"
+            kind, (_, message, code) = "upstream_error", backend_failure(e)
             metrics.fault(f"backend_{e.kind}" if e.kind != "error" else "backend_error")
+            log.error("stream backend error (%s): %s", e.kind, e)  # the backend's message: upstream text redacted
         elif isinstance(e, asyncio.TimeoutError):
             kind, code = "timeout", "timeout"
+            message = f"no delta within {st.config.request_timeout_s:g}s; the stream was stopped"
             metrics.fault("request_timeout")
         else:
             kind, code = "internal_error", "internal_error"
+            message = f"internal error ({e.__class__.__name__}); the stream was stopped"
             metrics.fault("internal_error")
         log.error("stream aborted: %s (%s)", code, e.__class__.__name__)
         metrics.requests.labels(endpoint, "stream_error").inc()
-        yield f"data: {json.dumps(error_body(str(e) or kind, kind, code=code))}\n\n".encode()
+        yield f"data: {json.dumps(error_body(message, kind, code=code))}\n\n".encode()
     finally:
         await stream.aclose()
         metrics.observe(stream.trace)
         metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        st.sem.release()
     yield b"data: [DONE]\n\n"
 
 
-async def start_stream(st: ServerState, stream: AsyncGuardStream) -> str | None:
-    """Acquire a slot and pull the first delta, so guard failures still answer with a status code."""
+async def close_quietly(stream: AsyncGuardStream) -> None:
+    """Close a stream after its response (a no-op when ``sse`` closed it): a client that left before the body
+    started would otherwise leave the stream, and the upstream slot it holds, open."""
+    try:
+        await stream.aclose()
+    except Exception as e:  # noqa: BLE001 - closing is best effort here; sse's own close reports failures
+        log.debug("closing a stream after its response failed (%s)", e.__class__.__name__)
+
+
+async def start_stream(st: ServerState, stream: AsyncGuardStream, endpoint: str) -> str | None:
+    """Pull the first delta within the request deadline (the wait for an upstream slot included), so guard and
+    upstream failures, a full queue and a late start still answer with a status code, counted as the endpoint's
+    error like a non-streamed one."""
     timeout = st.config.request_timeout_s
-    await st.sem.acquire()
     try:
         return await asyncio.wait_for(stream.__anext__(), timeout=timeout)
     except StopAsyncIteration:
         return None
     except BaseException as e:
         await stream.aclose()
-        st.sem.release()
+        if isinstance(e, Exception):
+            st.metrics.requests.labels(endpoint, "error").inc()
         if isinstance(e, asyncio.TimeoutError):
-            raise ApiError(504, f"no first token within {timeout:.0f}s", "timeout") from e
+            raise ApiError(504, f"no first token within {timeout:g}s (waiting for the upstream included)",
+                           "timeout") from e
         raise
+
+
+def stream_response(st: ServerState, stream: AsyncGuardStream, first: str | None,
+                    make_chunk: Callable[[str | None, str | None], dict[str, Any]], endpoint: str, t0: float,
+                    headers: dict[str, str]) -> StreamingResponse:
+    """The SSE response of a started stream, which closes the stream after the response in any case."""
+    return StreamingResponse(sse(st, stream, first, make_chunk, endpoint, t0), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **headers},
+                             background=BackgroundTask(close_quietly, stream))
 
 
 # Route handlers carry no docstring: FastAPI would publish it as the operation's description in OpenAPI.
@@ -159,7 +190,7 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or cfg.model_name
     if req.stream:
         stream = guarded.astream(msgs, params)
-        first = await start_stream(st, stream)
+        first = await start_stream(st, stream, "chat")
         sent_role = {"done": False}
 
         def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
@@ -172,13 +203,8 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
 
-        return StreamingResponse(sse(st, stream, first, chunk, "chat", t0), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **headers_of(stream.trace)})
-    try:
-        res = await run_guarded(st, lambda: guarded.agenerate(msgs, params))
-    except Exception:
-        metrics.requests.labels("chat", "error").inc()
-        raise
+        return stream_response(st, stream, first, chunk, "chat", t0, headers_of(stream.trace))
+    res = await run_guarded(st, lambda: guarded.agenerate(msgs, params), "chat")
     metrics.observe(res.trace)
     metrics.requests.labels("chat", "200").inc()
     metrics.latency.labels("chat").observe(time.perf_counter() - t0)
@@ -207,15 +233,14 @@ async def completions(req: CompletionRequest, st: State) -> Any:
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or cfg.model_name
     if req.stream:
         stream = guarded.astream_complete(prompt, params)
-        first = await start_stream(st, stream)
+        first = await start_stream(st, stream, "completions")
 
         def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
 
-        return StreamingResponse(sse(st, stream, first, chunk, "completions", t0), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    res = await run_guarded(st, lambda: guarded.acomplete(prompt, params))
+        return stream_response(st, stream, first, chunk, "completions", t0, {})
+    res = await run_guarded(st, lambda: guarded.acomplete(prompt, params), "completions")
     metrics.observe(res.trace)
     metrics.requests.labels("completions", "200").inc()
     metrics.latency.labels("completions").observe(time.perf_counter() - t0)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -13,6 +12,9 @@ from guard.api import GuardedLLM
 from guard.config import ServerConfig
 from guard.server.metrics import Metrics
 from guard.server.watch import StoreWatcher
+
+if TYPE_CHECKING:  # limits imports errors, which imports this module
+    from guard.server.limits import UpstreamLimiter
 
 
 @dataclass
@@ -22,7 +24,7 @@ class ServerState:
     guarded: GuardedLLM
     config: ServerConfig
     metrics: Metrics
-    sem: asyncio.Semaphore  # bounds the requests running at once (``max_concurrency``)
+    limiter: UpstreamLimiter  # the upstream slots and their queue, held by the guarded model around target calls
     client_keys: list[str]
     admin_key: str | None
     # admin changes and store saves run one at a time (in worker threads)
