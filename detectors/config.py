@@ -47,6 +47,10 @@ class DetectorConfig(BaseModel):
     value_rule: bool = Field(True, description="Flag a prompt or answer that states an identifying value of a "
                              "target (an e-mail address, a number of 6+ digits such as a phone, account or ID number "
                              "or a full date, from its answers and texts; stored as salted hashes).")
+    fact_rule: bool = Field(True, description="Output check: flag an answer that states a stored fact of a target "
+                            "(a place, a year, a title an answer added to its question) when the conversation is "
+                            "about that target (it flagged it, or names it, also by a first name or surname alone), "
+                            "named in the answer or not.")
     calibration_prompts: bool = Field(True, description="Calibrate on composed prompts too (multi-turn "
                                       "conversations, long messages, system turns), scored as deployed.")
     builtin_benign: bool = Field(True, description="Use the built-in benign questions as extra negatives.")

@@ -34,6 +34,7 @@ from detectors.encoder import Encoder
 from detectors.features import (
     CHANNELS,
     FEATURES,
+    RULE_FACT,
     RULE_NAME,
     RULE_NONE,
     RULE_QUESTION,
@@ -44,7 +45,7 @@ from detectors.features import (
 )
 from detectors.index import set_faiss_threads
 from detectors.inputs import calibration_prompts, prompt_units, text_units
-from detectors.normalize import normalize
+from detectors.normalize import normalize, skeleton_tokens
 from detectors.persistence import read_detector, save_detector
 from detectors.store import ROLES, ForgetStore, NegativeItem, StoreSnapshot
 from detectors.types import Detection, Evidence
@@ -78,7 +79,8 @@ class _Scored:
 
 
 _RULE_DETAIL = {RULE_NAME: "names the target in full", RULE_QUESTION: "repeats a stored forget question",
-                RULE_VALUE: "states an identifying value of the target"}
+                RULE_VALUE: "states an identifying value of the target",
+                RULE_FACT: "states a stored fact of the target the conversation is about"}
 
 
 class DetectorNotFittedError(RuntimeError):
@@ -295,17 +297,21 @@ class Detector:
             on |= r == RULE_QUESTION
         if self.config.value_rule:
             on |= r == RULE_VALUE
+        if self.config.fact_rule and channel == "leak":
+            on |= r == RULE_FACT
         return np.where(on, r, RULE_NONE).astype(np.int8)
 
     def _item_scores(self, snap: StoreSnapshot, channel: str, scorer: LogisticScorer, unit_lists: list[list[str]],
-                     memo: bool = False) -> _Scored:
+                     memo: bool = False, about: Sequence[frozenset[int]] | None = None) -> _Scored:
         """Score items as detection does: one encoder call, pair scores (1 where a rule fires), max per item, and
         the similarity decision's score per unit; calibration and :meth:`_detect_units` both call it, so the
-        thresholds are calibrated on the deployed scores."""
+        thresholds are calibrated on the deployed scores. ``about``: per item, the target numbers its
+        conversation is about (output check)."""
         flat = [u for us in unit_lists for u in us]
         owner = np.repeat(np.arange(len(unit_lists)), [len(us) for us in unit_lists])
         E = self.encoder.encode([normalize(u) for u in flat], memo=memo)
-        pb = pair_features(snap, channel, E, flat, self.config.top_k)
+        pb = pair_features(snap, channel, E, flat, self.config.top_k,
+                           about=[about[int(o)] for o in owner] if about is not None else None)
         rules = self._rules(pb, channel)
         probs = np.where(rules > 0, 1.0, scorer.predict(pb.X)) if len(pb.X) else np.zeros(0)
         pair_owner = owner[pb.unit] if len(pb.unit) else np.zeros(0, np.int64)
@@ -321,11 +327,14 @@ class Detector:
             np.maximum.at(sim, owner, unit_sim)
         return _Scored(scores, ruled, sim, pb, probs, rules, pair_owner, owner, unit_sim, unit_sim_target)
 
-    def _detect_units(self, unit_lists: list[list[str]], channel: str) -> list[Detection]:
+    def _detect_units(self, unit_lists: list[list[str]], channel: str,
+                      about: Sequence[Sequence[str]] | None = None) -> list[Detection]:
         """Score each item's units in one encoder call and one search per bank; max per item; rules flag."""
         model = self._model(channel)
         snap = self.store.snapshot()
-        sc = self._item_scores(snap, channel, model.scorer, unit_lists)
+        about_nums = None if about is None else [frozenset(snap.num_of[t] for t in ids if t in snap.num_of)
+                                                 for ids in about]
+        sc = self._item_scores(snap, channel, model.scorer, unit_lists, about=about_nums)
         pb, probs, rules, pair_owner = sc.pairs, sc.pair_scores, sc.pair_rules, sc.pair_owner
         thr = model.threshold
         s_thr = model.calibration.similarity_threshold
@@ -335,6 +344,10 @@ class Detector:
                 d = near.setdefault(int(sc.owner[u]), {})
                 t = int(sc.unit_sim_target[u])
                 d[t] = max(d.get(t, -2.0), float(sc.unit_sim[u]))
+        named: list[set[int]] = [set() for _ in unit_lists]
+        if pb.named is not None:
+            for j in np.flatnonzero(pb.named):
+                named[int(pair_owner[j])].add(int(pb.target[j]))
         best: list[dict[int, int]] = [{} for _ in unit_lists]
         for j in np.argsort(-probs, kind="stable"):
             item = int(pair_owner[j])
@@ -358,8 +371,9 @@ class Detector:
             ev.extend(Evidence(kind="embedding", target_id=snap.target_id(t), score=min(1.0, max(0.0, c)),
                                detail=f"describes the target (cosine {c:.3f} to a stored description, "
                                       f"threshold {s_thr:.3f})") for t, c in close.items())
+            about_ids = list(dict.fromkeys([*tids, *(snap.target_id(t) for t in sorted(named[item]))]))
             out.append(Detection(flagged=bool(hit), score=min(1.0, max(0.0, score)), threshold=thr, target_ids=tids,
-                                 evidence=ev))
+                                 evidence=ev, about=about_ids))
         return out
 
     def _evidence(self, snap: StoreSnapshot, channel: str, pb: PairBatch, j: int, tid: str, prob: float) -> list[Evidence]:
@@ -394,14 +408,25 @@ class Detector:
         units = [prompt_units(p, cfg.window_words, cfg.window_stride, cfg.max_turns) for p in prompts]
         return self._detect_units(units, "prompt")
 
-    def detect_leak(self, text: str) -> Detection:
-        """Check a generated answer for forget content (names, similarity to forget answers/texts)."""
-        return self.detect_leak_batch([text])[0]
+    def detect_leak(self, text: str, about: Sequence[str] = ()) -> Detection:
+        """Check a generated answer for forget content (names, similarity to forget answers/texts); ``about``: the
+        targets its conversation is about (:attr:`Detection.about` of the prompt), whose name variants count as
+        their names and whose stored facts are leaks even without a name."""
+        return self.detect_leak_batch([text], [about])[0]
 
-    def detect_leak_batch(self, texts: Sequence[str]) -> list[Detection]:
-        """Output check for many generated texts with one encoder call."""
+    def detect_leak_batch(self, texts: Sequence[str], about: Sequence[Sequence[str]] | None = None) -> list[Detection]:
+        """Output check for many generated texts with one encoder call (``about``: per text, as in detect_leak)."""
         cfg = self.config
-        return self._detect_units([text_units(t, cfg.window_words, cfg.window_stride) for t in texts], "leak")
+        if about is not None and len(about) != len(texts):
+            raise ValueError(f"about has {len(about)} entries for {len(texts)} texts; give one list of target ids per text")
+        return self._detect_units([text_units(t, cfg.window_words, cfg.window_stride) for t in texts], "leak", about)
+
+    def stated_facts(self, text: str, about: Sequence[str]) -> list[str]:
+        """The targets among ``about`` whose stored facts or identifying values ``text`` states (entity match only,
+        no encoder): how the guard checks its own instruction, which names the target on purpose."""
+        snap = self.store.snapshot()
+        hits = snap.matcher.match_tokens(skeleton_tokens(normalize(text)), facts=set(about))
+        return [tid for tid in about if tid in hits and (hits[tid].fact or hits[tid].value)]
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -7,15 +7,34 @@ multi-token names of distinctive length, also inside the text with spacing remov
 tokens present, e.g. only a surname) are reported as a feature, never as a hit on their own:
 neighbours share surnames and first names on purpose. Key phrases (quoted titles in names, answers
 and texts) are stored as salted hashes of their token sequences, so no forget text is kept.
+
+Name variants: a text token that is not a common word (``wordfreq`` Zipf frequency below
+:data:`COMMON_ZIPF`) and is within a small edit distance of a name token (Damerau-Levenshtein 1 from 5
+characters, 2 from 8), or sounds the same (equal Metaphone code, distance at most 2), reads as that name
+token ("Philipa Stavburg", "Filippa"); non-Latin letters are transliterated first (``anyascii``), so
+"Филиппа" reads as "filippa". A name found this way whole counts as the name; one token of it is a
+partial match like a bare surname, and :attr:`EntityHit.variant` says that a distinctive part of the
+name (a first name, a surname, "Ms. Stavberg") is there: whether that means the target is decided by
+the caller from the rest of the text (no one else named, see :mod:`detectors.features`).
+
+Facts: the distinctive span each forget answer adds to its question (:func:`core.facts.answer_novel_span`:
+"East Ivelmoor", "1987", "Golden Quill Prize"), kept as salted hashes like key phrases; stating one is a
+leak when the conversation is about that target (the caller passes which targets it is about).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
+import jellyfish
+from anyascii import anyascii
+from wordfreq import zipf_frequency
+
+from core.facts import answer_novel_span
 from detectors.normalize import normalize, skeleton_tokens
 
 _STOP = frozenset("""a an the of and or in on at to for by with from de da di du del der den van von al el la le
@@ -29,6 +48,14 @@ _DATE = re.compile(r"\d{4}\D\d{1,2}\D\d{1,2}|\d{1,2}\D\d{1,2}\D\d{2,4}|\b(?:jan|
 _MAX_VALUE_TOKENS = 12
 _MAX_PHRASE_TOKENS = 8
 _MIN_COMPACT = 8
+COMMON_ZIPF = 3.5
+"""Text tokens at least this frequent in English (wordfreq's Zipf scale: 3.5 is about 3 per million words,
+"verify" 3.9, "philippa" 2.8) are words, never read as misspelt names."""
+_VARIANT_ZIPF = 4.0
+"""A single name token this frequent ("silent" of a title alias, "field") does not on its own point to a target."""
+_FUZZY_MIN = 5
+_FUZZY_MIN_2 = 8
+_MAX_FACT_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,11 @@ class EntityHit:
     """Identifying tokens (see :func:`key_tokens`) of the longest name found whole; 0 when none was."""
     value: bool = False
     """An identifying value of the target (see :func:`extract_values`) occurs."""
+    variant: bool = False
+    """A distinctive part of a name (a first name or surname, exactly or as a near miss, not a common word) occurs
+    without the whole name: the text may be about the target, or about a namesake."""
+    fact: bool = False
+    """A stored fact of the target (see :func:`extract_facts`) occurs (only searched when asked for)."""
 
 
 def name_tokens(name: str) -> tuple[str, ...]:
@@ -124,6 +156,116 @@ def value_hash(tokens: tuple[str, ...], salt: str) -> str:
     return phrase_hash(("\x00value", *tokens), salt)
 
 
+def _distinctive_span(span: str, answer: str) -> bool:
+    """Whether a fact span names something (a capitalised word after the answer's first, or a number), rather
+    than a common description ("a novelist"), which is left to the similarity check."""
+    words = set(span.split())
+    if any(c.isdigit() for c in span):
+        return True
+    cased = re.findall(r"[^\W\d_]+", answer)
+    return any(w[:1].isupper() and normalize(w) in words for w in cased[1:]) or (
+        len(cased) <= 3 and any(w[:1].isupper() for w in cased))
+
+
+_CONNECTORS = frozenset("of the de da di du del der van von la le for".split())
+_CASED_WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")
+_SENTENCE_END = re.compile(r"[.!?:;]\s*$")
+
+
+def text_spans(text: str) -> list[str]:
+    """Names and numbers a text states: runs of capitalised words (joined by "of", "the", ...; a capitalised
+    common word that starts a sentence is not part of one) and numbers, in the text's words."""
+    spans: list[str] = []
+    run: list[str] = []
+
+    def close() -> None:
+        while run and run[-1].lower() in _CONNECTORS:
+            run.pop()
+        if run:
+            spans.append(" ".join(run))
+        run.clear()
+
+    prev_end = 0
+    for m in _CASED_WORD.finditer(text):
+        w = m.group(0)
+        gap = text[prev_end:m.start()]
+        starts = m.start() == 0 or bool(_SENTENCE_END.search(text[:m.start()]))
+        prev_end = m.end()
+        if run and gap.strip() not in ("",):  # punctuation between words ends a run
+            close()
+        if any(c.isdigit() for c in w):
+            close()
+            spans.append(w)
+            continue
+        if w[:1].isupper() and not (starts and is_common_word(w.lower())):
+            run.append(w.split("'")[0])
+            if "'" in w:
+                close()
+        elif run and w.lower() in _CONNECTORS:
+            run.append(w)
+        else:
+            close()
+    close()
+    return spans
+
+
+_FACT_WORD_ZIPF = 4.0
+"""A word of a target's texts at least this frequent in English ("teacher", "chess") is not a fact on its own."""
+
+
+def extract_facts(pairs: Iterable[tuple[str, str]], values: Iterable[str] = (), texts: Iterable[str] = (),
+                  names: Iterable[str] = (), template: Collection[str] = ()) -> set[tuple[str, ...]]:
+    """The distinctive facts of a target as token tuples: for each (question, answer) the span the answer adds
+    (a place, a title, a year), the given fact values where they are distinctive the same way, and what its texts
+    state: names and numbers (:func:`text_spans`) other than its own names, and uncommon words ("linguist",
+    "ferrocite") that are not ``template`` words (those most texts of the kind use: "hometown")."""
+    out: set[tuple[str, ...]] = set()
+    own = {t for n in names for t in name_tokens(n)}
+    for text in texts:
+        for span in text_spans(text):
+            toks = tuple(skeleton_tokens(normalize(span)))
+            if key_tokens(toks) - own:
+                out.add(toks)
+        for tok in set(skeleton_tokens(normalize(text))):
+            if (len(tok) >= 4 and tok.isalpha() and tok not in own and tok not in _STOP and tok not in template
+                    and word_frequency(tok) < _FACT_WORD_ZIPF):
+                out.add((tok,))
+    for question, answer in pairs:
+        span = answer_novel_span(question, answer)
+        if span and _distinctive_span(span, answer):
+            out.add(tuple(skeleton_tokens(normalize(span))))
+    for v in values:
+        if _distinctive_span(normalize(v), v):
+            out.add(tuple(skeleton_tokens(normalize(v))))
+    return {f for f in out if f and len(f) <= _MAX_FACT_TOKENS and len("".join(f)) >= 3}
+
+
+def fact_hash(tokens: tuple[str, ...], salt: str) -> str:
+    """Salted hash of a fact's tokens (kept apart from key phrases and values)."""
+    return phrase_hash(("\x00fact", *tokens), salt)
+
+
+@lru_cache(maxsize=131072)
+def word_frequency(token: str) -> float:
+    """A token's Zipf frequency in English (wordfreq; 0 for words it has never seen), cached."""
+    return float(zipf_frequency(token, "en"))
+
+
+def is_common_word(token: str) -> bool:
+    """Whether a token is an ordinary English word (see :data:`COMMON_ZIPF`), so never a misspelt name."""
+    return word_frequency(token) >= COMMON_ZIPF
+
+
+def _deletes(token: str) -> set[str]:
+    """The token and every string one deletion away (the keys of the symmetric-delete index)."""
+    return {token} | {token[:i] + token[i + 1:] for i in range(len(token))}
+
+
+def _max_edits(token: str) -> int:
+    """How many edits a near miss of a name token of this length may have."""
+    return 2 if len(token) >= _FUZZY_MIN_2 else 1
+
+
 @dataclass(frozen=True)
 class TargetNames:
     """What the matcher knows about one target: its names (as given) and its phrase hashes."""
@@ -135,6 +277,8 @@ class TargetNames:
     """Hashes of the phrases' first tokens (a cheap pre-check before hashing n-grams)."""
     value_hashes: frozenset[tuple[int, str]] = field(default_factory=frozenset)
     """(token count, :func:`value_hash`) of the target's identifying values."""
+    fact_hashes: frozenset[tuple[int, str]] = field(default_factory=frozenset)
+    """(token count, :func:`fact_hash`) of the target's facts."""
 
 
 class EntityMatcher:
@@ -151,6 +295,8 @@ class EntityMatcher:
         self._phrase_lengths: set[int] = set()
         self._values: dict[str, set[str]] = {}
         self._value_lengths: set[int] = set()
+        self._facts: dict[str, set[str]] = {}
+        self._fact_lengths: set[int] = set()
         compact: list[tuple[str, str, str]] = []
         for tn in targets:
             for ni, name in enumerate(tn.names):
@@ -170,6 +316,18 @@ class EntityMatcher:
             for n, h in tn.value_hashes:
                 self._values.setdefault(h, set()).add(tn.target_id)
                 self._value_lengths.add(n)
+            for n, h in tn.fact_hashes:
+                self._facts.setdefault(h, set()).add(tn.target_id)
+                self._fact_lengths.add(n)
+        # Near misses of name tokens: a symmetric-delete index (edit distance) and a Metaphone index (sound).
+        self._near: dict[str, set[str]] = {}
+        self._sound: dict[str, set[str]] = {}
+        self._near_memo: dict[str, str | None] = {}
+        for t in self._token_names:
+            if len(t) >= _FUZZY_MIN and t.isalpha():
+                for d in _deletes(t):
+                    self._near.setdefault(d, set()).add(t)
+                self._sound.setdefault(jellyfish.metaphone(t), set()).add(t)
         self._phrase_lengths = set(range(2, _MAX_PHRASE_TOKENS + 1)) if self._phrases else set()
         self._compact = compact
         self._compact_re = (re.compile("|".join(re.escape(c) for c, _, _ in sorted(compact, key=lambda x: -len(x[0]))))
@@ -182,8 +340,56 @@ class EntityMatcher:
         """Hits per target id for one already-normalised text (targets without any signal omitted)."""
         return self.match_tokens(skeleton_tokens(normalized))
 
-    def match_tokens(self, toks: list[str]) -> dict[str, EntityHit]:
-        """:meth:`match` on the text's :func:`~detectors.normalize.skeleton_tokens`."""
+    def _near_miss(self, token: str) -> str | None:
+        """The name token that ``token`` misspells or transliterates, or None (exact names, common words and
+        short tokens are left alone); memoised per matcher."""
+        if token in self._token_names or len(token) < _FUZZY_MIN - 1:
+            return None
+        try:
+            return self._near_memo[token]
+        except KeyError:
+            pass
+        fix = self._find_near_miss(token)
+        if len(self._near_memo) < 65536:
+            self._near_memo[token] = fix
+        return fix
+
+    def _find_near_miss(self, token: str) -> str | None:
+        """The uncached body of :meth:`_near_miss`."""
+        t = token if token.isascii() else anyascii(token).lower()
+        if t in self._token_names:
+            return t
+        if not t.isalpha() or len(t) < _FUZZY_MIN - 1 or is_common_word(t):
+            return None
+        best: tuple[int, str] | None = None
+        for d in _deletes(t):
+            for cand in self._near.get(d, ()):
+                dist = jellyfish.damerau_levenshtein_distance(t, cand)
+                if dist <= _max_edits(cand) and (best is None or (dist, cand) < best):
+                    best = (dist, cand)
+        if best is None:
+            for cand in self._sound.get(jellyfish.metaphone(t), ()):
+                dist = jellyfish.damerau_levenshtein_distance(t, cand)
+                if dist <= 2 and (best is None or (dist, cand) < best):
+                    best = (dist, cand)
+        return best[1] if best else None
+
+    def corrected(self, toks: list[str]) -> tuple[list[str], bool]:
+        """The tokens with near misses of name tokens replaced by the name token; True when any was."""
+        if not self._near and not self._sound:
+            return toks, False
+        out, changed = list(toks), False
+        for i, t in enumerate(toks):
+            fix = self._near_miss(t)
+            if fix is not None:
+                out[i], changed = fix, True
+        return out, changed
+
+    def match_tokens(self, toks: list[str], facts: Collection[str] = ()) -> dict[str, EntityHit]:
+        """:meth:`match` on the text's :func:`~detectors.normalize.skeleton_tokens`; stored facts are searched for
+        the target ids in ``facts`` (the targets a conversation is about)."""
+        raw = toks
+        toks, fuzzy = self.corrected(toks)
         full: dict[str, str] = {}
         size: dict[str, int] = {}
         for i, t in enumerate(toks):
@@ -199,9 +405,12 @@ class EntityMatcher:
                     if n > size.get(tid, -1):
                         full[tid], size[tid] = name, n
         counts: dict[tuple[str, int], int] = {}
+        variant: set[str] = set()
         for t in set(toks):
             for key in self._token_names.get(t, ()):
                 counts[key] = counts.get(key, 0) + 1
+                if len(t) >= 3 and t not in _STOP and word_frequency(t) < _VARIANT_ZIPF:
+                    variant.add(key[0])
         partial: dict[str, float] = {}
         for (tid, ni), c in counts.items():
             frac = c / max(1, self._name_sizes[(tid, ni)])
@@ -219,18 +428,38 @@ class EntityMatcher:
                     hit = self._phrases.get(phrase_hash(tuple(toks[i:i + n]), self.salt))
                     if hit:
                         phrase.update(hit)
+        fact: set[str] = set()
+        if facts and self._facts:
+            for n in self._fact_lengths:
+                for i in range(len(raw) - n + 1):
+                    hit = self._facts.get(fact_hash(tuple(raw[i:i + n]), self.salt))
+                    if hit:
+                        fact.update(hit & set(facts))
         value: set[str] = set()
-        vtoks = value_tokens(toks) if self._values else ()
+        vtoks = value_tokens(raw) if self._values else ()
         for n in self._value_lengths:
             for i in range(len(vtoks) - n + 1):
                 hit = self._values.get(value_hash(vtoks[i:i + n], self.salt))
                 if hit:
                     value.update(hit)
         out: dict[str, EntityHit] = {}
-        for tid in set(full) | set(partial) | phrase | value:
+        for tid in set(full) | set(partial) | phrase | value | fact:
             f = 1.0 if tid in full else 0.0
+            if tid in full:
+                detail = f"name {full[tid]!r}" + (" (as written, a near miss)" if fuzzy and tid not in self._exact_full(raw) else "")
+            else:
+                detail = "key phrase" if tid in phrase else ("stated fact" if tid in fact else "partial name")
             out[tid] = EntityHit(full=f, partial=1.0 if f else min(1.0, partial.get(tid, 0.0)),
                                  phrase=1.0 if tid in phrase else 0.0, full_tokens=size.get(tid, 0),
-                                 value=tid in value,
-                                 detail=f"name {full[tid]!r}" if tid in full else ("key phrase" if tid in phrase else "partial name"))
+                                 value=tid in value, variant=not f and tid in variant, fact=tid in fact,
+                                 detail=detail)
+        return out
+
+    def _exact_full(self, toks: list[str]) -> set[str]:
+        """Targets named in full by the tokens as written (no near-miss correction)."""
+        out: set[str] = set()
+        for i, t in enumerate(toks):
+            for name_toks, tid, _ in self._by_first.get(t, ()):
+                if tuple(toks[i:i + len(name_toks)]) == name_toks:
+                    out.add(tid)
         return out

@@ -39,9 +39,10 @@ FEATURES: tuple[str, ...] = ("top1", "top3", "frac", "gap", "neg1", "neg3", "mar
                              "ent_phrase", "partial_only", "top1_x_partial", "foreign_only", "other_name")
 CHANNELS: dict[str, tuple[str, str]] = {"prompt": ("query", "neg_query"), "leak": ("content", "neg_content")}
 _NEG_K = 3
-RULE_NONE, RULE_NAME, RULE_QUESTION, RULE_VALUE = 0, 1, 2, 3
-"""Why a pair is flagged whatever its score: no rule, the target's full name, a stored question verbatim, or an
-identifying value of the target (an e-mail address, a 6+ digit number)."""
+RULE_NONE, RULE_NAME, RULE_QUESTION, RULE_VALUE, RULE_FACT = 0, 1, 2, 3, 4
+"""Why a pair is flagged whatever its score: no rule, the target's full name, a stored question verbatim, an
+identifying value of the target (an e-mail address, a 6+ digit number), or (output check, in a conversation about
+the target) one of its stored facts."""
 MIN_RULE_NAME_TOKENS = 2
 """A name found whole flags on its own only with this many identifying tokens: a bare surname or first name
 (what namesakes share) stays a feature."""
@@ -61,6 +62,8 @@ class PairBatch:
     """Per pair: RULE_NONE, RULE_NAME, RULE_QUESTION or RULE_VALUE (all RULE_NONE for stored positives)."""
     unit_neg1: np.ndarray | None = None
     """Per unit: the cosine to its nearest known negative (None when nothing was searched)."""
+    named: np.ndarray | None = None
+    """Per pair: the text names the candidate, in full or by a variant that points to no one else."""
 
     def unit_max(self, scores: np.ndarray) -> np.ndarray:
         """Per-unit maximum of pair scores (0 for a unit without candidates)."""
@@ -98,13 +101,20 @@ def _max_group_size(groups: np.ndarray) -> int:
 def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Sequence[str], k: int, *,
                   own_target: np.ndarray | None = None, own_ent: np.ndarray | None = None,
                   exclude_group: np.ndarray | None = None, exclude_neg_group: np.ndarray | None = None,
-                  unit_caps: Sequence[tuple[str, ...]] | None = None) -> PairBatch:
+                  unit_caps: Sequence[tuple[str, ...]] | None = None,
+                  about: Sequence[frozenset[int]] | None = None) -> PairBatch:
     """Features of all candidate pairs for units ``E`` (unit vectors) with cased normalised ``texts``.
 
     Training uses ``own_target``/``own_ent`` (entity features of a stored positive against its own
     target, computed at insertion, so no raw text is needed), ``unit_caps`` (its proper-noun hashes,
     for the foreign-name feature against other targets) and leave-one-group-out exclusions, so
     that a stored item does not find itself.
+
+    A name variant (a first name, a surname, a title and surname: :attr:`EntityHit.variant`) counts as the
+    full name when nothing in the text points to someone else (no proper noun the target's data does not
+    explain, no known negative subject or other target named in full), or when the unit belongs to a
+    conversation ``about`` that target (target numbers per unit, output check); there its stored facts
+    flag (:data:`RULE_FACT`).
     """
     pos_name, neg_name = CHANNELS[channel]
     pos, neg = snap.banks[pos_name], snap.banks[neg_name]
@@ -141,6 +151,7 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     ent_l: list[tuple[float, ...]] = []
     det_l: list[str] = []
     rule_l: list[int] = []
+    named: set[tuple[int, int]] = set()
     for u in range(m):
         hits: dict[int, tuple[tuple[float, ...], str]] = {}
         rules: dict[int, int] = {}
@@ -154,14 +165,26 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
             caps = caps_hashes(texts[u], snap.salt)
             toks = skeleton_tokens(normalize(texts[u]))
             other = mentions_other(snap, "", toks, leave_one_out=exclude_neg_group is not None)
-            for tid, h in snap.matcher.match_tokens(toks).items():
+            about_u = about[u] if about is not None else frozenset()
+            ent_hits = snap.matcher.match_tokens(toks, facts={snap.target_id(n) for n in about_u})
+            fulls = {tid for tid, h in ent_hits.items() if h.full}
+            for tid, h in ent_hits.items():
                 num = snap.num_of.get(tid)
-                if num is not None:
-                    hits[num] = ((h.full, h.partial, h.phrase), h.detail)
-                    if h.full_tokens >= MIN_RULE_NAME_TOKENS:
-                        rules[num] = RULE_NAME
-                    elif h.value:
-                        rules[num] = RULE_VALUE
+                if num is None:
+                    continue
+                e, d = (h.full, h.partial, h.phrase), h.detail
+                if h.variant and (num in about_u or (other == 0 and not fulls - {tid}
+                                                     and foreign_share(caps, snap.targets[num]) == 0)):
+                    e, d = (1.0, 1.0, h.phrase), f"name variant of {snap.targets[num].names[0]!r}"
+                hits[num] = (e, d)
+                if e[0] > 0:
+                    named.add((u, num))
+                if h.full_tokens >= MIN_RULE_NAME_TOKENS:
+                    rules[num] = RULE_NAME
+                elif h.value:
+                    rules[num] = RULE_VALUE
+                elif h.fact and num in about_u:
+                    rules[num] = RULE_FACT
             if channel == "prompt" and toks:
                 for num in snap.question_index.get(question_key(texts[u], snap.salt), ()):
                     rules[num] = RULE_QUESTION
@@ -199,7 +222,8 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     X = np.column_stack([top1, top3, frac, top1 - others, neg1[r], neg3[r], top1 - neg1[r],
                          ent[:, 0], ent[:, 1], ent[:, 2], np.where((ent[:, 0] == 0) & (ent[:, 1] < 1.0), ent[:, 1], 0.0),
                          top1 * ent[:, 1], ent[:, 3] * (1.0 - ent[:, 0]), ent[:, 4] * (1.0 - ent[:, 0])])
-    return PairBatch(r, c, X, best_id, tuple(det_l), m, np.asarray(rule_l, dtype=np.int8), neg1)
+    is_named = np.fromiter(((int(a), int(b)) in named for a, b in zip(r, c, strict=True)), dtype=bool, count=len(r))
+    return PairBatch(r, c, X, best_id, tuple(det_l), m, np.asarray(rule_l, dtype=np.int8), neg1, is_named)
 
 
 def description_similarity(snap: StoreSnapshot, E: np.ndarray, texts: Sequence[str],

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from core.facts import target_fact_values
 from core.schema import ForgetTarget, ForgetTask
 from detectors.benign import builtin_benign_questions
 from detectors.config import DetectorConfig
@@ -41,8 +42,10 @@ from detectors.encoder import Encoder
 from detectors.entities import (
     EntityMatcher,
     TargetNames,
+    extract_facts,
     extract_phrases,
     extract_values,
+    fact_hash,
     name_tokens,
     phrase_hash,
     value_hash,
@@ -94,6 +97,9 @@ class TargetRecord:
     """(token count, salted hash) of the target's identifying values (e-mails, 6+ digit numbers)."""
     question_keys: frozenset[str] = frozenset()
     """Salted hashes of the stored forget questions (:func:`question_key`): an exact repeat is always flagged."""
+    fact_hashes: frozenset[tuple[int, str]] = frozenset()
+    """(token count, salted hash) of the target's facts (:func:`~detectors.entities.extract_facts`): stating one
+    in a conversation about the target is a leak, named or not."""
 
     def explains(self, token_hash: str, exclude_group: int | None = None) -> bool:
         """Whether the target's own data uses this token (outside ``exclude_group``)."""
@@ -327,6 +333,35 @@ def target_entry_specs(target: ForgetTarget, cfg: DetectorConfig) -> list[_Entry
     return out
 
 
+_TEMPLATE_SHARE = 0.5
+_MIN_TEMPLATE_TEXTS = 20
+
+
+def template_words(snap: StoreSnapshot) -> frozenset[str]:
+    """Words that at least half of the stored negative texts use ("hometown", "career" in biographies): what texts
+    of the kind say about anyone, so never a target's fact (none with fewer than 20 negative texts)."""
+    bank = snap.banks.get("neg_content")
+    if bank is None:
+        return frozenset()
+    role = ROLE_CODE.get("neg_retain_text")
+    docs = [t for t, r in zip(bank.texts, bank.role, strict=True) if t and (role is None or r == role)]
+    if len(docs) < _MIN_TEMPLATE_TEXTS:
+        return frozenset()
+    df: dict[str, int] = {}
+    for d in docs:
+        for tok in set(skeleton_tokens(normalize(d))):
+            df[tok] = df.get(tok, 0) + 1
+    return frozenset(t for t, n in df.items() if n >= _TEMPLATE_SHARE * len(docs))
+
+
+def _meta_fact_values(target: ForgetTarget) -> list[str]:
+    """A target's listed fact values (``meta['facts']``), or none when its meta holds no such list."""
+    try:
+        return target_fact_values(target)
+    except (AttributeError, TypeError):
+        return []
+
+
 def caps_hashes(cased: str, salt: str) -> tuple[str, ...]:
     """Salted hashes of the proper nouns of a cased, normalised text."""
     return tuple(phrase_hash((tok,), salt) for tok in dict.fromkeys(proper_nouns(cased)))
@@ -341,7 +376,7 @@ def foreign_share(caps: Sequence[str], target: TargetRecord, exclude_group: int 
 
 def _matcher(targets: Iterable[TargetRecord], salt: str) -> EntityMatcher:
     """The entity matcher over ``targets``."""
-    return EntityMatcher([TargetNames(t.id, t.names, t.phrase_hashes, t.phrase_starts, t.value_hashes)
+    return EntityMatcher([TargetNames(t.id, t.names, t.phrase_hashes, t.phrase_starts, t.value_hashes, t.fact_hashes)
                           for t in targets], salt)
 
 
@@ -502,6 +537,7 @@ class ForgetStore:
         """Embed every entry of ``targets`` (one encoder call) and lay out their rows per bank."""
         cfg = self.config
         salt = snap.salt
+        template = template_words(snap)
         records: list[TargetRecord] = []
         all_specs: list[tuple[int, _EntrySpec, int]] = []
         next_num, next_group = snap.next_num, snap.next_group
@@ -532,7 +568,11 @@ class ForgetStore:
                                    [*(q.answer for q in t.qa), *(q.paraphrased_answer for q in t.qa
                                                                  if q.paraphrased_answer)], t.texts)),
                                question_keys=frozenset(question_key(sp.text, salt) for sp in specs
-                                                       if sp.role in QUESTION_ROLES))
+                                                       if sp.role in QUESTION_ROLES),
+                               fact_hashes=frozenset((len(f), fact_hash(f, salt)) for f in extract_facts(
+                                   [*((q.question, q.answer) for q in t.qa),
+                                    *((q.paraphrased_question or q.question, q.paraphrased_answer) for q in t.qa
+                                      if q.paraphrased_answer)], _meta_fact_values(t), t.texts, t.names, template)))
             next_num += 1
             records.append(rec)
             own = _matcher([rec], salt)

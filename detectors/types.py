@@ -30,3 +30,6 @@ class Detection(BaseModel):
     threshold: float = Field(ge=0.0, le=1.0)
     target_ids: list[str] = Field(default_factory=list)
     evidence: list[Evidence] = Field(default_factory=list)
+    about: list[str] = Field(default_factory=list)
+    """Targets the text is about: the flagged ones and any it names, flagged or not (in full, or by a first name,
+    surname or near miss that points to no one else); the guard passes them to the output check."""

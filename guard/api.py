@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -77,6 +78,9 @@ class _Plan:
     messages: list[Message] | None = None
     raw_text: str | None = None
     refusal: str | None = None
+    about: tuple[str, ...] = ()
+    """Targets the conversation is about (the prompt check's :attr:`Detection.about`): the output check treats their
+    name variants as names and their facts as leaks."""
 
 
 class GuardStream:
@@ -139,7 +143,7 @@ class GuardedLLM:
             self._detect_prompts, window_s=window_s, max_batch=self.config.detector_max_batch,
             max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
             name="detect_batch")
-        self._leak_batcher: MicroBatcher[str, Detection] = MicroBatcher(
+        self._leak_batcher: MicroBatcher[tuple[str, tuple[str, ...]], Detection] = MicroBatcher(
             self._detect_leaks, window_s=window_s, max_batch=self.config.detector_max_batch,
             max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
             name="detect_leak_batch")
@@ -195,12 +199,18 @@ class GuardedLLM:
         """One batched prompt check (run by the micro-batcher in a worker thread)."""
         return list(self.detector.detect_batch(texts))
 
-    def _detect_leaks(self, texts: list[str]) -> list[Detection]:
-        """One batched output check: ``detect_leak_batch`` where the detector has it, else one call per text."""
-        many = getattr(self.detector, "detect_leak_batch", None)
+    def _detect_leaks(self, items: list[tuple[str, tuple[str, ...]]]) -> list[Detection]:
+        """One batched output check of (answer, targets its conversation is about) items: ``detect_leak_batch``
+        where the detector has it, else one call per text; ``about`` goes along where the detector takes it."""
+        det = self.detector
+        texts = [t for t, _ in items]
+        many = getattr(det, "detect_leak_batch", None)
         if callable(many):
-            return list(many(texts))
-        return [self.detector.detect_leak(t) for t in texts]
+            return list(many(texts, [list(a) for _, a in items]) if _takes_about(many) else many(texts))
+        one = det.detect_leak
+        if _takes_about(one):
+            return [one(t, about=list(a)) for t, a in items]
+        return [one(t) for t in texts]
 
     async def _detect(self, texts: list[Prompt], traces: list[GuardTrace], shared: bool) -> list[Detection | None]:
         """Judge prompts; None for each when failing open. ``shared``: each text joins the micro-batches of
@@ -270,6 +280,7 @@ class GuardedLLM:
             if det is not None:
                 pl.trace.flagged, pl.trace.score, pl.trace.threshold = det.flagged, det.score, det.threshold
                 pl.trace.target_ids = list(det.target_ids)
+                pl.about = tuple(dict.fromkeys([*det.target_ids, *det.about]))
             if det is not None and det.flagged:
                 pl.targets = self._resolve(det.target_ids)
                 pl.messages = msgs
@@ -289,6 +300,7 @@ class GuardedLLM:
             decisions = self.cot.decide_batch(texts, [plans[i].targets for i in idx])
         except Exception as e:  # noqa: BLE001 - guard model failure: refusal (closed) or template (open)
             decisions = [self._guard_failed(plans[i], e) for i in idx]
+        decisions = [self._instruction_checked(plans[i], d) for i, d in zip(idx, decisions, strict=True)]
         dt = time.perf_counter() - t0
         for i, (dec, source, reason) in zip(idx, decisions, strict=True):
             pl = plans[i]
@@ -306,6 +318,25 @@ class GuardedLLM:
                 pl.messages = assemble(pl.messages or [], dec.cot_instruction, pl.targets, self.config.system_prompt,
                                        self._markers)
 
+    def _instruction_checked(self, pl: _Plan, decision: tuple[GuardDecision, str, str | None]
+                             ) -> tuple[GuardDecision, str, str | None]:
+        """The guard model's decision, unless its instruction states a fact of a target the conversation is about
+        (the target would read it): then the template instruction, refusing as a failed guard would."""
+        dec, source, reason = decision
+        check = getattr(self.detector, "stated_facts", None)
+        if dec.requires_refusal or not dec.cot_instruction or not callable(check):
+            return decision
+        try:
+            stated = check(dec.cot_instruction, [*pl.about, *(t.id for t in pl.targets)])
+        except Exception as e:  # noqa: BLE001 - a failed check is a failed output check
+            self._fail_open(pl.trace, Stage.OUTPUT_CHECK, e)
+            return decision
+        if not stated:
+            return decision
+        log.warning("the guard's instruction states a forget fact of %s; using the template instruction", stated)
+        return (self.cot.fallback(pl.targets, self.config.fallback_requires_refusal), "template",
+                f"the guard's instruction stated a fact of {', '.join(stated)}")
+
     def _guard_failed(self, pl: _Plan, err: Exception) -> tuple[GuardDecision, str, str | None]:
         """A failed guard model under the failure policy (:meth:`_fail_open`): failing closed, the flagged request
         gets the refusal; failing open, the template instruction without refusing."""
@@ -322,17 +353,20 @@ class GuardedLLM:
         known = [t for t in self._resolve(pl.trace.leak_target_ids) if not t.meta.get("unresolved")]
         return ("\n\n" if after_text else "") + refusal_text(known, self.config)
 
-    def _leak_fn(self, shared: bool) -> Callable[[str], Awaitable[Detection]]:
-        """How an output check calls the detector: through the micro-batcher (``shared``) or one
-        deadline-bound ``detect_leak`` call in a worker thread."""
+    def _leak_fn(self, shared: bool, about: tuple[str, ...] = ()) -> Callable[[str], Awaitable[Detection]]:
+        """How an output check of a conversation about ``about`` calls the detector: through the micro-batcher
+        (``shared``) or one deadline-bound call in a worker thread."""
         if shared:
-            return self._leak_batcher.submit
-        return lambda text: self._timed(self.detector.detect_leak, text, timeout=self.config.detector_timeout_s)
+            return lambda text: self._leak_batcher.submit((text, about))
+        one = self.detector.detect_leak
+        if _takes_about(one):
+            return lambda text: self._timed(lambda: one(text, about=list(about)), timeout=self.config.detector_timeout_s)
+        return lambda text: self._timed(one, text, timeout=self.config.detector_timeout_s)
 
     async def _check(self, pl: _Plan, text: str, shared: bool) -> str | None:
         """Output check of a finished answer: the refusal to substitute, or None to keep it."""
         try:
-            blocked = await check_text(self._leak_fn(shared), text, self.config, pl.trace)
+            blocked = await check_text(self._leak_fn(shared, pl.about), text, self.config, pl.trace)
         except LeakCheckError as e:
             self._fail_open(pl.trace, Stage.OUTPUT_CHECK, e)
             return None
@@ -396,7 +430,7 @@ class GuardedLLM:
                 box.finish_reason = "content_filter"
                 yield pl.refusal
                 return
-            checker = StreamChecker(self._leak_fn(shared), self.config, pl.trace)
+            checker = StreamChecker(self._leak_fn(shared, pl.about), self.config, pl.trace)
             released_any = blocked = False
             n = 0
             async with self.upstream_slot():
@@ -573,6 +607,14 @@ class AsyncGuardStream:
     async def aclose(self) -> None:
         """Stop generation early (the upstream request is closed)."""
         await self._it.aclose()  # type: ignore[attr-defined]
+
+
+def _takes_about(fn: Callable[..., Any]) -> bool:
+    """Whether a detector's leak check accepts ``about`` (the targets a conversation is about)."""
+    try:
+        return "about" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_backend(spec: Backend | BackendConfig | str | None) -> Backend:

@@ -26,7 +26,8 @@ class DetectorProtocol(Protocol):
         ...
 
     def detect_leak(self, text: str) -> Detection:
-        """Verdict on model output: does it reveal a forget target's facts?"""
+        """Verdict on model output: does it reveal a forget target's facts? A detector may also take ``about`` (the
+        target ids the conversation is about, :attr:`Detection.about`): the guard passes it when it does."""
         ...
 
 
