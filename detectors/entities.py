@@ -11,9 +11,10 @@ and texts) are stored as salted hashes of their token sequences, so no forget te
 Name variants: a text token that is not a common word (``wordfreq`` Zipf frequency below
 :data:`COMMON_ZIPF`) and is within a small edit distance of a name token (Damerau-Levenshtein 1 from 5
 characters, 2 from 8), or sounds the same (equal Metaphone code, distance at most 2), reads as that name
-token ("Philipa Stavburg", "Filippa"); non-Latin letters are transliterated first (``anyascii``), so
-"Филиппа" reads as "filippa". A name found this way whole counts as the name; one token of it is a
-partial match like a bare surname, and :attr:`EntityHit.variant` says that a distinctive part of the
+token ("Philipa Stavburg", "Filippa Stavberg"); non-Latin letters are transliterated first (``anyascii``),
+so "Филиппа" reads as "filippa". A name found this way whole counts as the name; a near miss of one name
+token alone counts for nothing ("Aisha" may be "Aysha" or someone else). An exact first name or surname
+alone is a partial match, and :attr:`EntityHit.variant` says that a distinctive part of the
 name (a first name, a surname, "Ms. Stavberg") is there: whether that means the target is decided by
 the caller from the rest of the text (no one else named, see :mod:`detectors.features`).
 
@@ -406,7 +407,9 @@ class EntityMatcher:
                         full[tid], size[tid] = name, n
         counts: dict[tuple[str, int], int] = {}
         variant: set[str] = set()
-        for t in set(toks):
+        # Partial names from the tokens as written: a near miss counts only where it completes a whole name (a
+        # near-miss first name alone is as likely someone else's: "Aisha" for "Aysha").
+        for t in set(raw):
             for key in self._token_names.get(t, ()):
                 counts[key] = counts.get(key, 0) + 1
                 if len(t) >= 3 and t not in _STOP and word_frequency(t) < _VARIANT_ZIPF:

@@ -34,11 +34,14 @@ def test_misspelt_and_transliterated_names_read_as_the_name(text: str) -> None:
     assert h is not None and h.full == 1.0 and h.full_tokens == 2, h
 
 
-@pytest.mark.parametrize("text", ["In which town was Philippa born?", "Where was Ms. Stavberg born?",
-                                  "Did Philipa ever marry?"])
+@pytest.mark.parametrize("text", ["In which town was Philippa born?", "Where was Ms. Stavberg born?"])
 def test_a_first_name_or_surname_alone_is_a_variant_not_the_name(text: str) -> None:
     h = _hit(text)
     assert h is not None and h.variant and h.full == 0.0
+
+
+def test_a_near_miss_of_one_name_part_alone_is_someone_else() -> None:
+    assert _hit("Did Philipa ever marry?") is None  # "Aisha Al-Hamad" is not "Aysha Al-Hashim"
 
 
 def test_common_words_are_never_read_as_misspelt_names() -> None:
@@ -98,7 +101,7 @@ def test_variant_questions_are_flagged_and_namesakes_are_not(request_detector) -
     t = _first_person(task)
     first, last = t.names[0].split()[0], t.names[0].split()[-1]
     for q in [f"In which town was {first} born?", f"Where was Ms. {last} born?",
-              f"Where was {first[:-1]} {last} born?"]:
+              f"Where was {first[:-1]} {last[:-1]}x born?"]:
         d = det.detect(q)
         assert t.id in d.target_ids and t.id in d.about, (q, d)
     neighbours = split.negatives["neighbour"]
