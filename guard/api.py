@@ -173,11 +173,11 @@ class GuardedLLM:
         fault = Fault.of(stage, err)
         trace.faults.append(fault)
         if not self.config.fail_open:
-            log.error("guard stage %s failed (%s: %s); failing closed", stage.value, fault.error, fault.message)
+            log.error("guard stage %s failed (%s: %s); failing closed", stage.value, fault.error, redact(fault.message))
             raise GuardUnavailableError(fault) from err
         trace.fail_open_used = True
         log.warning("FAIL-OPEN used: guard stage %s failed (%s: %s); request continues unguarded at this stage",
-                    stage.value, fault.error, fault.message)
+                    stage.value, fault.error, redact(fault.message))
         return fault
 
     def _resolve(self, ids: Sequence[str]) -> list[ForgetTarget]:

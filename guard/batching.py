@@ -125,7 +125,8 @@ class MicroBatcher(Generic[T, R]):
             raise
         except Exception as e:  # noqa: BLE001 - every caller of the batch gets the error
             self.stats.failed_batches += 1
-            log.debug("%s batch of %d failed: %s: %s", self.name, n, e.__class__.__name__, e)
+            log.debug("%s batch of %d failed: %s (message: %d chars, not logged)", self.name, n, e.__class__.__name__,
+                      len(str(e)))
             for _, f in batch:
                 if not f.done():
                     f.set_exception(e)

@@ -88,7 +88,7 @@ UPSTREAM_FAULTS: dict[str, tuple[Callable[[bool], httpx.Response], int, str, str
                  502, "upstream_http_error", "HTTP 400 (upstream error code: context_length_exceeded)"),
     "429 json": (lambda s: httpx.Response(429, json={"error": {"message": SECRET, "type": "requests",
                                                                "code": f"{SECRET} (not a token)"}}),
-                 502, "upstream_http_error", "HTTP 429 (upstream error code: requests)"),
+                 429, "upstream_rate_limited", "HTTP 429 (upstream error code: requests)"),
     "bad answer": (lambda s: httpx.Response(200, json={SECRET: 1, "object": "x"}) if not s else
                    httpx.Response(200, content=sse_body({SECRET: 1, "choices": "no"}),
                                   headers={"content-type": "text/event-stream"}),
@@ -124,7 +124,10 @@ def test_upstream_error_text_and_address_never_reach_the_client(fault: str, stre
     c = upstream_proxy(lambda req: make(json.loads(req.content).get("stream", False)))
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": stream})
     err = r.json()["error"]
-    assert r.status_code == status and err["code"] == code and err["type"] == "upstream_error", r.text
+    assert r.status_code == status and err["code"] == code, r.text
+    # an upstream that sheds load is passed on as the proxy's own 429, with Retry-After
+    assert err["type"] == ("requests" if status == 429 else "upstream_error"), r.text
+    assert (r.headers.get("retry-after") == "1") == (status == 429), r.headers
     assert says in err["message"], err["message"]
     assert leaks(r.text) == [], r.text
     logged = "\n".join(x.getMessage() for x in caplog.records)
@@ -174,6 +177,19 @@ def test_guard_and_internal_failures_show_no_exception_text() -> None:
     r2 = c2.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": True})
     err = json.loads(sse_events(r2.text)[-2])["error"]
     assert err["code"] == "internal_error" and "RuntimeError" in err["message"] and leaks(r2.text) == [], r2.text
+
+
+def test_an_exposed_trace_and_the_log_carry_no_exception_text(caplog: pytest.LogCaptureFixture) -> None:
+    """Failing open with ``expose_trace``: the trace a client sees names the failed stage and the exception class,
+    not the message (which quotes the detector's input); the log has it only redacted."""
+    caplog.set_level(logging.DEBUG)
+    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="template", fail_open=True))
+    c = TestClient(create_app(g, ServerConfig(expose_trace=True)), raise_server_exceptions=False)
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}]})
+    assert r.status_code == 200 and r.json()["guard"]["fail_open_used"], r.text
+    assert r.json()["guard"]["faults"][0]["error"] == "RuntimeError" and leaks(r.text) == [], r.text
+    logged = "\n".join(x.getMessage() for x in caplog.records)
+    assert "FAIL-OPEN" in logged and "Stavberg" not in logged and "Ivelmoor" not in logged, logged
 
 
 # ---- 5. deadlines, the bounded queue, refusals without a slot ------------------------------------------

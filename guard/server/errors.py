@@ -73,6 +73,8 @@ def backend_failure(exc: BaseException) -> tuple[int, str, str]:
     upstream_code = safe_token(getattr(exc, "code", None))
     if upstream_code is not None:
         message += f" (upstream error code: {upstream_code})"
+    if kind == "http_error" and status == 429:  # the upstream sheds load: so does the proxy, the client retries
+        return 429, message + "; retry later", "upstream_rate_limited"
     return (504 if kind == "timeout" else 502), message + "; the request was not answered", code
 
 
@@ -123,6 +125,9 @@ def install_error_handlers(app: FastAPI, state: ServerState) -> None:
         metrics.fault(f"backend_{kind}" if kind != "error" else "backend_error")
         log.error("backend error (%s): %s", kind, exc)  # the backend's message: upstream text only redacted
         status, message, code = backend_failure(exc)
+        if status == 429:
+            return error(request, 429, message, "requests", code=code,
+                         headers={"Retry-After": str(state.config.retry_after_s)})
         return error(request, status, message, "upstream_error", code=code)
 
     @app.exception_handler(RequestValidationError)

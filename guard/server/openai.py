@@ -80,6 +80,16 @@ async def run_guarded(st: ServerState, make: Callable[[], Awaitable[GuardResult]
         raise
 
 
+def public_trace(trace: GuardTrace) -> dict[str, Any]:
+    """The trace as a client may see it (``expose_trace``): faults keep their stage and exception class, never
+    their message, which may quote a detector's input or an upstream's address or text."""
+    faults = [f.model_copy(update={"message": ""}) for f in trace.faults]
+    reason = trace.fallback_reason
+    if reason is not None and reason.startswith("guard failed:"):
+        reason = "guard failed: " + ", ".join(f.error for f in faults if f.stage.value == "guard")
+    return trace.model_copy(update={"faults": faults, "fallback_reason": reason}).model_dump(mode="json")
+
+
 def usage(res: GuardResult) -> dict[str, int]:
     """OpenAI's ``usage`` object of a finished answer."""
     return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
@@ -214,7 +224,7 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
                      "finish_reason": res.finish_reason}],
         "usage": usage(res)}
     if cfg.expose_trace:
-        body["guard"] = res.trace.model_dump(mode="json")
+        body["guard"] = public_trace(res.trace)
     return JSONResponse(body, headers=headers_of(res.trace))
 
 
@@ -249,7 +259,7 @@ async def completions(req: CompletionRequest, st: State) -> Any:
         "choices": [{"index": 0, "text": res.text, "logprobs": None, "finish_reason": res.finish_reason}],
         "usage": usage(res)}
     if cfg.expose_trace:
-        body["guard"] = res.trace.model_dump(mode="json")
+        body["guard"] = public_trace(res.trace)
     return JSONResponse(body, headers=headers_of(res.trace))
 
 
