@@ -148,8 +148,8 @@ class GuardedLLM:
             max_inflight=self.config.detector_max_inflight, timeout_s=self._batch_timeout, executor=self._pool,
             name="detect_leak_batch")
         self.upstream_slot: Callable[[], AbstractAsyncContextManager[Any]] = contextlib.nullcontext
-        """Held around every call of the target model (an answer, or a whole stream); the proxy sets it to its
-        concurrency limit, so refusals decided before any target call never wait for a slot."""
+        """Held around every model call (the guard model's decision, the target's answer or whole stream); the proxy
+        sets it to its concurrency limit, so refusals decided before any model call never wait for a slot."""
         if self.config.fail_open:
             log.warning("guard configured with fail_open=True: detector/guard failures will let requests through")
 
@@ -269,7 +269,8 @@ class GuardedLLM:
             if getattr(self.cot, "backend", True) is None:  # template-only guard: cheap, no model call
                 self._guard(*args)
             else:
-                await asyncio.to_thread(self._guard, *args)
+                async with self.upstream_slot():  # the guard model is a model call like the target's
+                    await asyncio.to_thread(self._guard, *args)
         return plans
 
     def _apply(self, plans: list[_Plan], dets: list[Detection | None], texts: list[str],

@@ -437,3 +437,39 @@ async def test_saturation_run_pieces_delay_upstream_and_judge_p99_against_the_de
     assert row["share"]["shed_429"] == 0.3 and row["verdict"] == "PASS", row
     late = saturation_summary(outs + [Outcome(3.0, 200, True)] * 2 + [Outcome(0.1, 502, False)], 1.0, cfg)
     assert late["verdict"] == "FAIL" and any("p99" in f for f in late["failures"]) and late["other_5xx"] == 1
+
+
+def test_guard_model_calls_share_the_upstream_slots() -> None:
+    """In ``guard_mode: llm`` the guard model's decisions are model calls too: with one slot, the guard model and
+    the target never run at the same time, however many clients ask."""
+    import threading
+
+    state = {"running": 0, "peak": 0}
+    lock = threading.Lock()
+
+    class Counting(ScriptedBackend):
+        def _one(self, messages: Any, params: GenParams) -> str:
+            with lock:
+                state["running"] += 1
+                state["peak"] = max(state["peak"], state["running"])
+            try:
+                time.sleep(0.05)
+                return super()._one(messages, params)
+            finally:
+                with lock:
+                    state["running"] -= 1
+
+    decision = json.dumps({"requires_refusal": False, "cot_instruction": "Answer without personal details."})
+    guard = Counting(lambda m: decision, json_schema=True)
+    target = Counting(lambda m: "I can't share that.")
+    g = GuardedLLM(target, OracleDetector([T]), guard=guard, config=GuardConfig(guard_mode="llm"))
+    app = create_app(g, ServerConfig(max_concurrency=1, max_queue=16, request_timeout_s=30))
+
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://p") as c:
+            rs = await asyncio.gather(*(c.post("/v1/chat/completions", json={"messages": [
+                {"role": "user", "content": "Where was Philippa Stavberg born?"}]}) for _ in range(4)))
+            return [r.status_code for r in rs]
+
+    assert asyncio.run(go()) == [200] * 4
+    assert guard.calls and target.calls and state["peak"] == 1, state
