@@ -9,12 +9,12 @@ neighbours share surnames and first names on purpose. Key phrases (quoted titles
 and texts) are stored as salted hashes of their token sequences, so no forget text is kept.
 
 Name variants: a text token that is not a common word (``wordfreq`` Zipf frequency below
-:data:`COMMON_ZIPF`) and is within a small edit distance of a name token (Damerau-Levenshtein 1 from 5
-characters, 2 from 8), or sounds the same (equal Metaphone code, distance at most 2), reads as that name
-token ("Philipa Stavburg", "Filippa Stavberg"); non-Latin letters are transliterated first (``anyascii``),
-so "Филиппа" reads as "filippa". A name found this way whole counts as the name; a near miss of one name
+:data:`COMMON_ZIPF`) and is within a small edit distance of a name token (Damerau-Levenshtein 1 from 4
+letters, 2 from 8), or sounds the same (equal Metaphone code, distance at most 2, from 5 letters), reads as
+that name token ("Philipa Stavburg", "Filippa Stavberg"); non-Latin tokens are spelt in Latin letters first
+(``anyascii``), so "Филиппа" reads as "filippa". A name found this way whole counts as the name; a near miss of one name
 token alone counts for nothing ("Aisha" may be "Aysha" or someone else). An exact first name or surname
-alone is a partial match, and :attr:`EntityHit.variant` says that a distinctive part of the
+alone is a partial match (a common word only after a title: "Dr. Diamond"), and :attr:`EntityHit.variant` says that a distinctive part of the
 name (a first name, a surname, "Ms. Stavberg") is there: whether that means the target is decided by
 the caller from the rest of the text (no one else named, see :mod:`detectors.features`).
 
@@ -54,8 +54,9 @@ COMMON_ZIPF = 3.5
 "verify" 3.9, "philippa" 2.8) are words, never read as misspelt names."""
 _VARIANT_ZIPF = 4.0
 """A single name token this frequent ("silent" of a title alias, "field") does not on its own point to a target."""
-_FUZZY_MIN = 5
+_FUZZY_MIN = 4
 _FUZZY_MIN_2 = 8
+_TITLES = frozenset("mr mrs ms miss mx dr prof professor sir dame lady lord madam madame mme mlle herr frau".split())
 _MAX_FACT_TOKENS = 8
 
 
@@ -267,6 +268,17 @@ def _max_edits(token: str) -> int:
     return 2 if len(token) >= _FUZZY_MIN_2 else 1
 
 
+def transliterated(toks: list[str]) -> list[str]:
+    """The tokens with non-Latin ones spelt in Latin letters (``anyascii``: "Филиппа" -> "filippa"): a spelling,
+    not a near miss, so it counts wherever the token as written would."""
+    if all(t.isascii() for t in toks):
+        return toks
+    out: list[str] = []
+    for t in toks:
+        out.extend([t] if t.isascii() else (skeleton_tokens(normalize(anyascii(t))) or [t]))
+    return out
+
+
 @dataclass(frozen=True)
 class TargetNames:
     """What the matcher knows about one target: its names (as given) and its phrase hashes."""
@@ -328,7 +340,8 @@ class EntityMatcher:
             if len(t) >= _FUZZY_MIN and t.isalpha():
                 for d in _deletes(t):
                     self._near.setdefault(d, set()).add(t)
-                self._sound.setdefault(jellyfish.metaphone(t), set()).add(t)
+                if len(t) > _FUZZY_MIN:  # a 4-letter Metaphone code is shared by too many words
+                    self._sound.setdefault(jellyfish.metaphone(t), set()).add(t)
         self._phrase_lengths = set(range(2, _MAX_PHRASE_TOKENS + 1)) if self._phrases else set()
         self._compact = compact
         self._compact_re = (re.compile("|".join(re.escape(c) for c, _, _ in sorted(compact, key=lambda x: -len(x[0]))))
@@ -344,7 +357,7 @@ class EntityMatcher:
     def _near_miss(self, token: str) -> str | None:
         """The name token that ``token`` misspells or transliterates, or None (exact names, common words and
         short tokens are left alone); memoised per matcher."""
-        if token in self._token_names or len(token) < _FUZZY_MIN - 1:
+        if token in self._token_names or len(token) < _FUZZY_MIN:
             return None
         try:
             return self._near_memo[token]
@@ -357,10 +370,8 @@ class EntityMatcher:
 
     def _find_near_miss(self, token: str) -> str | None:
         """The uncached body of :meth:`_near_miss`."""
-        t = token if token.isascii() else anyascii(token).lower()
-        if t in self._token_names:
-            return t
-        if not t.isalpha() or len(t) < _FUZZY_MIN - 1 or is_common_word(t):
+        t = token
+        if not t.isalpha() or not t.isascii() or len(t) < _FUZZY_MIN or is_common_word(t):
             return None
         best: tuple[int, str] | None = None
         for d in _deletes(t):
@@ -389,8 +400,8 @@ class EntityMatcher:
     def match_tokens(self, toks: list[str], facts: Collection[str] = ()) -> dict[str, EntityHit]:
         """:meth:`match` on the text's :func:`~detectors.normalize.skeleton_tokens`; stored facts are searched for
         the target ids in ``facts`` (the targets a conversation is about)."""
-        raw = toks
-        toks, fuzzy = self.corrected(toks)
+        raw = transliterated(toks)
+        toks, fuzzy = self.corrected(raw)
         full: dict[str, str] = {}
         size: dict[str, int] = {}
         for i, t in enumerate(toks):
@@ -409,10 +420,11 @@ class EntityMatcher:
         variant: set[str] = set()
         # Partial names from the tokens as written: a near miss counts only where it completes a whole name (a
         # near-miss first name alone is as likely someone else's: "Aisha" for "Aysha").
+        titled = {raw[i + 1] for i in range(len(raw) - 1) if raw[i] in _TITLES}  # "Dr. Diamond" is a name
         for t in set(raw):
             for key in self._token_names.get(t, ()):
                 counts[key] = counts.get(key, 0) + 1
-                if len(t) >= 3 and t not in _STOP and word_frequency(t) < _VARIANT_ZIPF:
+                if len(t) >= 3 and t not in _STOP and (word_frequency(t) < _VARIANT_ZIPF or t in titled):
                     variant.add(key[0])
         partial: dict[str, float] = {}
         for (tid, ni), c in counts.items():
