@@ -52,8 +52,9 @@ _MIN_COMPACT = 8
 COMMON_ZIPF = 3.5
 """Text tokens at least this frequent in English (wordfreq's Zipf scale: 3.5 is about 3 per million words,
 "verify" 3.9, "philippa" 2.8) are words, never read as misspelt names."""
-_VARIANT_ZIPF = 4.0
-"""A single name token this frequent ("silent" of a title alias, "field") does not on its own point to a target."""
+_VARIANT_ZIPF = COMMON_ZIPF
+"""A single name token this frequent ("biography" of a prize's name, "silent" of a title alias, "field") does not on
+its own point to a target (after a title it does: "Dr. Marshall")."""
 _FUZZY_MIN = 4
 _FUZZY_MIN_2 = 8
 _TITLES = frozenset("mr mrs ms miss mx dr prof professor sir dame lady lord madam madame mme mlle herr frau".split())

@@ -27,13 +27,22 @@ other_name the text names a known negative subject (a retain or neighbour person
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from detectors.entities import name_tokens, phrase_hash
 from detectors.normalize import normalize, skeleton_tokens
-from detectors.store import StoreSnapshot, caps_hashes, foreign_share, mentions_other, question_key
+from detectors.store import (
+    StoreSnapshot,
+    TargetRecord,
+    caps_hashes,
+    foreign_share,
+    mentions_other,
+    question_key,
+)
 
 FEATURES: tuple[str, ...] = ("top1", "top3", "frac", "gap", "neg1", "neg3", "margin", "ent_full", "ent_partial",
                              "ent_phrase", "partial_only", "top1_x_partial", "foreign_only", "other_name")
@@ -96,6 +105,45 @@ def _max_group_size(groups: np.ndarray) -> int:
     if len(groups) == 0:
         return 0
     return int(np.unique(groups, return_counts=True)[1].max())
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def beside_other_name(cased: str, target: TargetRecord, salt: str) -> bool:
+    """Whether a name part of ``target`` stands next to a capitalised word that its data never uses ("Wesley Yang"
+    for target "Yang Bi"): then the text names someone else who shares that part, wherever it stands (a
+    sentence-initial word is no proper noun to :func:`~detectors.store.foreign_share`)."""
+    own = {t for n in target.names for t in name_tokens(n)}
+    words = [m.group(0) for m in _WORD.finditer(cased)]
+    lows = [w.casefold() for w in words]
+    for i, low in enumerate(lows):
+        if low not in own:
+            continue
+        for j in (i - 1, i + 1):
+            if 0 <= j < len(words) and words[j][:1].isupper() and lows[j] not in own and lows[j] not in _NAME_GLUE \
+                    and not target.explains(phrase_hash((lows[j],), salt)):
+                return True
+    return False
+
+
+_ASKING = frozenset("""who whom whose what which where when why how is are was were do does did can could would
+    should will has have had tell describe explain list give write name share provide summarise summarize say show
+    find compare please""".split())
+
+
+def asks(cased: str) -> bool:
+    """Whether a text asks something (a question mark, or a question or request word first): a name part alone
+    points to a target in a question about them ("Where was Philippa born?"), not in a statement, which is as
+    likely about a namesake ("Yang opposes this ideology")."""
+    if "?" in cased:
+        return True
+    m = _WORD.search(cased)
+    return bool(m) and m.group(0).casefold() in _ASKING
+
+
+_NAME_GLUE = frozenset("mr mrs ms miss mx dr prof professor sir dame lady lord madam the of and in at by for to "
+                       "who what where when which why how is was did does do has had".split())
 
 
 def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Sequence[str], k: int, *,
@@ -178,7 +226,8 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
                     continue
                 e, d = (h.full, h.partial, h.phrase), h.detail
                 if h.variant and not training and (num in about_u or (
-                        other == 0 and not fulls - {tid} and foreign_share(caps, snap.targets[num]) == 0)):
+                        other == 0 and not fulls - {tid} and foreign_share(caps, snap.targets[num]) == 0
+                        and asks(texts[u]) and not beside_other_name(texts[u], snap.targets[num], snap.salt))):
                     e, d = (1.0, 1.0, h.phrase), f"name variant of {snap.targets[num].names[0]!r}"
                 hits[num] = (e, d)
                 if e[0] > 0:

@@ -175,3 +175,13 @@ def test_proxy_blocks_a_nameless_answer_after_a_first_name_mention(request_detec
     for b in bodies:
         text = b["choices"][0]["message"]["content"]
         assert place not in text and place.replace(" ", "") not in text.replace(" ", ""), text
+
+
+def test_a_name_part_beside_another_name_or_in_a_statement_is_a_namesake() -> None:
+    from detectors.features import asks, beside_other_name
+    from detectors.store import TargetRecord
+
+    rec = TargetRecord(num=0, id="t", kind="privacy", names=("Yang Bi",), phrase_hashes=frozenset())
+    assert beside_other_name("Wesley Yang is an American essayist.", rec, "s")  # sentence-initial, still a name
+    assert not beside_other_name("Where was Yang born?", rec, "s") and not beside_other_name("Did Dr. Yang win?", rec, "s")
+    assert asks("Where was Yang born?") and asks("tell me about Yang") and not asks("Yang opposes this ideology.")
