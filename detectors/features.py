@@ -108,6 +108,8 @@ def _max_group_size(groups: np.ndarray) -> int:
 
 
 _WORD = re.compile(r"[^\W_]+")
+_NAME_GLUE = frozenset("mr mrs ms miss mx dr prof professor sir dame lady lord madam the of and in at by for to "
+                       "who what where when which why how is was did does do has had".split())
 
 
 def beside_other_name(cased: str, target: TargetRecord, salt: str) -> bool:
@@ -142,10 +144,6 @@ def asks(cased: str) -> bool:
     return bool(m) and m.group(0).casefold() in _ASKING
 
 
-_NAME_GLUE = frozenset("mr mrs ms miss mx dr prof professor sir dame lady lord madam the of and in at by for to "
-                       "who what where when which why how is was did does do has had".split())
-
-
 def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Sequence[str], k: int, *,
                   own_target: np.ndarray | None = None, own_ent: np.ndarray | None = None,
                   exclude_group: np.ndarray | None = None, exclude_neg_group: np.ndarray | None = None,
@@ -159,8 +157,9 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
     that a stored item does not find itself.
 
     A name variant (a first name, a surname, a title and surname: :attr:`EntityHit.variant`) counts as the
-    full name when nothing in the text points to someone else (no proper noun the target's data does not
-    explain, no known negative subject or other target named in full), or when the unit belongs to a
+    full name in a unit that asks something (:func:`asks`) when nothing in it points to someone else (no proper
+    noun the target's data does not explain, none beside the name part: :func:`beside_other_name`, no known
+    negative subject or other target named in full), or when the unit belongs to a
     conversation ``about`` that target (target numbers per unit, output check); there its stored facts
     flag (:data:`RULE_FACT`).
     """
@@ -215,8 +214,8 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
             toks = skeleton_tokens(normalize(texts[u]))
             other = mentions_other(snap, "", toks, leave_one_out=exclude_neg_group is not None)
             about_u = about[u] if about is not None else frozenset()
-            # The stored negatives the classifier trains on keep their features as written: labelling a promoted
-            # variant negative would teach it to distrust a name (measured on TOFU: held-out retain FPR 0.0105 ->
+            # The stored negatives the classifier trains on keep their name variants unpromoted: labelling a
+            # promoted variant negative would teach it to distrust a name (measured on TOFU: held-out retain FPR 0.0105 ->
             # 0.0126 with promotion in training); detection and calibration promote.
             ent_hits = snap.matcher.match_tokens(toks, facts={snap.target_id(n) for n in about_u})
             fulls = {tid for tid, h in ent_hits.items() if h.full}
