@@ -224,12 +224,15 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
                 if num is None:
                     continue
                 e, d = (h.full, h.partial, h.phrase), h.detail
-                if h.variant and not training and (num in about_u or (
-                        other == 0 and not fulls - {tid} and foreign_share(caps, snap.targets[num]) == 0
-                        and asks(texts[u]) and not beside_other_name(texts[u], snap.targets[num], snap.salt))):
+                # A name part that points to no one else makes the conversation about the target (the output check
+                # knows it); in a question or request it also counts as the name for the prompt check.
+                alone = (h.variant and not training and other == 0 and not fulls - {tid}
+                         and foreign_share(caps, snap.targets[num]) == 0
+                         and not beside_other_name(texts[u], snap.targets[num], snap.salt))
+                if h.variant and not training and (num in about_u or (alone and asks(texts[u]))):
                     e, d = (1.0, 1.0, h.phrase), f"name variant of {snap.targets[num].names[0]!r}"
                 hits[num] = (e, d)
-                if e[0] > 0:
+                if e[0] > 0 or alone:
                     named.add((u, num))
                 if h.full_tokens >= MIN_RULE_NAME_TOKENS:
                     rules[num] = RULE_NAME
