@@ -2,7 +2,10 @@
 
 Unflagged prompts go to the target exactly as the client sent them (after neutralising role markers,
 a no-op on ordinary text), so their answers are the unguarded model's. Flagged prompts get the guard's
-instruction in the system turn, or the policy's refusal when the guard says so.
+instruction in the system turn, or the policy's refusal when the guard says so. The prompt check also says
+which targets the conversation is about (``Detection.about``, flagged or merely named); the output check of
+the answer takes them (their name variants read as names, their stored facts are leaks without a name), and
+a guard-model instruction that states such a fact is replaced by the template instruction.
 
 Failure policy (fail closed by default):
 * detector error or timeout (prompt check or output check): ``GuardUnavailableError`` (HTTP 503 with

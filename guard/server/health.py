@@ -1,4 +1,5 @@
-"""Operations endpoints, open without a key: ``/healthz`` (alive), ``/readyz`` (can serve) and ``/metrics``.
+"""Operations endpoints: ``/healthz`` (alive) and ``/readyz`` (can serve), open without a key, and ``/metrics``
+(Prometheus), which needs a client key when keys are configured unless ``public_metrics`` is set.
 
 Where the store is watched or written (``watch_store``, ``store_path``), ``/readyz`` also reports it:
 ``store: {generation, task, pending_reload, last_reload_error, refused}``. A pending or failed reload,
