@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import inspect
 import logging
 import time
@@ -60,15 +59,11 @@ from guard.types import (
     GuardUnavailableError,
     Stage,
     TargetBook,
+    redact,
 )
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-
-
-def redact(text: str) -> str:
-    """A log-safe stand-in for a prompt: its length and a short hash, never its words."""
-    return f"<redacted {len(text)} chars sha256:{hashlib.sha256(text.encode()).hexdigest()[:10]}>"
 
 
 @dataclass

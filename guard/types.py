@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 from enum import Enum
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -11,6 +13,21 @@ from pydantic import BaseModel, Field, computed_field
 from core.generation import Prompt
 from core.schema import ForgetTarget
 from detectors.types import Detection
+
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
+
+
+def redact(text: str | bytes) -> str:
+    """A log-safe stand-in for a prompt, an answer or an upstream body: its length and a short hash, never its words."""
+    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
+    unit = "chars" if isinstance(text, str) else "bytes"
+    return f"<redacted {len(text)} {unit} sha256:{hashlib.sha256(raw).hexdigest()[:10]}>"
+
+
+def safe_token(value: object) -> str | None:
+    """``value`` when it is a short identifier-like token (an error code, a class name), else None: no free text
+    from an upstream or an exception reaches a client."""
+    return value if isinstance(value, str) and _TOKEN.fullmatch(value) else None
 
 
 @runtime_checkable

@@ -16,7 +16,6 @@ HTTP status and, when it is a short identifier-like token, its error code: all t
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
@@ -29,11 +28,10 @@ from pydantic import Field, SecretStr
 
 from core.aio import iter_sync, run_sync
 from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
-from guard.types import BackendError
+from guard.types import BackendError, redact, safe_token
 
 log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
 _MEDIA_TYPE = re.compile(r"[\w.+-]{1,40}/[\w.+-]{1,60}")
 
 
@@ -45,14 +43,7 @@ class UpstreamError(BackendError):
         """The log message (upstream text redacted), the kind, and the upstream's status and error code."""
         super().__init__(message, kind)
         self.status = status
-        self.code = code if code is not None and _TOKEN.fullmatch(code) else None
-
-
-def _redacted(text: str | bytes) -> str:
-    """A log-safe stand-in for upstream text: its length and a short hash, never its words."""
-    raw = text.encode("utf-8", "replace") if isinstance(text, str) else text
-    return f"<redacted {len(raw)} {'chars' if isinstance(text, str) else 'bytes'} " \
-           f"sha256:{hashlib.sha256(raw).hexdigest()[:10]}>"
+        self.code = safe_token(code)
 
 
 def _error_fields(err: Any) -> tuple[str | None, str | None]:
@@ -61,7 +52,7 @@ def _error_fields(err: Any) -> tuple[str | None, str | None]:
         return None, err
     if not isinstance(err, dict):
         return None, None
-    code = next((c for c in (err.get("code"), err.get("type")) if isinstance(c, str) and _TOKEN.fullmatch(c)), None)
+    code = next((c for c in (err.get("code"), err.get("type")) if safe_token(c)), None)
     msg = err.get("message")
     return code, msg if isinstance(msg, str) else None
 
@@ -72,12 +63,12 @@ def _error_info(resp: httpx.Response) -> tuple[str, str | None]:
     try:
         body = resp.json()
     except (ValueError, UnicodeDecodeError):
-        return f"HTTP {resp.status_code} (a non-JSON body, {_redacted(resp.content)})", None
+        return f"HTTP {resp.status_code} (a non-JSON body, {redact(resp.content)})", None
     code, msg = _error_fields(body.get("error") if isinstance(body, dict) else None)
     if msg is None and isinstance(body, dict) and isinstance(body.get("detail"), str):
         msg = body["detail"]
     parts = [f"code {code}"] if code else []
-    parts.append(f"message {_redacted(msg)}" if msg else "a JSON body without an error message")
+    parts.append(f"message {redact(msg)}" if msg else "a JSON body without an error message")
     return f"HTTP {resp.status_code} ({', '.join(parts)})", code
 
 
@@ -90,7 +81,7 @@ def _shape(data: Any) -> str:
     """What a JSON value looks like (type and its identifier-like top-level keys), without its content."""
     if isinstance(data, dict):
         keys = sorted(str(k) for k in data)
-        shown = [k for k in keys if _TOKEN.fullmatch(k)][:10]
+        shown = [k for k in keys if safe_token(k)][:10]
         more = len(keys) - len(shown)
         return f"an object with keys {shown}" + (f" and {more} more" if more else "")
     return f"a JSON {type(data).__name__}"
@@ -411,7 +402,7 @@ class _SSEReader:
                                f"({len(payload)} chars)", "bad_response") from e
         if isinstance(data, dict) and data.get("error"):
             code, msg = _error_fields(data["error"])
-            parts = ([f"code {code}"] if code else []) + ([f"message {_redacted(msg)}"] if msg else [])
+            parts = ([f"code {code}"] if code else []) + ([f"message {redact(msg)}"] if msg else [])
             raise UpstreamError(f"upstream stream {self.where} reported an error ({', '.join(parts) or 'no message'})",
                                 "stream_error", code=code)
         if not isinstance(data, dict) or not isinstance(data.get("choices", []), list):

@@ -13,7 +13,6 @@ at most the upstream's HTTP status, a short identifier-like error code and an ex
 from __future__ import annotations
 
 import logging
-import re
 from functools import partial
 from typing import Any
 
@@ -25,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from guard.server.metrics import Metrics, _endpoint_of
 from guard.server.schemas import _UNION_TAG, _accepted_fields, _diagnose_body
 from guard.server.state import ServerState
-from guard.types import BackendError, GuardUnavailableError
+from guard.types import BackendError, GuardUnavailableError, safe_token
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,6 @@ class ApiError(Exception):
         self.headers = headers
 
 
-_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,39}")
-
 _UPSTREAM_TEXT = {
     "unreachable": "the upstream model server could not be reached",
     "timeout": "the upstream model server did not answer in time",
@@ -53,12 +50,6 @@ _UPSTREAM_TEXT = {
 }
 
 _STAGE_TEXT = {"detector": "the detector", "guard": "the guard model", "output_check": "the output check"}
-
-
-def safe_token(value: object) -> str | None:
-    """``value`` when it is a short identifier-like token (an error code, a class name), else None: no free text
-    from an upstream or an exception reaches a client."""
-    return value if isinstance(value, str) and _TOKEN.fullmatch(value) else None
 
 
 def backend_failure(exc: BaseException) -> tuple[int, str, str]:
