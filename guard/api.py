@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -609,7 +610,18 @@ class AsyncGuardStream:
 
 
 def _takes_about(fn: Callable[..., Any]) -> bool:
-    """Whether a detector's leak check accepts ``about`` (the targets a conversation is about)."""
+    """Whether a detector's leak check accepts ``about`` (the targets a conversation is about); asked on every output
+    check, so the answer is remembered per function."""
+    func = getattr(fn, "__func__", fn)  # a bound method's function: the same for every call
+    try:
+        return _signature_takes_about(func)
+    except TypeError:  # an unhashable callable object
+        return _signature_takes_about.__wrapped__(func)
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_takes_about(fn: Callable[..., Any]) -> bool:
+    """The uncached check of :func:`_takes_about`."""
     try:
         return "about" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
