@@ -403,20 +403,7 @@ class EntityMatcher:
         the target ids in ``facts`` (the targets a conversation is about)."""
         raw = transliterated(toks)
         toks, fuzzy = self.corrected(raw)
-        full: dict[str, str] = {}
-        size: dict[str, int] = {}
-        for i, t in enumerate(toks):
-            for name_toks, tid, name in self._by_first.get(t, ()):
-                if tuple(toks[i:i + len(name_toks)]) == name_toks:
-                    n = len(key_tokens(name_toks))
-                    if n > size.get(tid, -1):  # the longest name found wins (a full name over a bare surname)
-                        full[tid], size[tid] = name, n
-        if self._compact_re is not None:
-            for m in self._compact_re.finditer("".join(toks)):
-                for tid, name in self._compact_map.get(m.group(0), ()):
-                    n = len(key_tokens(name_tokens(name)))
-                    if n > size.get(tid, -1):
-                        full[tid], size[tid] = name, n
+        full, size = self._full_names(toks)
         counts: dict[tuple[str, int], int] = {}
         variant: set[str] = set()
         # Partial names from the tokens as written: a near miss counts only where it completes a whole name (a
@@ -458,11 +445,12 @@ class EntityMatcher:
                 hit = self._values.get(value_hash(vtoks[i:i + n], self.salt))
                 if hit:
                     value.update(hit)
+        written = self._full_names(raw)[0] if fuzzy else full  # the names found without near-miss correction
         out: dict[str, EntityHit] = {}
         for tid in set(full) | set(partial) | phrase | value | fact:
             f = 1.0 if tid in full else 0.0
             if tid in full:
-                detail = f"name {full[tid]!r}" + (" (as written, a near miss)" if fuzzy and tid not in self._exact_full(raw) else "")
+                detail = f"name {full[tid]!r}" + (" (as written, a near miss)" if tid not in written else "")
             else:
                 detail = "key phrase" if tid in phrase else ("stated fact" if tid in fact else "partial name")
             out[tid] = EntityHit(full=f, partial=1.0 if f else min(1.0, partial.get(tid, 0.0)),
@@ -471,11 +459,21 @@ class EntityMatcher:
                                  detail=detail)
         return out
 
-    def _exact_full(self, toks: list[str]) -> set[str]:
-        """Targets named in full by the tokens as written (no near-miss correction)."""
-        out: set[str] = set()
+    def _full_names(self, toks: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+        """Per target, the longest of its names found whole in the tokens (spaced or run together) and its count of
+        identifying tokens."""
+        full: dict[str, str] = {}
+        size: dict[str, int] = {}
         for i, t in enumerate(toks):
-            for name_toks, tid, _ in self._by_first.get(t, ()):
+            for name_toks, tid, name in self._by_first.get(t, ()):
                 if tuple(toks[i:i + len(name_toks)]) == name_toks:
-                    out.add(tid)
-        return out
+                    n = len(key_tokens(name_toks))
+                    if n > size.get(tid, -1):  # the longest name found wins (a full name over a bare surname)
+                        full[tid], size[tid] = name, n
+        if self._compact_re is not None:
+            for m in self._compact_re.finditer("".join(toks)):
+                for tid, name in self._compact_map.get(m.group(0), ()):
+                    n = len(key_tokens(name_tokens(name)))
+                    if n > size.get(tid, -1):
+                        full[tid], size[tid] = name, n
+        return full, size
