@@ -499,6 +499,7 @@ class ForgetStore:
         self.encoder = encoder
         self.config = config
         self._lock = threading.RLock()
+        self._template: tuple[Bank | None, frozenset[str]] | None = None  # template words of one negative bank
 
     @classmethod
     def empty(cls, encoder: Encoder, config: DetectorConfig, salt: str | None = None) -> ForgetStore:
@@ -537,7 +538,7 @@ class ForgetStore:
         """Embed every entry of ``targets`` (one encoder call) and lay out their rows per bank."""
         cfg = self.config
         salt = snap.salt
-        template = template_words(snap)
+        template = self._template_words(snap)
         records: list[TargetRecord] = []
         all_specs: list[tuple[int, _EntrySpec, int]] = []
         next_num, next_group = snap.next_num, snap.next_group
@@ -601,6 +602,14 @@ class ForgetStore:
                        [cased[i] if cfg.keep_raw_text else None for i in idx],
                        [caps_hashes(cased[i], salt) for i in idx])
         return records, rows, (next_id + len(all_specs), next_group, next_num)
+
+    def _template_words(self, snap: StoreSnapshot) -> frozenset[str]:
+        """:func:`template_words` of the snapshot's negatives, computed once per negative bank (every run-time
+        ``add_target`` asks; only ``set_negatives`` changes the bank)."""
+        bank = snap.banks.get("neg_content")
+        if self._template is None or self._template[0] is not bank:
+            self._template = (bank, template_words(snap))
+        return self._template[1]
 
     def add_targets(self, targets: Sequence[ForgetTarget], memo: bool = False) -> None:
         """Add several targets in one swap (ids must be new)."""
