@@ -26,7 +26,7 @@ from core.schema import ForgetTarget
 from guard.server.errors import ApiError
 from guard.server.schemas import _diagnose_body, _inline_schema, _lone_surrogate
 from guard.server.state import ServerState, State
-from guard.server.watch import StoreWatcher, served_store
+from guard.server.watch import StoreWatcher, other_content, served_store
 from guard.types import AdminError
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,7 @@ def disk_conflict(st: ServerState) -> str | None:
     served = served_store(st.guarded)
     if disk.generation > served.generation:
         return f"{path} holds generation {disk.generation}, newer than generation {served.generation} served here"
-    if (disk.generation == served.generation and disk.content_digest and served.content_digest
-            and disk.content_digest != served.content_digest):
+    if other_content(disk, served):
         return f"{path} holds another store of generation {disk.generation}, the generation served here"
     return None
 

@@ -67,6 +67,13 @@ def served_store(guarded: GuardedLLM) -> ServedStore:
     return store_of(guarded.detector)
 
 
+def other_content(disk: StoreHeader | ServedStore, served: ServedStore) -> bool:
+    """Whether a version on disk has the served generation but other content (both digests known): a rollback for
+    the watcher, a conflict for the admin writer."""
+    return (disk.generation == served.generation and bool(disk.content_digest) and bool(served.content_digest)
+            and disk.content_digest != served.content_digest)
+
+
 def refusal(disk: StoreHeader | ServedStore, served: ServedStore) -> tuple[str, str] | None:
     """(fault kind, reason) when version ``disk`` must not replace the served one unforced, else None.
 
@@ -80,8 +87,7 @@ def refusal(disk: StoreHeader | ServedStore, served: ServedStore) -> tuple[str, 
     if disk.generation < served.generation:
         return ("store_rollback_refused",
                 f"its generation {disk.generation} is older than the served generation {served.generation}")
-    if (disk.generation == served.generation and disk.content_digest and served.content_digest
-            and disk.content_digest != served.content_digest):
+    if other_content(disk, served):
         return ("store_rollback_refused",
                 f"it has the served generation {served.generation} but other content")
     return None
