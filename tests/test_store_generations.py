@@ -107,6 +107,14 @@ def follower(path: Path, watched: Path, clock: Clock, **server: Any) -> tuple[Gu
     return g, w, TestClient(app, raise_server_exceptions=False)  # no `with`: the background watcher does not run
 
 
+def watching(path: Path, tmp_path: Path) -> tuple[Path, Clock, GuardedLLM, StoreWatcher, TestClient]:
+    """``path`` swapped into a watched directory and a replica serving it, watching it with a hand-driven clock."""
+    watched = tmp_path / "watched"
+    swap_in(path, watched)
+    clock = Clock()
+    return (watched, clock, *follower(path, watched, clock))
+
+
 def served_generation(g: GuardedLLM) -> int:
     return int(g.detector.meta.get("generation", 0))
 
@@ -170,11 +178,8 @@ def test_a_store_saved_before_generations_loads_as_generation_0(seed: Path, tmp_
 
 @pytest.mark.parametrize("manifest_first", [True, False])
 def test_half_copied_store_is_picked_up_once_complete(seed: Path, tmp_path: Path, manifest_first: bool) -> None:
-    watched = tmp_path / "watched"
-    swap_in(seed, watched)
     newer = derive(seed, tmp_path / "newer", 0)
-    clock = Clock()
-    g, w, c = follower(seed, watched, clock)
+    watched, clock, g, w, c = watching(seed, tmp_path)
     m = c.app.state.guard.metrics  # type: ignore[attr-defined]
     names = sorted(p.name for p in newer.iterdir())
     names.remove("manifest.json")
@@ -200,11 +205,8 @@ def test_half_copied_store_is_picked_up_once_complete(seed: Path, tmp_path: Path
 
 
 def test_a_failing_version_is_retried_with_back_off_and_counted_once(seed: Path, tmp_path: Path) -> None:
-    watched = tmp_path / "watched"
-    swap_in(seed, watched)
     newer = derive(seed, tmp_path / "newer", 0)
-    clock = Clock()
-    g, w, c = follower(seed, watched, clock)
+    watched, clock, g, w, c = watching(seed, tmp_path)
     m = c.app.state.guard.metrics  # type: ignore[attr-defined]
     shutil.copy2(newer / "manifest.json", watched / "manifest.json")  # the rest has not arrived
     assert not w.check() and w.pending
@@ -230,10 +232,7 @@ def test_a_failing_version_is_retried_with_back_off_and_counted_once(seed: Path,
 
 
 def test_a_vanished_store_is_pending_and_a_new_version_is_tried_at_once(seed: Path, tmp_path: Path) -> None:
-    watched = tmp_path / "watched"
-    swap_in(seed, watched)
-    clock = Clock()
-    g, w, c = follower(seed, watched, clock)
+    watched, clock, g, w, c = watching(seed, tmp_path)
     shutil.rmtree(watched)  # `rm -rf` before a copy
     assert not w.check() and w.pending and "missing" in str(w.last_error)
     assert not w.check()  # backing off
@@ -245,10 +244,7 @@ def test_a_vanished_store_is_pending_and_a_new_version_is_tried_at_once(seed: Pa
 def test_an_older_generation_is_refused_and_reported(seed: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     v2 = derive(seed, tmp_path / "v2", 0)
     v3 = derive(v2, tmp_path / "v3", 1)
-    watched = tmp_path / "watched"
-    swap_in(v3, watched)
-    clock = Clock()
-    g, w, c = follower(v3, watched, clock)
+    watched, clock, g, w, c = watching(v3, tmp_path)
     m = c.app.state.guard.metrics  # type: ignore[attr-defined]
     caplog.set_level(logging.INFO)
     swap_in(seed, watched)  # an operator copies an old backup (2 targets fewer) over the live store
