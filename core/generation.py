@@ -2,13 +2,98 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
-Message = dict[str, str]
+Message = dict[str, Any]
+"""An OpenAI chat message: ``role`` and ``content`` (a string, a list of content parts or None), and on
+assistant turns optionally ``tool_calls``, on tool turns ``tool_call_id``."""
 Prompt = str | Sequence[Message]
+
+TEXT_PARTS = ("text", "refusal")
+"""Content-part types that carry text (``{"type": "text", "text": ...}``, an assistant's ``refusal`` part); any
+other part (``image_url``, ``input_audio``, ``file``...) is non-text content."""
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the text parts of a part list joined by newlines, so that a
+    detector and a local model read what a client wrote; non-text parts carry no text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        out = []
+        for p in content:
+            if isinstance(p, str):
+                out.append(p)
+            elif isinstance(p, Mapping):
+                text = p.get(p.get("type")) if p.get("type") in TEXT_PARTS else p.get("text")
+                if isinstance(text, str):
+                    out.append(text)
+        return "\n".join(out)
+    raise TypeError(f"message content must be a string, a list of content parts or null, got {type(content).__name__}")
+
+
+def _flat_values(value: Any) -> list[str]:
+    """The strings, numbers and keys of a JSON value, in order (what a reader of it sees, without the syntax)."""
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() for s in (str(k), *_flat_values(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _flat_values(v)]
+    return [] if value is None else [str(value)]
+
+
+def json_text(text: str) -> str:
+    """A JSON document as readable text (``key: value`` words, no punctuation) when it parses, else the text itself:
+    a leak check must read a fact inside JSON output or tool arguments as it reads prose."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if not isinstance(value, Mapping | list):
+        return text
+    return " ".join(_flat_values(value))
+
+
+def tool_call_text(call: Any) -> str:
+    """The text of one tool call (``{"function": {"name", "arguments"}}``): its name and its arguments' words."""
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping):
+        return ""
+    name = fn.get("name") if isinstance(fn.get("name"), str) else ""
+    args = fn.get("arguments")
+    args = args if isinstance(args, str) else json.dumps(args) if args is not None else ""
+    return f"{name}: {json_text(args)}".strip(": ")
+
+
+def tools_text(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The text of tool definitions (names, descriptions, parameter names and descriptions): the target reads it, so
+    the detector judges it as a system turn."""
+    out = []
+    for t in tools:
+        fn = t.get("function") if isinstance(t, Mapping) else None
+        if isinstance(fn, Mapping):
+            params = fn.get("parameters")
+            words = " ".join(_flat_values(params)) if isinstance(params, Mapping) else ""
+            out.append(" ".join(str(x) for x in (fn.get("name"), fn.get("description"), words) if x))
+    return "\n".join(out)
+
+
+def turn_text(message: Mapping[str, Any]) -> str:
+    """All the text of one chat message: its content's text and, on an assistant turn, its tool calls' names and
+    arguments (every part a detector must judge)."""
+    parts = [content_text(message.get("content"))]
+    calls = message.get("tool_calls")
+    if isinstance(calls, Sequence) and not isinstance(calls, str):
+        parts.extend(tool_call_text(c) for c in calls)
+    fc = message.get("function_call")  # the deprecated single-call field
+    if isinstance(fc, Mapping):
+        parts.append(tool_call_text({"function": fc}))
+    return "\n".join(p for p in parts if p)
 
 
 def as_messages(prompt: Prompt, system: str | None = None) -> list[Message]:
@@ -20,9 +105,17 @@ def as_messages(prompt: Prompt, system: str | None = None) -> list[Message]:
     return msgs
 
 
+def text_turns(messages: Sequence[Message]) -> list[Message]:
+    """Messages as plain text turns (role and a content string: text parts joined, tool calls written out), which
+    every chat template renders; plain messages are returned as they are."""
+    return [m if isinstance(m.get("content"), str) and not m.get("tool_calls") else
+            {"role": m["role"], "content": turn_text(m)} for m in messages]
+
+
 def chat_text(tokenizer: Any, prompt: Prompt, system: str | None = None, add_generation_prompt: bool = True) -> str:
-    """Render a prompt with the tokenizer's chat template, ready for generation."""
-    return tokenizer.apply_chat_template(as_messages(prompt, system), tokenize=False,
+    """Render a prompt with the tokenizer's chat template, ready for generation (content parts and tool calls as
+    text: see :func:`text_turns`)."""
+    return tokenizer.apply_chat_template(text_turns(as_messages(prompt, system)), tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
 
 

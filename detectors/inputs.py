@@ -13,9 +13,9 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from core.generation import Prompt
+from core.generation import Prompt, turn_text
 from detectors.normalize import normalize_cased
 
 if TYPE_CHECKING:
@@ -29,23 +29,6 @@ class PromptError(TypeError):
     """A prompt is neither a string nor a list of {"role", "content"} messages."""
 
 
-def _content_text(content: Any, where: str) -> str:
-    """Text of a message's content: a string or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        parts = []
-        for p in content:
-            if isinstance(p, Mapping) and isinstance(p.get("text"), str):
-                parts.append(p["text"])
-            elif isinstance(p, str):
-                parts.append(p)
-        return "\n".join(parts)
-    if content is None:
-        return ""
-    raise PromptError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
-
-
 def turns_of(prompt: Prompt, max_turns: int = 32) -> list[tuple[str, str]]:
     """(role, text) of the last ``max_turns`` turns; a plain string is one user turn."""
     if isinstance(prompt, str):
@@ -54,10 +37,13 @@ def turns_of(prompt: Prompt, max_turns: int = 32) -> list[tuple[str, str]]:
         raise PromptError(f"a prompt must be a str or a list of messages, got {type(prompt).__name__}")
     out = []
     for i, msg in enumerate(prompt):
-        if not isinstance(msg, Mapping) or "content" not in msg:
+        if not isinstance(msg, Mapping) or ("content" not in msg and not msg.get("tool_calls")):
             raise PromptError(f"message {i}: expected a mapping with 'role' and 'content', got {msg!r:.80}")
         role = str(msg.get("role", "user"))
-        out.append((role, _content_text(msg["content"], f"message {i}")))
+        try:
+            out.append((role, turn_text(msg)))
+        except TypeError as e:
+            raise PromptError(f"message {i}: {e}") from e
     return out[-max_turns:]
 
 

@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from core.aio import iter_sync, run_sync
-from core.generation import Message, Prompt
+from core.generation import Message, Prompt, json_text, tool_call_text, tools_text, turn_text
 from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
 from guard.backends import Backend, BackendConfig, GenOutput, GenParams, backend_config, make_backend
+from guard.backends.base import StreamUsage
 from guard.batching import MicroBatcher
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
@@ -60,6 +61,7 @@ from guard.types import (
     GuardUnavailableError,
     Stage,
     TargetBook,
+    UnsupportedFeatureError,
     redact,
 )
 
@@ -253,14 +255,26 @@ class GuardedLLM:
                 judged.append(p)
             else:
                 msgs = sanitise_messages(p, self._markers)
-                texts.append(user_text(msgs) or "\n".join(m["content"] for m in msgs))
+                texts.append(user_text(msgs) or "\n".join(turn_text(m) for m in msgs))
                 judged.append(detector_input(msgs))
             msgs_list.append(msgs)
         return plans, texts, judged, msgs_list
 
-    async def _plan(self, prompts: Sequence[Prompt], raw: bool, shared: bool) -> list[_Plan]:
+    def check_supported(self, params: GenParams, messages: Sequence[Message] | None = None) -> None:
+        """Refuse, before anything runs, a request using an optional feature (``n``, ``tools``, images...) that the
+        target backend does not implement: UnsupportedFeatureError naming the field and the backends that do."""
+        found = self.target.unsupported(params, messages)
+        if found is not None:
+            raise UnsupportedFeatureError(*found)
+
+    async def _plan(self, prompts: Sequence[Prompt], raw: bool, shared: bool, params: GenParams) -> list[_Plan]:
         """Judge the prompts and decide, for each, refusal or the messages to send (a guard LLM runs in a thread)."""
         plans, texts, judged, msgs_list = self._prepare(prompts, raw)
+        for msgs in msgs_list:
+            self.check_supported(params, msgs)
+        if params.tools and not raw:  # the target reads the tool definitions too: a system turn for the detector
+            tool_turn = {"role": "system", "content": tools_text(params.tools)}
+            judged = [[tool_turn, *([{"role": "user", "content": j}] if isinstance(j, str) else j)] for j in judged]
         dets = await self._detect(judged, [pl.trace for pl in plans], shared)
         flagged = self._apply(plans, dets, texts, msgs_list, prompts, raw)
         if flagged:
@@ -363,30 +377,67 @@ class GuardedLLM:
             return lambda text: self._timed(lambda: one(text, about=list(about)), timeout=self.config.detector_timeout_s)
         return lambda text: self._timed(one, text, timeout=self.config.detector_timeout_s)
 
-    async def _check(self, pl: _Plan, text: str, shared: bool) -> str | None:
-        """Output check of a finished answer: the refusal to substitute, or None to keep it."""
+    async def _blocked(self, pl: _Plan, text: str, shared: bool) -> bool:
+        """Output check of one finished text: True when it must be replaced by the refusal (a failed check goes
+        through the failure policy: closed raises, open lets it through)."""
         try:
-            blocked = await check_text(self._leak_fn(shared, pl.about), text, self.config, pl.trace)
+            return await check_text(self._leak_fn(shared, pl.about), text, self.config, pl.trace)
         except LeakCheckError as e:
             self._fail_open(pl.trace, Stage.OUTPUT_CHECK, e)
-            return None
-        return self._leak_refusal(pl) if blocked else None
+            return False
 
-    def _answer(self, pl: _Plan, o: GenOutput, substitute: str | None) -> GuardResult:
-        """The result of a generated answer: the model's text, or the refusal the output check substituted."""
-        if substitute is not None:
-            return GuardResult(text=substitute, finish_reason="content_filter", trace=pl.trace,
-                               prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
-        fr = o.finish_reason if o.finish_reason in {"stop", "length"} else "stop"
-        return GuardResult(text=o.text, finish_reason=fr, trace=pl.trace,  # type: ignore[arg-type]
-                           prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens)
+    async def _checked(self, pl: _Plan, o: GenOutput, params: GenParams, shared: bool) -> GuardResult:
+        """The guarded result of a generated answer: every choice checked on its own (its text, read as JSON in JSON
+        mode, and each tool call's name and arguments); a blocked choice becomes the policy's refusal, with no tool
+        calls or log probabilities; alternative tokens are withheld where they could name what must be forgotten."""
+        choices = o.choices()
+        kind = "json" if params.response_format else "content"
+        parts = [[(kind, json_text(c.text) if params.response_format else c.text)] * bool(c.text)
+                 + [("tool_call", tool_call_text(tc)) for tc in c.tool_calls] for c in choices]
+        flat = [(i, part, text) for i, ps in enumerate(parts) for part, text in ps]
+        verdicts = await asyncio.gather(*(self._blocked(pl, text, shared) for _, _, text in flat))
+        blocked = [False] * len(choices)
+        for (i, part, _), hit in zip(flat, verdicts, strict=True):
+            if hit:
+                blocked[i] = True
+                pl.trace.blocked_parts.append(part)
+        pl.trace.choices_blocked += sum(blocked)
+        out = []
+        for c, hit in zip(choices, blocked, strict=True):
+            if hit:
+                out.append(GuardResult(text=self._leak_refusal(pl), finish_reason="content_filter", trace=pl.trace))
+                continue
+            fr = c.finish_reason if c.finish_reason in {"stop", "length", "tool_calls"} else "stop"
+            lp = await self._logprobs_checked(pl, c.logprobs, shared) if c.logprobs is not None else None
+            out.append(GuardResult(text=c.text, finish_reason=fr, trace=pl.trace, tool_calls=c.tool_calls,  # type: ignore[arg-type]
+                                   logprobs=lp))
+        return out[0].model_copy(update={"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+                                         "others": out[1:]})
+
+    async def _logprobs_checked(self, pl: _Plan, logprobs: dict[str, Any], shared: bool) -> dict[str, Any]:
+        """A passed choice's log probabilities: the chosen tokens are the checked text; the alternatives
+        (``top_logprobs``) are other text, kept only when the conversation is about no forget target and they, read
+        together, name none (else emptied, and the trace says so)."""
+        content = logprobs.get("content")
+        if not isinstance(content, list):
+            return logprobs
+        alts = [a.get("token", "") for pos in content if isinstance(pos, dict)
+                for a in pos.get("top_logprobs") or [] if isinstance(a, dict)]
+        if not any(isinstance(t, str) and t.strip() for t in alts):
+            return logprobs
+        withhold = bool(pl.about) or pl.trace.flagged or await self._blocked(pl, " ".join(map(str, alts)), shared)
+        if not withhold:
+            return logprobs
+        pl.trace.logprobs_withheld = True
+        return {**logprobs, "content": [{**pos, "top_logprobs": []} if isinstance(pos, dict) else pos
+                                        for pos in content]}
 
     # -- the pipeline, written once ---------------------------------------------------------------------
     async def _run(self, prompts: Sequence[Prompt], params: GenParams, raw: bool, shared: bool) -> list[GuardResult]:
         """Guard and answer prompts: one detector batch, one guard batch, one target batch (``shared``: a single
         request of the async API, whose checks join the micro-batches and whose answer is the backend's async
         call, native for HTTP upstreams)."""
-        plans = await self._plan(prompts, raw, shared)
+        plans = await self._plan(prompts, raw, shared, params)
         try:
             chat_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.messages is not None]
             raw_idx = [i for i, p in enumerate(plans) if p.refusal is None and p.raw_text is not None]
@@ -409,11 +460,11 @@ class GuardedLLM:
             results: list[GuardResult] = []
             for i, pl in enumerate(plans):
                 if pl.refusal is not None:
-                    results.append(GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace))
+                    refusal = GuardResult(text=pl.refusal, finish_reason="content_filter", trace=pl.trace)
+                    results.append(refusal.model_copy(update={"others": [refusal] * (params.n - 1)}))
                     continue
                 pl.trace.add_time("generate", gen_dt)
-                o = outs[i]
-                results.append(self._answer(pl, o, await self._check(pl, o.text, shared)))
+                results.append(await self._checked(pl, outs[i], params, shared))
             return results
         finally:
             for pl in plans:
@@ -423,7 +474,7 @@ class GuardedLLM:
                       shared: bool) -> AsyncIterator[str]:
         """The guarded stream: the prompt is judged before the first delta, the output check runs as the
         backend's async stream (native for HTTP upstreams) arrives; ``box`` gets the trace and finish reason."""
-        pl = (await self._plan([prompt], raw, shared))[0]
+        pl = (await self._plan([prompt], raw, shared, params))[0]
         box.trace = pl.trace
         try:
             if pl.refusal is not None:
@@ -439,6 +490,9 @@ class GuardedLLM:
                           else self.target.astream(pl.messages or [], params))
                 try:
                     async for delta in source:
+                        if isinstance(delta, StreamUsage):  # the backend's token counts, after the last delta
+                            box.prompt_tokens, box.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                            continue
                         n += 1
                         out = await self._step(pl, checker, checker.feed(delta))
                         if out is None:
@@ -459,7 +513,9 @@ class GuardedLLM:
                 return
             if rest:
                 yield rest
-            box.finish_reason = "length" if n >= params.max_new_tokens else "stop"
+            if not box.completion_tokens:
+                box.completion_tokens = self._count_tokens(checker.text) or n
+            box.finish_reason = "length" if max(n, box.completion_tokens) >= params.max_new_tokens else "stop"
         finally:
             pl.trace.add_time("total", time.perf_counter() - pl.t0)
 
@@ -472,6 +528,16 @@ class GuardedLLM:
             self._fail_open(pl.trace, Stage.OUTPUT_CHECK, e)
             return checker.release_unchecked()
 
+    def _count_tokens(self, text: str) -> int:
+        """Tokens of a text by the target's tokenizer (0 when the target has none, e.g. an HTTP upstream)."""
+        tok = self.target.tokenizer
+        if tok is None or not text:
+            return 0
+        try:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+        except Exception:  # noqa: BLE001 - a count is best effort
+            return 0
+
     @staticmethod
     def _add_generate_time(pl: _Plan, t_gen: float) -> None:
         """Generation time of a stream: its wall time less the output checks run while it streamed."""
@@ -480,6 +546,10 @@ class GuardedLLM:
     def _astream(self, prompt: Prompt, params: GenParams | None, overrides: dict[str, Any], raw: bool,
                  shared: bool) -> AsyncGuardStream:
         p = self._params(params, overrides)
+        if p.needs_whole_answer:
+            raise UnsupportedFeatureError("stream", "several choices, tools, log probabilities and JSON output are "
+                                          "checked on the whole answer: call generate/agenerate (the proxy streams "
+                                          "such a request as whole, checked choices)")
         return AsyncGuardStream(lambda box: self._deltas(prompt, p, raw, box, shared),
                                 GuardTrace(output_check_mode=self.config.output_check))
 
@@ -596,6 +666,9 @@ class AsyncGuardStream:
         """``make(self)`` builds the delta generator, which fills in ``trace`` and ``finish_reason``."""
         self.trace = trace
         self.finish_reason: str = "stop"
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        """Token counts once the stream has ended (the backend's, else counted with the target's tokenizer)."""
         self._it: AsyncIterator[str] = make(self)
 
     def __aiter__(self) -> AsyncGuardStream:

@@ -84,6 +84,14 @@ class ServerConfig(_Cfg):
     public_docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json without a key even when "
                               "client keys are set (default: with client keys, they need one too).")
     expose_trace: bool = Field(False, description="Add the guard trace to responses (field 'guard').")
+    max_n: int = Field(8, ge=1, le=128, description="Most choices (n) per chat request; each is checked on its own.")
+    non_text_content: Literal["forward", "reject"] = Field(
+        "forward", description="Image, audio and file parts of messages: 'forward' sends them upstream unread (their "
+        "text parts are scored; the guard does not inspect non-text content), 'reject' answers 400.")
+    unknown_fields: Literal["reject", "forward"] = Field(
+        "reject", description="Chat fields that are neither OpenAI's nor vLLM's known sampling fields: 'reject' "
+        "answers 400 naming the field; 'forward' sends them upstream as they are, under the upstream's own rules "
+        "(fields that would reach the model unscored stay refused: guard.server.passthrough.REFUSED).")
     store_path: Path | None = Field(None, description="Detector directory re-saved (atomically) after every admin "
                                     "change to the forget targets; unset: admin changes live in memory only.")
     watch_store: Path | None = Field(None, description="Detector directory to reload whenever its manifest changes "

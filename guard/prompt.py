@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from core.generation import Message, Prompt, as_messages
+from core.generation import TEXT_PARTS, Message, Prompt, as_messages, content_text, turn_text
 from core.schema import ForgetTarget
 
 # Tokens and markers that chat templates use to delimit turns.
@@ -66,8 +66,37 @@ def special_tokens_of(tokenizer: Any) -> list[str]:
     return sorted(toks, key=len, reverse=True)
 
 
+def _neutral_content(content: Any, markers: list[str]) -> Any:
+    """A message's content with its text neutralised: a string, or a part list whose text parts are neutralised and
+    whose other parts (images, audio, files) pass unchanged."""
+    if content is None or isinstance(content, str):
+        return neutralise(content or "", markers) if content is not None else None
+    if not isinstance(content, list):
+        raise ValueError(f"message content must be a string, a list of content parts or null; got "
+                         f"{type(content).__name__}")
+    out = []
+    for p in content:
+        if isinstance(p, dict) and p.get("type") in TEXT_PARTS and isinstance(p.get(p["type"]), str):
+            out.append({**p, p["type"]: neutralise(p[p["type"]], markers)})
+        else:
+            out.append(p)
+    return out
+
+
+_KEPT = ("name", "tool_calls", "tool_call_id", "function_call")
+
+
+def _neutral_fn(fn: dict[str, Any], markers: list[str]) -> dict[str, Any]:
+    """A function call with its name and arguments neutralised: an upstream's chat template renders the arguments into
+    the prompt as they are, and turn markers in a JSON string stay valid JSON once broken up."""
+    return {k: neutralise(v, markers, role_lines=False) if k in ("name", "arguments") and isinstance(v, str) else v
+            for k, v in fn.items()}
+
+
 def sanitise_messages(prompt: Prompt, extra_markers: Iterable[str] = ()) -> list[Message]:
-    """Normalise a prompt to messages, neutralising every non-system turn (assistant turns too: clients send them)."""
+    """Normalise a prompt to messages, neutralising every non-system turn (assistant and tool turns too: clients send
+    them); content parts, tool calls and tool-call ids are kept for the target (a tool call's arguments are JSON, left
+    as they are, and judged as text by the detector)."""
     msgs = as_messages(prompt)
     markers = list(extra_markers)
     out: list[Message] = []
@@ -75,27 +104,31 @@ def sanitise_messages(prompt: Prompt, extra_markers: Iterable[str] = ()) -> list
         role = str(m.get("role", "user"))
         if role not in {"system", "user", "assistant", "developer", "tool"}:
             raise ValueError(f"unsupported message role {role!r}; accepted: system, developer, user, assistant, tool")
-        content = m.get("content", "")
-        if not isinstance(content, str):
-            raise ValueError("message content must be a string (multi-part content is not supported)")
+        kept = {k: m[k] for k in _KEPT if m.get(k) is not None}
+        if isinstance(kept.get("tool_calls"), list):
+            kept["tool_calls"] = [{**c, "function": _neutral_fn(c["function"], markers)}
+                                  if isinstance(c, dict) and isinstance(c.get("function"), dict) else c
+                                  for c in kept["tool_calls"]]
+        if isinstance(kept.get("function_call"), dict):
+            kept["function_call"] = _neutral_fn(kept["function_call"], markers)
         if role in {"system", "developer"}:
-            out.append({"role": "system", "content": content})
+            out.append({"role": "system", "content": content_text(m.get("content"))})
         else:
-            out.append({"role": role, "content": neutralise(content, markers)})
+            out.append({"role": role, "content": _neutral_content(m.get("content", ""), markers), **kept})
     return out
 
 
 def detector_input(messages: Sequence[Message]) -> Prompt:
-    """What the detector judges: the whole conversation, every turn with its role (a forget question in a system,
-    assistant or tool turn is scored too); a lone user turn as its text."""
+    """What the detector judges: the whole conversation, every turn with its role and all its text (a forget question
+    in a system, assistant or tool turn, or in a tool call's arguments, is scored too); a lone user turn as its text."""
     if len(messages) == 1 and messages[0].get("role") == "user":
-        return messages[0]["content"]
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return content_text(messages[0].get("content"))
+    return [{"role": m["role"], "content": turn_text(m)} for m in messages]
 
 
 def user_text(messages: Sequence[Message]) -> str:
     """The text the detector judges: every user turn, oldest first (splitting a question across turns does not help)."""
-    return "\n".join(m["content"] for m in messages if m.get("role") == "user")
+    return "\n".join(content_text(m.get("content")) for m in messages if m.get("role") == "user")
 
 
 def guard_system_text(instruction: str, targets: Sequence[ForgetTarget]) -> str:
@@ -118,7 +151,7 @@ def assemble(messages: Sequence[Message], instruction: str, targets: Sequence[Fo
     The client's system text follows the guard block with its turn markers and guard delimiters
     broken up, so it can neither end the system turn nor fake the end of the guard rules.
     """
-    client_system = [neutralise(m["content"], extra_markers, role_lines=False) for m in messages
+    client_system = [neutralise(content_text(m["content"]), extra_markers, role_lines=False) for m in messages
                      if m["role"] == "system"]
     rest = [dict(m) for m in messages if m["role"] != "system"]
     system = guard_system_text(instruction, targets)

@@ -114,11 +114,20 @@ class BackendError(GuardError):
         self.kind = kind
 
 
+class UnsupportedFeatureError(GuardError, ValueError):
+    """A request uses an optional chat feature the target backend does not implement (HTTP 400 naming ``field``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        """The request field and what to do instead (which backends implement it)."""
+        super().__init__(message)
+        self.field = field
+
+
 class AdminError(GuardError):
     """A run-time target change could not be made (e.g. the detector does not support it)."""
 
 
-FinishReason = Literal["stop", "length", "content_filter"]
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
 
 
 class GuardTrace(BaseModel):
@@ -136,6 +145,11 @@ class GuardTrace(BaseModel):
     output_check_mode: str = "off"
     output_checks: int = 0
     leak_target_ids: list[str] = Field(default_factory=list)
+    blocked_parts: list[str] = Field(default_factory=list, description="What the output check blocked, one entry "
+                                     "per blocked part of a choice: 'content', 'json', 'tool_call'.")
+    choices_blocked: int = 0
+    logprobs_withheld: bool = Field(False, description="Alternative tokens (top_logprobs) were withheld: the "
+                                    "conversation is about a forget target, or they named one.")
     fail_open_used: bool = False
     faults: list[Fault] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)
@@ -152,13 +166,26 @@ class GuardTrace(BaseModel):
 
 
 class GuardResult(BaseModel):
-    """An answer plus its trace; ``finish_reason`` is 'content_filter' when the guard refused or blocked."""
+    """An answer (its first choice) plus its trace; ``finish_reason`` is 'content_filter' when the guard refused or
+    blocked it. ``others`` holds choices 1..n-1 (each checked on its own, sharing the trace)."""
 
     text: str
     finish_reason: FinishReason = "stop"
     trace: GuardTrace
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    logprobs: dict[str, Any] | None = None
+    others: list[GuardResult] = Field(default_factory=list)
+
+    @property
+    def blocked(self) -> bool:
+        """Whether this choice is the guard's refusal (of the prompt, or of an answer the output check blocked)."""
+        return self.finish_reason == "content_filter"
+
+    def choices(self) -> list[GuardResult]:
+        """Every choice, the first one included, in order."""
+        return [self, *self.others]
 
 
 class TargetBook:

@@ -85,7 +85,7 @@ UPSTREAM_FAULTS: dict[str, tuple[Callable[[bool], httpx.Response], int, str, str
     "400 json": (lambda s: httpx.Response(400, json={"error": {"message": f"prompt too long: {SECRET}",
                                                                "type": "invalid_request_error",
                                                                "code": "context_length_exceeded"}}),
-                 502, "upstream_http_error", "HTTP 400 (upstream error code: context_length_exceeded)"),
+                 400, "upstream_invalid_request", "HTTP 400 (upstream error code: context_length_exceeded)"),
     "429 json": (lambda s: httpx.Response(429, json={"error": {"message": SECRET, "type": "requests",
                                                                "code": f"{SECRET} (not a token)"}}),
                  429, "upstream_rate_limited", "HTTP 429 (upstream error code: requests)"),
@@ -126,7 +126,7 @@ def test_upstream_error_text_and_address_never_reach_the_client(fault: str, stre
     err = r.json()["error"]
     assert r.status_code == status and err["code"] == code, r.text
     # an upstream that sheds load is passed on as the proxy's own 429, with Retry-After
-    assert err["type"] == ("requests" if status == 429 else "upstream_error"), r.text
+    assert err["type"] == {429: "requests", 400: "invalid_request_error"}.get(status, "upstream_error"), r.text
     assert (r.headers.get("retry-after") == "1") == (status == 429), r.headers
     assert says in err["message"], err["message"]
     assert leaks(r.text) == [], r.text

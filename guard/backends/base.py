@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -11,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.generation import Message
+from core.generation import TEXT_PARTS, Message
 from core.models import DEFAULT_LLM
-from core.registry import Registry
+from core.registry import Registry, import_submodules
 
 Messages = Sequence[Message]
 BACKENDS: Registry[type[Backend]] = Registry("guard backend")
@@ -37,7 +39,8 @@ class BackendConfig(BaseModel):
 
 
 class GenParams(BaseModel):
-    """Sampling parameters common to all backends (greedy by default)."""
+    """Sampling parameters (greedy by default) and the chat API's optional features; a backend implements the
+    features its ``features`` names, and :meth:`Backend.unsupported` names any other a request uses."""
 
     max_new_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0)
@@ -46,15 +49,74 @@ class GenParams(BaseModel):
     seed: int | None = None
     json_schema: dict[str, Any] | None = Field(None, description="Constrain the output (backends that support it).")
     assistant_prefix: str | None = Field(None, description="Force the answer to start with this text (not returned).")
+    # Optional features of the chat API (OpenAI's names): what a client asked the target model for.
+    n: int = Field(1, ge=1, description="Choices per prompt.")
+    logprobs: bool = Field(False, description="Log probabilities of the chosen tokens.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="Most likely alternatives per position (needs logprobs).")
+    tools: list[dict[str, Any]] | None = Field(None, description="Tool (function) definitions, OpenAI's shape.")
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = Field(None, description="The client's output format: json_object or "
+                                                   "json_schema (type 'text' is the default and is not kept).")
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream_usage: bool = Field(False, description="A stream ends with a StreamUsage item (its token counts) after "
+                               "its last text delta, where the backend knows them.")
+    passthrough: dict[str, Any] = Field(default_factory=dict, description="Further fields sent as they are to an "
+                                        "OpenAI-compatible upstream (vendor sampling options, e.g. vLLM's top_k).")
+    hints: dict[str, Any] = Field(default_factory=dict, description="Bookkeeping fields (metadata, store...): sent "
+                                  "to an OpenAI-compatible upstream, ignored by local backends.")
+
+    def features_used(self) -> list[str]:
+        """The optional features this request uses (the names in ``Backend.features``), in field order; ``user`` and
+        ``parallel_tool_calls`` are hints any backend may ignore, ``tool_choice`` 'none'/'auto' asks for nothing."""
+        used = [f for f, on in (
+            ("n", self.n > 1), ("logprobs", self.logprobs), ("top_logprobs", self.top_logprobs > 0),
+            ("tools", bool(self.tools)), ("tool_choice", self.tool_choice not in (None, "none", "auto")),
+            ("response_format", bool(self.response_format)), ("frequency_penalty", bool(self.frequency_penalty)),
+            ("presence_penalty", bool(self.presence_penalty)), ("logit_bias", bool(self.logit_bias))) if on]
+        return used + [f"passthrough.{k}" for k in self.passthrough]
+
+    @property
+    def needs_whole_answer(self) -> bool:
+        """Whether a stream of this request is released choice by choice once each is complete and checked (several
+        choices, tool calls, log probabilities, JSON output) instead of delta by delta."""
+        return bool(self.n > 1 or self.logprobs or self.tools or self.response_format)
+
+
+OPTIONAL_FEATURES: tuple[str, ...] = (
+    "n", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "frequency_penalty", "presence_penalty", "logit_bias", "user", "passthrough", "non_text_content")
+"""The chat API's optional features a backend may implement (``Backend.features``); ``non_text_content`` is image,
+audio or file parts in messages."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamUsage:
+    """The token counts of a stream, yielded after its last text delta by a backend that knows them (an upstream's
+    usage chunk); consumers of ``stream``/``astream`` skip it where they only want text."""
+
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class GenOutput(BaseModel):
-    """One generated answer."""
+    """One generated answer (the first choice); ``others`` holds choices 1..n-1 when several were asked for."""
 
     text: str
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list, description="OpenAI tool calls: id, type "
+                                             "'function', function {name, arguments (a JSON string)}.")
+    logprobs: dict[str, Any] | None = Field(None, description="OpenAI's choice logprobs object ({'content': [...]}).")
+    others: list[GenOutput] = Field(default_factory=list)
+
+    def choices(self) -> list[GenOutput]:
+        """Every choice, the first one included, in order."""
+        return [self, *self.others]
 
 
 class Backend(ABC):
@@ -64,8 +126,32 @@ class Backend(ABC):
     config_class: type[BackendConfig] = BackendConfig
     supports_json_schema: bool = False
     supports_prefix: bool = False
+    features: frozenset[str] = frozenset()
+    """The optional chat features (``OPTIONAL_FEATURES``) this backend implements; a request using another one is
+    refused by :meth:`unsupported` before anything runs."""
     model_id: str = ""
     tokenizer: Any = None
+
+    def unsupported(self, params: GenParams, messages: Messages | None = None) -> tuple[str, str] | None:
+        """The first feature a request uses that this backend does not implement, as (field, message naming the
+        backends that do), or None when it can serve the request."""
+        used = params.features_used()
+        if messages is not None and any(_non_text(m) for m in messages):
+            used.append("non_text_content")
+        for field in used:
+            key = field.split(".")[0]
+            if key in self.features:
+                continue
+            import_submodules(__package__ or "guard.backends", [os.path.dirname(__file__)], skip={"base"})  # all kinds
+            others = [k for k in BACKENDS.names() if key in getattr(BACKENDS.get(k), "features", ())]
+            where = f"backends that implement it: {', '.join(others)}" if others else "no backend implements it"
+            if key == "non_text_content":
+                return "messages", (f"non-text content (image, audio or file parts) is not implemented by the "
+                                    f"{self.name} backend ({where}, forwarding it to an upstream that accepts it)")
+            what = "vendor field" if key == "passthrough" else "field"
+            return field, (f"{what} {field!r} is not implemented by the {self.name} backend ({where}; the openai "
+                           "backend forwards it to an upstream such as vLLM)")
+        return None
 
     @abstractmethod
     def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
@@ -122,6 +208,12 @@ class Backend(ABC):
     def close(self) -> None:
         """Release resources (threads, connections, engines)."""
         return None
+
+
+def _non_text(message: Message) -> bool:
+    """Whether a message carries non-text content parts (images, audio, files)."""
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") not in TEXT_PARTS for p in content)
 
 
 _END = object()

@@ -16,6 +16,7 @@ HTTP status and, when it is a short identifier-like token, its error code: all t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -27,12 +28,29 @@ import httpx
 from pydantic import Field, SecretStr
 
 from core.aio import iter_sync, run_sync
-from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
+from guard.backends.base import (
+    BACKENDS,
+    OPTIONAL_FEATURES,
+    Backend,
+    BackendConfig,
+    GenOutput,
+    GenParams,
+    Messages,
+    StreamUsage,
+)
 from guard.types import BackendError, redact, safe_token
 
 log = logging.getLogger(__name__)
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 _MEDIA_TYPE = re.compile(r"[\w.+-]{1,40}/[\w.+-]{1,60}")
+_GUARD_SCHEMA = "guard_output"
+
+
+def _guard_schema(body: dict[str, Any]) -> bool:
+    """Whether a request's response_format is the guard's own decision schema (an upstream that rejects it is
+    asked without it), not a client's."""
+    rf = body.get("response_format")
+    return isinstance(rf, dict) and isinstance(rf.get("json_schema"), dict) and rf["json_schema"].get("name") == _GUARD_SCHEMA
 
 
 class UpstreamError(BackendError):
@@ -96,32 +114,61 @@ def _transport_kind(e: httpx.HTTPError) -> str:
     return "bad_response"
 
 
-def parse_answer(data: Any, chat: bool) -> GenOutput:
-    """Validate an OpenAI (chat) completion body and turn it into a GenOutput; BackendError('bad_response') if it is not one."""
-    field = "choices[0].message.content" if chat else "choices[0].text"
-    what = "chat completion" if chat else "text completion"
-    choice: Any = None
-    if isinstance(data, dict) and isinstance(data.get("choices"), list) and data["choices"]:
-        choice = data["choices"][0]
+def _tool_calls(holder: Any, where: str) -> list[dict[str, Any]]:
+    """The validated tool calls of a message (id, type 'function', function name and arguments as strings)."""
+    calls = holder.get("tool_calls") if isinstance(holder, dict) else None
+    if calls in (None, []):
+        return []
+    if not isinstance(calls, list):
+        raise BackendError(f"upstream answer's {where}.tool_calls is not a list", "bad_response")
+    out = []
+    for i, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise BackendError(f"upstream answer's {where}.tool_calls[{i}] is not a function call with a string name "
+                               "and string arguments", "bad_response")
+        out.append({"id": str(c.get("id") or f"call_{i}"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return out
+
+
+def _choice(choice: Any, i: int, chat: bool, what: str) -> GenOutput:
+    """One choice of an OpenAI (chat) completion body as a GenOutput (no usage)."""
+    field = f"choices[{i}].message.content" if chat else f"choices[{i}].text"
     if not isinstance(choice, dict):
-        raise BackendError(f"upstream answer is not an OpenAI {what}: no choices[0] object (got {_shape(data)})",
-                           "bad_response")
+        raise BackendError(f"upstream answer is not an OpenAI {what}: choices[{i}] is not an object", "bad_response")
     holder = choice.get("message") if chat else choice
     text = holder.get("content" if chat else "text") if isinstance(holder, dict) else None
+    calls = _tool_calls(holder, f"choices[{i}].message") if chat else []
     if text is None and chat and isinstance(holder, dict) and holder.get("role") == "assistant":
-        text = ""  # an assistant message without content (e.g. only a refusal field): an empty answer
+        text = ""  # an assistant message without content (tool calls only, or only a refusal field): no text
     if not isinstance(text, str):
         raise BackendError(f"upstream answer is not an OpenAI {what}: {field} is missing or not a string "
                            f"(got {_shape(holder) if holder is not None else 'nothing'})", "bad_response")
     finish = choice.get("finish_reason")
+    lp = choice.get("logprobs")
+    return GenOutput(text=text, finish_reason=finish if isinstance(finish, str) and finish else "stop",
+                     tool_calls=calls, logprobs=lp if isinstance(lp, dict) and chat else None)
+
+
+def parse_answer(data: Any, chat: bool) -> GenOutput:
+    """Validate an OpenAI (chat) completion body and turn it into a GenOutput (every choice, its tool calls and log
+    probabilities); BackendError('bad_response') if it is not one."""
+    what = "chat completion" if chat else "text completion"
+    if not (isinstance(data, dict) and isinstance(data.get("choices"), list) and data["choices"]):
+        raise BackendError(f"upstream answer is not an OpenAI {what}: no choices[0] object (got {_shape(data)})",
+                           "bad_response")
+    raw = sorted(data["choices"], key=lambda c: c.get("index", 0) if isinstance(c, dict)
+                 and isinstance(c.get("index"), int) else 0)
+    choices = [_choice(c, i, chat, what) for i, c in enumerate(raw)]
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     try:
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
     except (TypeError, ValueError) as e:
         raise BackendError("upstream answer has non-integer usage token counts", "bad_response") from e
-    return GenOutput(text=text, finish_reason=finish if isinstance(finish, str) and finish else "stop",
-                     prompt_tokens=max(0, prompt_tokens), completion_tokens=max(0, completion_tokens))
+    return choices[0].model_copy(update={"prompt_tokens": max(0, prompt_tokens),
+                                         "completion_tokens": max(0, completion_tokens), "others": choices[1:]})
 
 
 def _json_of(resp: httpx.Response, where: str) -> Any:
@@ -153,6 +200,7 @@ class OpenAIHTTPBackend(Backend):
     name = "openai"
     config_class = OpenAIConfig
     supports_prefix = False
+    features = frozenset(OPTIONAL_FEATURES)  # forwarded: whether the upstream supports a field is the upstream's say
 
     def __init__(self, cfg: OpenAIConfig, transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -180,6 +228,8 @@ class OpenAIHTTPBackend(Backend):
 
     # -- request bodies -------------------------------------------------------------------------------
     def _body(self, params: GenParams, stream: bool) -> dict[str, Any]:
+        """The upstream request's fields (messages or prompt apart): sampling, the client's optional features as they
+        came, vendor pass-through fields last (never over a field set here)."""
         body: dict[str, Any] = {"model": self.model_id, "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "stream": stream}
         if params.top_p < 1.0:
@@ -188,9 +238,24 @@ class OpenAIHTTPBackend(Backend):
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
-        if params.json_schema is not None and self.supports_json_schema:
+        for name in ("tools", "tool_choice", "parallel_tool_calls", "frequency_penalty", "presence_penalty",
+                     "logit_bias", "user"):
+            value = getattr(params, name)
+            if value is not None:
+                body[name] = value
+        if params.n > 1:
+            body["n"] = params.n
+        if params.logprobs:
+            body["logprobs"] = True
+            if params.top_logprobs:
+                body["top_logprobs"] = params.top_logprobs
+        if params.response_format is not None:
+            body["response_format"] = params.response_format
+        elif params.json_schema is not None and self.supports_json_schema:
             body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "guard_output", "schema": params.json_schema, "strict": True}}
+                                       "json_schema": {"name": _GUARD_SCHEMA, "schema": params.json_schema, "strict": True}}
+        for k, v in {**params.hints, **params.passthrough}.items():
+            body.setdefault(k, v)
         return body
 
     def _attempts(self, path: str, body: dict[str, Any]) -> Generator[dict[str, Any] | float, Any, Any]:
@@ -204,7 +269,7 @@ class OpenAIHTTPBackend(Backend):
             else:
                 if reply.status_code == 200:
                     return _json_of(reply, f"{self.base_url}{path}")
-                if reply.status_code == 400 and "response_format" in body:
+                if reply.status_code == 400 and _guard_schema(body):  # the client's own format is never dropped
                     log.warning("upstream rejected response_format (%s); retrying without structured output",
                                 _error_text(reply))
                     self.supports_json_schema = False
@@ -241,7 +306,8 @@ class OpenAIHTTPBackend(Backend):
 
     def _complete_body(self, text: str, params: GenParams) -> dict[str, Any]:
         body = {**self._body(params, stream=False), "prompt": text}
-        body.pop("response_format", None)
+        if _guard_schema(body):
+            body.pop("response_format")
         return body
 
     # -- interface ------------------------------------------------------------------------------------
@@ -267,9 +333,13 @@ class OpenAIHTTPBackend(Backend):
         return self.cfg.retry_backoff_s * (2 ** attempt)
 
     def _stream_body(self, params: GenParams, **payload: Any) -> dict[str, Any]:
-        """A streamed request's body (structured output is never asked of a stream)."""
+        """A streamed request's body (the guard's structured output is never asked of a stream; with ``stream_usage``
+        the upstream is asked for usage, which ends the stream as a :class:`StreamUsage`)."""
         body = {**self._body(params, stream=True), **payload}
-        body.pop("response_format", None)
+        if params.stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        if _guard_schema(body):
+            body.pop("response_format")
         return body
 
     def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
@@ -305,9 +375,10 @@ class OpenAIHTTPBackend(Backend):
                 return await c
         return list(await asyncio.gather(*(one(c) for c in calls)))
 
-    async def _asse(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+    async def _asse(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str | StreamUsage]:
         """Stream an SSE response and yield content deltas; retried only before the first byte."""
         where = f"{self.base_url}{path}"
+        params_usage = "stream_options" in body
         for attempt in range(self.cfg.max_retries + 1):
             try:
                 async with self._async_client().stream("POST", path, json=body) as resp:
@@ -319,10 +390,13 @@ class OpenAIHTTPBackend(Backend):
                     async for line in resp.aiter_lines():
                         delta = reader.feed(line)
                         if delta is None:
-                            return
+                            break
                         if delta:
                             yield delta
-                    reader.end()
+                    else:
+                        reader.end()
+                    if reader.usage is not None and params_usage:
+                        yield reader.usage
                     return
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 await asyncio.sleep(self._reopen_pause(where, attempt, e))
@@ -387,6 +461,7 @@ class _SSEReader:
         self.chat = chat
         self.where = where
         self.finished = False
+        self.usage: StreamUsage | None = None
 
     def feed(self, line: str) -> str | None:
         """The content delta of one line: '' for non-content lines, None at ``[DONE]``."""
@@ -408,6 +483,10 @@ class _SSEReader:
         if not isinstance(data, dict) or not isinstance(data.get("choices", []), list):
             raise BackendError(f"upstream stream {self.where} sent a chunk that is not an OpenAI chunk "
                                f"(got {_shape(data)})", "bad_response")
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            with contextlib.suppress(TypeError, ValueError):
+                self.usage = StreamUsage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         choices = data.get("choices") or []
         if not choices:
             return ""  # e.g. a final usage-only chunk

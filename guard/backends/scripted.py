@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+from core.generation import turn_text
 from guard.backends.base import Backend, GenOutput, GenParams, Messages
 
 
@@ -21,7 +22,7 @@ class ScriptedBackend(Backend):
     def __init__(self, reply: Callable[[list[dict[str, str]]], str] | None = None, *, json_schema: bool = False,
                  prefix: bool = False, delay_s: float = 0.0, error: Exception | None = None) -> None:
         """``reply`` maps the messages sent to the answer; ``error`` makes every call raise it."""
-        self.reply = reply or (lambda msgs: "echo: " + msgs[-1]["content"])
+        self.reply = reply or (lambda msgs: "echo: " + turn_text(msgs[-1]))
         self.supports_json_schema = json_schema
         self.supports_prefix = prefix
         self.delay_s = delay_s

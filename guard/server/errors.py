@@ -66,6 +66,9 @@ def backend_failure(exc: BaseException) -> tuple[int, str, str]:
         message += f" (upstream error code: {upstream_code})"
     if kind == "http_error" and status == 429:  # the upstream sheds load: so does the proxy, the client retries
         return 429, message + "; retry later", "upstream_rate_limited"
+    if kind == "http_error" and status in (400, 404, 413, 422):  # the request itself: e.g. a field it does not support
+        return 400, (message + "; it refused the request as invalid (check the fields it supports, e.g. vLLM needs "
+                     "--enable-auto-tool-choice for tools, and the prompt's length)"), "upstream_invalid_request"
     return (504 if kind == "timeout" else 502), message + "; the request was not answered", code
 
 
@@ -119,6 +122,8 @@ def install_error_handlers(app: FastAPI, state: ServerState) -> None:
         if status == 429:
             return error(request, 429, message, "requests", code=code,
                          headers={"Retry-After": str(state.config.retry_after_s)})
+        if status == 400:
+            return error(request, 400, message, "invalid_request_error", code=code)
         return error(request, status, message, "upstream_error", code=code)
 
     @app.exception_handler(RequestValidationError)

@@ -35,6 +35,13 @@ class Metrics:
         self.requests = Counter("guard_requests_total", "Requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.flagged = Counter("guard_flagged_total", "Prompts flagged by the detector", registry=r)
         self.refused = Counter("guard_refusals_total", "Answers replaced by a refusal", ["reason"], registry=r)
+        self.blocked_parts = Counter("guard_output_blocked_total", "Parts of answers the output check blocked, by "
+                                     "part: content, json, tool_call (each blocked choice counts its parts)", ["part"],
+                                     registry=r)
+        for part in ("content", "json", "tool_call"):
+            self.blocked_parts.labels(part)
+        self.logprobs_withheld = Counter("guard_logprobs_withheld_total", "Answers whose alternative tokens "
+                                         "(top_logprobs) were withheld", registry=r)
         self.fail_open = Counter("guard_fail_open_total", "Requests let through by fail_open", registry=r)
         self.errors = Counter("guard_errors_total", "Guard stage failures", ["stage"], registry=r)
         self.faults = Counter("unlearn_guard_faults", "Faults by kind; each ended in an error response or a refusal",
@@ -69,6 +76,11 @@ class Metrics:
             self.refused.labels("guard").inc()
         if trace.output_check_fired and trace.output_check_mode == "block":
             self.refused.labels("output_check").inc()
+        if trace.output_check_mode == "block":
+            for part in trace.blocked_parts:
+                self.blocked_parts.labels(part).inc()
+        if trace.logprobs_withheld:
+            self.logprobs_withheld.inc()
         if trace.fail_open_used:
             self.fail_open.inc()
         for f in trace.faults:

@@ -24,9 +24,10 @@ from starlette.background import BackgroundTask
 from guard.api import AsyncGuardStream, GuardResult
 from guard.backends import GenParams
 from guard.server.errors import ApiError, backend_failure, error_body, unavailable_message
+from guard.server.passthrough import BOOKKEEPING, FieldRefused, sort_extras
 from guard.server.schemas import ChatCompletionRequest, CompletionRequest, _GenRequest, _lone_surrogate
 from guard.server.state import ServerState, State
-from guard.types import BackendError, GuardTrace, GuardUnavailableError
+from guard.types import BackendError, GuardTrace, GuardUnavailableError, UnsupportedFeatureError
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,10 @@ def headers_of(trace: GuardTrace) -> dict[str, str]:
 
 async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
               make_chunk: Callable[[str | None, str | None], dict[str, Any]],
-              endpoint: str, t0: float) -> AsyncIterator[bytes]:
-    """Emit the stream as SSE; the stream (and the upstream slot it holds) is closed when it ends or fails."""
+              endpoint: str, t0: float, tail: Callable[[], dict[str, Any] | None] | None = None
+              ) -> AsyncIterator[bytes]:
+    """Emit the stream as SSE (``tail``: a last chunk after the finish reason, e.g. usage); the stream (and the
+    upstream slot it holds) is closed when it ends or fails."""
     metrics = st.metrics
     try:
         if first is not None:
@@ -118,6 +121,9 @@ async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
                 break
             yield f"data: {json.dumps(make_chunk(delta, None))}\n\n".encode()
         yield f"data: {json.dumps(make_chunk(None, stream.finish_reason))}\n\n".encode()
+        last = tail() if tail is not None else None
+        if last is not None:
+            yield f"data: {json.dumps(last)}\n\n".encode()
         metrics.requests.labels(endpoint, "200").inc()
     except Exception as e:  # noqa: BLE001 - any failure mid-stream ends in an error event, never silence
         # The message is the proxy's own: an upstream error event or an exception may quote unchecked output.
@@ -175,30 +181,129 @@ async def start_stream(st: ServerState, stream: AsyncGuardStream, endpoint: str)
 
 def stream_response(st: ServerState, stream: AsyncGuardStream, first: str | None,
                     make_chunk: Callable[[str | None, str | None], dict[str, Any]], endpoint: str, t0: float,
-                    headers: dict[str, str]) -> StreamingResponse:
+                    headers: dict[str, str], tail: Callable[[], dict[str, Any] | None] | None = None
+                    ) -> StreamingResponse:
     """The SSE response of a started stream, which closes the stream after the response in any case."""
-    return StreamingResponse(sse(st, stream, first, make_chunk, endpoint, t0), media_type="text/event-stream",
+    return StreamingResponse(sse(st, stream, first, make_chunk, endpoint, t0, tail), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **headers},
                              background=BackgroundTask(close_quietly, stream))
 
 
 # Route handlers carry no docstring: FastAPI would publish it as the operation's description in OpenAPI.
 
+def chat_params(st: ServerState, req: ChatCompletionRequest, forwarded: dict[str, Any]) -> GenParams:
+    """A chat request's generation parameters: sampling, its optional features and the vendor fields to forward."""
+    mt, field = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                 else (req.max_tokens, "max_tokens"))
+    base = params_of(st, req, mt, field)
+    rf = req.response_format
+    hints = {k: v for k, v in forwarded.items() if k in BOOKKEEPING}
+    if req.metadata is not None:
+        hints["metadata"] = req.metadata
+    if req.store is not None:
+        hints["store"] = req.store
+    if req.service_tier is not None:
+        hints["service_tier"] = req.service_tier
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return base.model_copy(update={
+        "n": req.n, "logprobs": bool(req.logprobs), "top_logprobs": req.top_logprobs or 0,
+        "tools": [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+        "tool_choice": req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "response_format": rf.model_dump(exclude_none=True, by_alias=True) if rf and rf.type != "text" else None,
+        "frequency_penalty": req.frequency_penalty, "presence_penalty": req.presence_penalty,
+        "logit_bias": req.logit_bias, "user": req.user, "stream_usage": include_usage, "hints": hints,
+        "passthrough": {k: v for k, v in forwarded.items() if k not in BOOKKEEPING}})
+
+
+def check_chat_request(st: ServerState, req: ChatCompletionRequest) -> dict[str, Any]:
+    """Refuse what the guard cannot take (400 naming the field): too many messages or choices, refused or unknown
+    vendor fields, non-text content where it is configured off; return the vendor fields to forward."""
+    cfg = st.config
+    if len(req.messages) > cfg.max_messages:
+        raise ApiError(400, f"at most {cfg.max_messages} messages per request", "invalid_request_error", "messages")
+    if req.n > cfg.max_n:
+        raise ApiError(400, f"n {req.n} is over this server's cap of {cfg.max_n} choices", "invalid_request_error", "n")
+    try:
+        forwarded = sort_extras(req.model_extra, cfg.unknown_fields)
+    except FieldRefused as e:
+        raise ApiError(400, str(e), "invalid_request_error", e.field, e.code) from e
+    if cfg.non_text_content == "reject":
+        for i, m in enumerate(req.messages):
+            if m.non_text():
+                raise ApiError(400, f"messages[{i}].content: this server accepts text only (server.non_text_content="
+                               "'reject'); send text parts", "invalid_request_error", f"messages.{i}.content",
+                               "non_text_content")
+    texts = [m.text() for m in req.messages]
+    if not any(m.non_text() for m in req.messages):  # an image-only question has no text, and needs none
+        check_text(st, texts, "messages")
+    elif sum(len(t) for t in texts) > cfg.max_prompt_chars:
+        check_text(st, texts, "messages")
+    check_unicode(req)
+    return forwarded
+
+
+def chat_choice(r: GuardResult, index: int, json_mode: bool) -> dict[str, Any]:
+    """One choice of a chat completion: the answer with its tool calls and log probabilities, or the guard's refusal
+    (also in ``refusal``; with no JSON ``content`` in JSON mode, as OpenAI answers a refusal of structured output)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": r.text}
+    if r.blocked:
+        msg["refusal"] = r.text
+        if json_mode:
+            msg["content"] = None
+    elif r.tool_calls:
+        msg["tool_calls"] = r.tool_calls
+        msg["content"] = r.text or None
+    return {"index": index, "message": msg, "logprobs": r.logprobs, "finish_reason": r.finish_reason}
+
+
+def whole_chunks(res: GuardResult, head: dict[str, Any], json_mode: bool, include_usage: bool) -> list[dict[str, Any]]:
+    """The SSE chunks of an answer checked whole (several choices, tools, log probabilities, JSON output): per choice
+    its role, its content (with its log probabilities), each tool call as one delta, then its finish reason."""
+    chunks = []
+
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None, lp: Any = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+    for i, r in enumerate(res.choices()):
+        c = chat_choice(r, i, json_mode)["message"]
+        chunks.append(chunk(i, {"role": "assistant", "content": ""}))
+        if c.get("content"):
+            chunks.append(chunk(i, {"content": c["content"]}, lp=r.logprobs))
+        if c.get("refusal"):
+            chunks.append(chunk(i, {"refusal": c["refusal"]}))
+        for j, tc in enumerate(c.get("tool_calls") or []):
+            chunks.append(chunk(i, {"tool_calls": [{"index": j, **tc}]}))
+        chunks.append(chunk(i, {}, r.finish_reason))
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": usage(res)})
+    return chunks
+
+
+async def whole_sse(st: ServerState, chunks: list[dict[str, Any]], endpoint: str, t0: float) -> AsyncIterator[bytes]:
+    """Emit the chunks of an answer that was checked whole, then ``[DONE]``."""
+    for c in chunks:
+        yield f"data: {json.dumps(c)}\n\n".encode()
+    st.metrics.requests.labels(endpoint, "200").inc()
+    st.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+    yield b"data: [DONE]\n\n"
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
     cfg, guarded, metrics = st.config, st.guarded, st.metrics
     t0 = time.perf_counter()
-    if len(req.messages) > cfg.max_messages:
-        raise ApiError(400, f"at most {cfg.max_messages} messages per request", "invalid_request_error", "messages")
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    if any(m["role"] == "tool" for m in msgs):
-        raise ApiError(400, "tool messages are not supported by the guard", "invalid_request_error", "messages")
-    check_text(st, [m["content"] for m in msgs], "messages")
-    check_unicode(req)
-    params = params_of(st, req, req.max_completion_tokens or req.max_tokens,
-                       "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    forwarded = check_chat_request(st, req)
+    msgs = [m.to_message() for m in req.messages]
+    params = chat_params(st, req, forwarded)
+    try:
+        guarded.check_supported(params, msgs)
+    except UnsupportedFeatureError as e:
+        raise ApiError(400, str(e), "invalid_request_error", e.field, "unsupported") from e
+    json_mode = params.response_format is not None
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or cfg.model_name
-    if req.stream:
+    head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    if req.stream and not params.needs_whole_answer:
         stream = guarded.astream(msgs, params)
         first = await start_stream(st, stream, "chat")
         sent_role = {"done": False}
@@ -210,18 +315,27 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
                 sent_role["done"] = True
             if delta is not None:
                 d["content"] = delta
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+            return {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
 
-        return stream_response(st, stream, first, chunk, "chat", t0, headers_of(stream.trace))
+        def tail() -> dict[str, Any] | None:
+            if not params.stream_usage:
+                return None
+            pt, ct = stream.prompt_tokens, stream.completion_tokens
+            return {**head, "choices": [], "usage": {"prompt_tokens": pt, "completion_tokens": ct,
+                                                     "total_tokens": pt + ct}}
+
+        return stream_response(st, stream, first, chunk, "chat", t0, headers_of(stream.trace), tail)
     res = await run_guarded(st, lambda: guarded.agenerate(msgs, params), "chat")
     metrics.observe(res.trace)
+    if req.stream:
+        return StreamingResponse(whole_sse(st, whole_chunks(res, head, json_mode, params.stream_usage), "chat", t0),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **headers_of(res.trace)})
     metrics.requests.labels("chat", "200").inc()
     metrics.latency.labels("chat").observe(time.perf_counter() - t0)
     body: dict[str, Any] = {
         "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                     "finish_reason": res.finish_reason}],
+        "choices": [chat_choice(r, i, json_mode) for i, r in enumerate(res.choices())],
         "usage": usage(res)}
     if cfg.expose_trace:
         body["guard"] = public_trace(res.trace)

@@ -10,15 +10,48 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from core.generation import turn_text
 from core.schema import ForgetTarget
 
-_TEXT_PART = {"type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
-              "required": ["type", "text"], "additionalProperties": False}
-_CONTENT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}]}
 
+def _part(kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema of one content-part type (``{"type": kind, kind: payload}``)."""
+    return {"type": "object", "properties": {"type": {"const": kind}, kind: payload}, "required": ["type", kind],
+            "additionalProperties": False}
+
+
+_STR = {"type": "string"}
+_PARTS = [_part("text", _STR), _part("refusal", _STR),
+          _part("image_url", {"type": "object", "properties": {"url": _STR, "detail": _STR}, "required": ["url"]}),
+          _part("input_audio", {"type": "object", "properties": {"data": _STR, "format": _STR},
+                                "required": ["data", "format"]})]
+_CONTENT_SCHEMA = {"anyOf": [_STR, {"type": "array", "items": {"anyOf": _PARTS}}, {"type": "null"}]}
+_TOOL_CALL = {"type": "object", "additionalProperties": False, "required": ["id", "type", "function"], "properties": {
+    "id": _STR, "type": {"const": "function"}, "function": {
+        "type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+        "properties": {"name": _STR, "arguments": _STR}}}}
+_MESSAGE_SCHEMA = {"anyOf": [
+    {"type": "object", "additionalProperties": False, "required": ["role", "content"], "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]}, "content": _CONTENT_SCHEMA, "name": _STR}},
+    {"type": "object", "additionalProperties": False, "required": ["role", "tool_calls"], "properties": {
+        "role": {"const": "assistant"}, "content": {"anyOf": [_STR, {"type": "null"}]},
+        "tool_calls": {"type": "array", "items": _TOOL_CALL}}},
+    {"type": "object", "additionalProperties": False, "required": ["role", "content", "tool_call_id"], "properties": {
+        "role": {"const": "tool"}, "content": _CONTENT_SCHEMA, "tool_call_id": _STR}}]}
+NON_TEXT_PARTS = ("image_url", "input_audio", "file", "video_url", "audio_url")
+"""Content parts that carry no text: forwarded to the upstream as they are, never inspected
+(``ServerConfig.non_text_content='reject'`` refuses them)."""
 
 def _integral(v: Any) -> Any:
     """JSON Schema counts 1.0 as an integer: accept integral floats for int fields (strings and bools stay errors)."""
@@ -36,7 +69,6 @@ def _only(*values: Any) -> WithJsonSchema:
     return WithJsonSchema({"anyOf": [{"const": v} if v is not None else _NULL for v in values]})
 
 
-_EMPTY_LIST = WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, _NULL]})
 
 
 def _invalid(code: str, message: str, **ctx: Any) -> PydanticCustomError:
@@ -44,23 +76,43 @@ def _invalid(code: str, message: str, **ctx: Any) -> PydanticCustomError:
     return PydanticCustomError(code, message, ctx or None)
 
 
-class ChatMessageIn(BaseModel):
-    """One OpenAI chat message; content is a string or a list of text parts (joined)."""
+class FunctionCallIn(BaseModel):
+    """The function of a tool call: its name and its arguments (a JSON string, as OpenAI sends them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
-        json_schema_extra={"enum": ["system", "developer", "user", "assistant"]})  # 'tool' gets its own 400
+    name: str = Field(max_length=256)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """One tool call of an assistant turn, as the OpenAI SDK echoes it back."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessageIn(BaseModel):
+    """One OpenAI chat message: content is a string, a list of content parts (text parts are scored, other parts
+    pass through unread) or null; assistant turns may carry tool calls, tool turns answer one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[Any, WithJsonSchema(_CONTENT_SCHEMA)] = None
     name: str | None = Field(None, max_length=256)
-    # Fields the OpenAI SDK puts on the assistant messages it returns, so clients echo them back:
-    # accepted when empty; tool calls themselves are not supported by the guard.
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
+    function_call: FunctionCallIn | None = Field(None, description="Deprecated single function call; scored and "
+                                                 "forwarded.")
+    # Fields the OpenAI SDK puts on the assistant messages it returns, so clients echo them back: accepted and not
+    # forwarded (a refusal field is our own answer; annotations and audio references are the upstream's).
     refusal: str | None = None
-    tool_calls: Annotated[list[Any] | None, _EMPTY_LIST] = None
-    tool_call_id: str | None = None
-    function_call: Annotated[dict[str, Any] | None, _only(None)] = None
-    audio: Annotated[dict[str, Any] | None, _only(None)] = None
-    annotations: Annotated[list[Any] | None, _EMPTY_LIST] = None
+    audio: dict[str, Any] | None = None
+    annotations: list[Any] | None = None
 
     @field_validator("content")
     @classmethod
@@ -68,45 +120,60 @@ class ChatMessageIn(BaseModel):
         if v is None or isinstance(v, str):
             return v
         if not isinstance(v, list):
-            raise _invalid("content_type", "must be a string, a list of text parts or null; got {got}",
+            raise _invalid("content_type", "must be a string, a list of content parts or null; got {got}",
                            got=type(v).__name__)
         for i, p in enumerate(v):
             if not isinstance(p, dict):
-                raise _invalid("content_part", "part {i} must be an object with type 'text' and a string 'text'; "
-                               "got {got}", i=i, got=type(p).__name__)
-            if p.get("type") != "text":
-                raise _invalid("content_part", "part {i} has type {t}; only 'text' parts are supported",
-                               i=i, t=repr(p.get("type"))[:40])
-            if not isinstance(p.get("text"), str):
-                raise _invalid("content_part", "part {i}: 'text' must be a string; got {got}",
-                               i=i, got=type(p.get("text")).__name__)
-            extra = sorted(str(k) for k in p if k not in ("type", "text"))
-            if extra:
-                raise _invalid("content_part", "part {i} has unknown keys {keys}; accepted: type, text",
-                               i=i, keys=str(extra[:5]))
+                raise _invalid("content_part", "part {i} must be an object with a 'type'; got {got}",
+                               i=i, got=type(p).__name__)
+            t = p.get("type")
+            if t in ("text", "refusal"):
+                if not isinstance(p.get(t), str):
+                    raise _invalid("content_part", "part {i}: a {t} part needs a string '{t}'; got {got}",
+                                   i=i, t=t, got=type(p.get(t)).__name__)
+                extra = sorted(str(k) for k in p if k not in ("type", t, "cache_control"))
+                if extra:
+                    raise _invalid("content_part", "part {i} has unknown keys {keys}; accepted: type, {t}",
+                                   i=i, keys=str(extra[:5]), t=t)
+            elif t in NON_TEXT_PARTS:
+                if not isinstance(p.get(t), dict | str):
+                    raise _invalid("content_part", "part {i}: a {t} part needs its '{t}' object", i=i, t=t)
+            else:
+                raise _invalid("content_part", "part {i} has type {t}; accepted part types: text, refusal, {others}",
+                               i=i, t=repr(t)[:40], others=", ".join(NON_TEXT_PARTS))
         return v
 
-    @field_validator("tool_calls", "annotations")
-    @classmethod
-    def _no_tool_calls(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise _invalid("unsupported", "tool calls are not supported by the guard (send null or [])")
-        return v
-
-    @field_validator("function_call", "audio")
-    @classmethod
-    def _must_be_null(cls, v: dict[str, Any] | None) -> None:
-        if v is not None:
-            raise _invalid("unsupported", "is not supported by the guard (send null)")
-        return None
+    @model_validator(mode="after")
+    def _turn_shape(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise _invalid("tool_calls_role", "tool_calls belong on an assistant message (this one is {role})",
+                           role=self.role)
+        if self.role == "tool" and not self.tool_call_id:
+            raise _invalid("tool_call_id", "a tool message needs tool_call_id (the id of the call it answers)")
+        return self
 
     def text(self) -> str:
-        """The message's text content."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p["text"] for p in self.content)
+        """All the message's text: its text parts and its tool calls' names and arguments (what is scored)."""
+        return turn_text(self.to_message())
+
+    def non_text(self) -> bool:
+        """Whether the message carries non-text content parts (images, audio, files)."""
+        return isinstance(self.content, list) and any(p.get("type") in NON_TEXT_PARTS for p in self.content)
+
+    def to_message(self) -> dict[str, Any]:
+        """The message as the guard and the upstream get it (developer turns count as system turns)."""
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.content}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.function_call is not None:
+            m["function_call"] = self.function_call.model_dump()
+        if m["content"] is None and not self.tool_calls and self.function_call is None:
+            m["content"] = ""
+        return m
 
 
 class _GenRequest(BaseModel):
@@ -118,7 +185,7 @@ class _GenRequest(BaseModel):
     max_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: Int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: Int = Field(1, ge=1, le=1, description="Only 1 is supported on this endpoint.")
     stream: bool = False
     stop: str | list[str] | None = Field(None, description="Up to 16 stop strings.")
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -140,51 +207,94 @@ class _GenRequest(BaseModel):
         return v
 
 
+class FunctionDef(BaseModel):
+    """A tool's function: its name, description and JSON-schema parameters."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    """One tool of ``tools`` (OpenAI and vLLM accept function tools)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: a named JSON schema for the output."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: 'text' (the default), 'json_object' or 'json_schema' with its schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_needed(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _invalid("json_schema", "type 'json_schema' needs a json_schema object (name and schema)")
+        return self
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming one function."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: a final usage chunk (``include_usage``); vLLM's ``continuous_usage_stats`` is accepted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
 class ChatCompletionRequest(_GenRequest):
-    """POST /v1/chat/completions body."""
+    """POST /v1/chat/completions body: OpenAI's fields, and vendor fields (vLLM's sampling options) as extras that
+    the route sorts into forwarded, refused and unknown (``guard.server.passthrough``)."""
 
-    messages: list[ChatMessageIn] = Field(min_length=1)
+    # vendor fields are accepted as extras and sorted by the route; the schema advertises OpenAI's fields only
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"additionalProperties": False})
+
+    messages: Annotated[list[ChatMessageIn], WithJsonSchema({"type": "array", "minItems": 1,
+                                                             "items": _MESSAGE_SCHEMA})] = Field(min_length=1)
     max_completion_tokens: Int | None = Field(None, ge=1)
-    logprobs: Annotated[bool | None, _only(False, None)] = None
-    top_logprobs: Annotated[Int | None, _only(0, None)] = None
-    response_format: Annotated[dict[str, Any] | None, _only({"type": "text"}, None)] = None
-    tools: Annotated[list[Any] | None, _EMPTY_LIST] = None
-    tool_choice: Annotated[str | dict[str, Any] | None, _only("none", None)] = None
+    n: Int = Field(1, ge=1, le=128, description="Choices per request, each checked on its own (server cap: max_n).")
+    logprobs: bool | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise _invalid("unsupported", "logprobs are not supported by the guard")
-        return v
+    stream_options: StreamOptions | None = None  # type: ignore[assignment]
 
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise _invalid("unsupported", "logprobs are not supported by the guard")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v != {"type": "text"}:
-            raise _invalid("unsupported", "only type 'text' is supported (no JSON mode or schema)")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
-        if v:
-            raise _invalid("unsupported", "tools are not supported by the guard")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
-        if v is not None and v != "none":
-            raise _invalid("unsupported", "tools are not supported by the guard (send null or 'none')")
+    def _top_needs_logprobs(cls, v: int | None, info: Any) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise _invalid("logprobs", "top_logprobs needs logprobs: true")
         return v
 
 
