@@ -114,13 +114,22 @@ class BackendError(GuardError):
         self.kind = kind
 
 
-class UnsupportedFeatureError(GuardError, ValueError):
-    """A request uses an optional chat feature the target backend does not implement (HTTP 400 naming ``field``)."""
+class RequestFieldError(GuardError, ValueError):
+    """A request field holds a value the backend cannot take (HTTP 400 naming ``field``), found before any model
+    call: a logit_bias id outside the vocabulary, a schema that cannot be compiled, a bad vendor field."""
+
+    code = "invalid_value"
 
     def __init__(self, field: str, message: str) -> None:
-        """The request field and what to do instead (which backends implement it)."""
+        """The request field and what was wrong with it (and what is accepted)."""
         super().__init__(message)
         self.field = field
+
+
+class UnsupportedFeatureError(RequestFieldError):
+    """A request uses an optional chat feature the target backend does not implement (HTTP 400 naming ``field``)."""
+
+    code = "unsupported"
 
 
 class AdminError(GuardError):

@@ -270,6 +270,25 @@ def test_tool_turns_cannot_open_a_fake_turn_and_tool_definitions_are_scored() ->
     assert r.headers["x-guard-flagged"] == "true" and r.json()["choices"][0]["finish_reason"] == "content_filter"
 
 
+def test_a_local_backend_serves_what_it_implements_and_names_what_is_wrong() -> None:
+    from core.models import tiny_llm
+    from guard.backends.transformers import TransformersBackend
+
+    be = TransformersBackend(tiny_llm(seed=3), batch_size=4)
+    c = TestClient(create_app(GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="template")),
+                              ServerConfig()))
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=c, max_retries=0)
+    res = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BENIGN}], n=3,
+                                         temperature=1.0, seed=5, max_tokens=6, logprobs=True, top_logprobs=2)
+    assert len(res.choices) == 3 and [ch.index for ch in res.choices] == [0, 1, 2]
+    for ch in res.choices:
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in ch.logprobs.content)
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}],
+                                             "logit_bias": {"99999999": 5}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    assert "outside this model's vocabulary" in r.json()["error"]["message"]
+
+
 # ---- 2. leaks through tools, JSON, choices and logprobs: the real detector -----------------------------------
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from guard.server.metrics import Metrics, _endpoint_of
 from guard.server.schemas import _UNION_TAG, _accepted_fields, _diagnose_body
 from guard.server.state import ServerState
-from guard.types import BackendError, GuardUnavailableError, safe_token
+from guard.types import BackendError, GuardUnavailableError, RequestFieldError, safe_token
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,10 @@ def install_error_handlers(app: FastAPI, state: ServerState) -> None:
         if exc.type == "timeout":
             metrics.fault("request_timeout")
         return error(request, exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestFieldError)
+    async def _field(request: Request, exc: RequestFieldError) -> JSONResponse:
+        return error(request, 400, str(exc), "invalid_request_error", exc.field, exc.code)
 
     @app.exception_handler(GuardUnavailableError)
     async def _unavailable(request: Request, exc: GuardUnavailableError) -> JSONResponse:

@@ -4,6 +4,10 @@
 ``UpstreamLimiter`` (``max_concurrency`` running, ``max_queue`` waiting, then 429), which the guarded model holds
 around each call, so a refusal decided before any target call never waits for a slot; ``request_timeout_s``
 covers the wait (504). A refused or blocked answer is a normal completion with ``finish_reason: "content_filter"``.
+
+Chat requests pass through with every OpenAI field and vLLM's sampling fields (``guard.server.passthrough``);
+a stream of a request with tools, several choices, log probabilities or JSON output is sent choice by choice once
+each is complete and checked (``whole_chunks``); plain text streams go delta by delta.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from guard.server.errors import ApiError, backend_failure, error_body, unavailab
 from guard.server.passthrough import BOOKKEEPING, FieldRefused, sort_extras
 from guard.server.schemas import ChatCompletionRequest, CompletionRequest, _GenRequest, _lone_surrogate
 from guard.server.state import ServerState, State
-from guard.types import BackendError, GuardTrace, GuardUnavailableError, UnsupportedFeatureError
+from guard.types import BackendError, GuardTrace, GuardUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +300,7 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
     forwarded = check_chat_request(st, req)
     msgs = [m.to_message() for m in req.messages]
     params = chat_params(st, req, forwarded)
-    try:
-        guarded.check_supported(params, msgs)
-    except UnsupportedFeatureError as e:
-        raise ApiError(400, str(e), "invalid_request_error", e.field, "unsupported") from e
+    guarded.check_supported(params, msgs)  # UnsupportedFeatureError: 400 naming the field (guard.server.errors)
     json_mode = params.response_format is not None
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), req.model or cfg.model_name
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI endpoints: strict pydantic models and the helpers that explain a rejection.
 
-Bad input never reaches the guard: no type coercion, unknown fields refused, text-only content parts,
-no lone UTF-16 surrogates; every rejection names the field.
+Bad input never reaches the guard: no type coercion, no lone UTF-16 surrogates, content parts and tool calls
+in OpenAI's shapes; every rejection names the field. Chat requests keep vendor fields as extras, which the route
+sorts (``guard.server.passthrough``); unknown fields elsewhere are refused.
 """
 
 from __future__ import annotations
