@@ -84,9 +84,10 @@ def tools_text(tools: Sequence[Mapping[str, Any]]) -> str:
 
 
 def turn_text(message: Mapping[str, Any]) -> str:
-    """All the text of one chat message: its content's text and, on an assistant turn, its tool calls' names and
-    arguments (every part a detector must judge)."""
-    parts = [content_text(message.get("content"))]
+    """All the text of one chat message: its participant ``name``, its content's text and, on an assistant turn, its
+    tool calls' names and arguments (every part a detector must judge)."""
+    name = message.get("name")
+    parts = [name if isinstance(name, str) else "", content_text(message.get("content"))]
     calls = message.get("tool_calls")
     if isinstance(calls, Sequence) and not isinstance(calls, str):
         parts.extend(tool_call_text(c) for c in calls)

@@ -51,7 +51,15 @@ from guard.batching import MicroBatcher
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
 from guard.output_check import LeakCheckError, StreamChecker, check_text
-from guard.prompt import assemble, detector_input, neutralise, sanitise_messages, special_tokens_of, user_text
+from guard.prompt import (
+    assemble,
+    detector_input,
+    neutralise,
+    neutralise_strings,
+    sanitise_messages,
+    special_tokens_of,
+    user_text,
+)
 from guard.types import (
     AdminError,
     DetectorProtocol,
@@ -156,8 +164,12 @@ class GuardedLLM:
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _params(self, params: GenParams | None, overrides: dict[str, Any]) -> GenParams:
+        """A request's parameters with overrides applied and its tool definitions neutralised (a chat template renders
+        them into the prompt, so a turn marker in a description could end the system turn)."""
         base = params or GenParams(max_new_tokens=self.config.max_new_tokens)
         clean = {k: v for k, v in overrides.items() if v is not None}
+        if base.tools:
+            clean["tools"] = neutralise_strings(base.tools, self._markers)
         return base.model_copy(update=clean) if clean else base
 
     async def _timed(self, fn: Callable[..., R], *args: Any, timeout: float) -> R:
@@ -393,7 +405,8 @@ class GuardedLLM:
         choices = o.choices()
         kind = "json" if params.response_format else "content"
         parts = [[(kind, json_text(c.text) if params.response_format else c.text)] * bool(c.text)
-                 + [("tool_call", tool_call_text(tc)) for tc in c.tool_calls] for c in choices]
+                 + [("tool_call", f"{tc.get('id', '')}\n{tool_call_text(tc)}") for tc in c.tool_calls]
+                 for c in choices]
         flat = [(i, part, text) for i, ps in enumerate(parts) for part, text in ps]
         verdicts = await asyncio.gather(*(self._blocked(pl, text, shared) for _, _, text in flat))
         blocked = [False] * len(choices)
@@ -408,29 +421,42 @@ class GuardedLLM:
                 out.append(GuardResult(text=self._leak_refusal(pl), finish_reason="content_filter", trace=pl.trace))
                 continue
             fr = c.finish_reason if c.finish_reason in {"stop", "length", "tool_calls"} else "stop"
-            lp = await self._logprobs_checked(pl, c.logprobs, shared) if c.logprobs is not None else None
+            lp = await self._logprobs_checked(pl, c.text, c.logprobs, shared) if c.logprobs is not None else None
             out.append(GuardResult(text=c.text, finish_reason=fr, trace=pl.trace, tool_calls=c.tool_calls,  # type: ignore[arg-type]
                                    logprobs=lp))
         return out[0].model_copy(update={"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
                                          "others": out[1:]})
 
-    async def _logprobs_checked(self, pl: _Plan, logprobs: dict[str, Any], shared: bool) -> dict[str, Any]:
-        """A passed choice's log probabilities: the chosen tokens are the checked text; the alternatives
-        (``top_logprobs``) are other text, kept only when the conversation is about no forget target and they, read
-        together, name none (else emptied, and the trace says so)."""
+    async def _logprobs_checked(self, pl: _Plan, text: str, logprobs: dict[str, Any], shared: bool
+                                ) -> dict[str, Any] | None:
+        """A passed choice's log probabilities, rebuilt from their tokens (``bytes`` recomputed, so no other text rides
+        along): the chosen tokens must be the checked text, else they are checked themselves (and all withheld when
+        they leak); the alternatives (``top_logprobs``) are other text, kept only when the conversation is about no
+        forget target and they, read together, name none (else emptied). The trace says when anything was withheld."""
         content = logprobs.get("content")
         if not isinstance(content, list):
-            return logprobs
-        alts = [a.get("token", "") for pos in content if isinstance(pos, dict)
-                for a in pos.get("top_logprobs") or [] if isinstance(a, dict)]
-        if not any(isinstance(t, str) and t.strip() for t in alts):
-            return logprobs
-        withhold = bool(pl.about) or pl.trace.flagged or await self._blocked(pl, " ".join(map(str, alts)), shared)
-        if not withhold:
-            return logprobs
-        pl.trace.logprobs_withheld = True
-        return {**logprobs, "content": [{**pos, "top_logprobs": []} if isinstance(pos, dict) else pos
-                                        for pos in content]}
+            return None
+        entries = [pos for pos in content if isinstance(pos, dict) and isinstance(pos.get("token"), str)]
+
+        def entry(e: dict[str, Any], top: list[dict[str, Any]] | None) -> dict[str, Any]:
+            lp = e.get("logprob")
+            out = {"token": e["token"], "logprob": float(lp) if isinstance(lp, int | float) else 0.0,
+                   "bytes": list(e["token"].encode("utf-8", "replace"))}
+            return out if top is None else {**out, "top_logprobs": top}
+
+        chosen = "".join(e["token"] for e in entries)
+        if chosen.strip() != text.strip() and chosen.strip() and await self._blocked(pl, chosen, shared):
+            pl.trace.logprobs_withheld = True
+            return None
+        alts = [[a for a in e.get("top_logprobs") or [] if isinstance(a, dict) and isinstance(a.get("token"), str)]
+                for e in entries]
+        alt_text = " ".join(a["token"] for row in alts for a in row)
+        withhold = bool(alt_text.strip()) and (bool(pl.about) or pl.trace.flagged
+                                               or await self._blocked(pl, alt_text, shared))
+        if withhold:
+            pl.trace.logprobs_withheld = True
+        return {"content": [entry(e, [] if withhold else [entry(a, None) for a in row])
+                            for e, row in zip(entries, alts, strict=True)]}
 
     # -- the pipeline, written once ---------------------------------------------------------------------
     async def _run(self, prompts: Sequence[Prompt], params: GenParams, raw: bool, shared: bool) -> list[GuardResult]:

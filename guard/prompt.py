@@ -55,6 +55,17 @@ def neutralise(text: str, extra_markers: Iterable[str] = (), role_lines: bool = 
     return _GUARD_DELIMITER.sub(lambda m: m.group(0).lower().replace(" ", "_"), out)
 
 
+def neutralise_strings(value: Any, extra_markers: Iterable[str] = ()) -> Any:
+    """A JSON value (tool definitions) with turn markers broken up in every string it holds."""
+    if isinstance(value, str):
+        return neutralise(value, extra_markers, role_lines=False)
+    if isinstance(value, dict):
+        return {k: neutralise_strings(v, extra_markers) for k, v in value.items()}
+    if isinstance(value, list):
+        return [neutralise_strings(v, extra_markers) for v in value]
+    return value
+
+
 def special_tokens_of(tokenizer: Any) -> list[str]:
     """The tokenizer's special tokens (for ``neutralise``), or none when there is no tokenizer."""
     if tokenizer is None:
@@ -105,6 +116,8 @@ def sanitise_messages(prompt: Prompt, extra_markers: Iterable[str] = ()) -> list
         if role not in {"system", "user", "assistant", "developer", "tool"}:
             raise ValueError(f"unsupported message role {role!r}; accepted: system, developer, user, assistant, tool")
         kept = {k: m[k] for k in _KEPT if m.get(k) is not None}
+        if isinstance(kept.get("name"), str):
+            kept["name"] = neutralise(kept["name"], markers, role_lines=False)
         if isinstance(kept.get("tool_calls"), list):
             kept["tool_calls"] = [{**c, "function": _neutral_fn(c["function"], markers)}
                                   if isinstance(c, dict) and isinstance(c.get("function"), dict) else c

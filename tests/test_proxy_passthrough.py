@@ -396,3 +396,32 @@ def test_alternative_tokens_are_withheld_when_they_name_a_target(world) -> None:
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert content[0]["token"] == "A" and content[0]["top_logprobs"] == [] and place.split()[-1] not in r.text
     assert metric(c, "guard_logprobs_withheld_total") == 1
+
+
+@pytest.mark.slow
+def test_a_dishonest_upstream_cannot_smuggle_text_past_the_check(world) -> None:  # type: ignore[no-untyped-def]
+    """Every text of the upstream's answer that reaches the client is checked or dropped: log-probability tokens that
+    are not the answer, their bytes, a tool call's id, and fields the proxy does not pass on (reasoning, refusal)."""
+    det, person = world
+    name, place = _facts(person)
+    secret = f"{name} was born in {place}"
+    spelt = [{"token": w, "logprob": -0.5, "bytes": [65], "top_logprobs": []} for w in secret.split(" ")]
+    bytes_smuggled = [{"token": "OK", "logprob": -0.1, "bytes": list(secret.encode()), "top_logprobs": []}]
+
+    def reply(b: dict[str, Any]) -> dict[str, Any]:
+        ans = answer({"content": "OK", "logprobs": {"content": spelt}},
+                     {"content": "OK", "logprobs": {"content": bytes_smuggled}},
+                     {"tool_calls": [call("get_weather", {"city": "Rome"}, cid=f"call {secret}")]})
+        ans["choices"][0]["message"].update(reasoning_content=secret, refusal=secret)
+        return ans
+
+    c = proxy(Upstream(reply), det)
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Say OK."}], "n": 3,
+                                             "logprobs": True, "tools": TOOLS})
+    assert r.status_code == 200 and place not in r.text and place.encode() not in bytes(
+        b for ch in r.json()["choices"] for e in (ch["logprobs"] or {}).get("content", []) for b in e["bytes"]), r.text
+    a, b, t = r.json()["choices"]
+    assert a["message"]["content"] == "OK" and a["logprobs"] is None  # tokens that spell the fact: withheld
+    assert b["logprobs"]["content"][0]["bytes"] == list(b"OK")  # bytes are the token's own
+    assert t["finish_reason"] == "content_filter" and "tool_calls" not in t["message"]
+    assert "reasoning_content" not in a["message"] and "refusal" not in a["message"]
