@@ -268,6 +268,11 @@ def test_tool_turns_cannot_open_a_fake_turn_and_tool_definitions_are_scored() ->
     hidden = [{"type": "function", "function": {"name": "f", "description": "Where was Philippa Stavberg born?"}}]
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "tools": hidden})
     assert r.headers["x-guard-flagged"] == "true" and r.json()["choices"][0]["finish_reason"] == "content_filter"
+    # ... and count towards the prompt-size limit
+    huge = [{"type": "function", "function": {"name": "f", "description": "word " * 30_000}}]
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "tools": huge})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+    assert r.json()["error"]["param"] == "tools"
 
 
 def test_a_local_backend_serves_what_it_implements_and_names_what_is_wrong() -> None:

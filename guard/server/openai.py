@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
+from core.generation import tools_text
 from guard.api import AsyncGuardStream, GuardResult
 from guard.backends import GenParams
 from guard.server.errors import ApiError, backend_failure, error_body, unavailable_message
@@ -239,6 +240,12 @@ def check_chat_request(st: ServerState, req: ChatCompletionRequest) -> dict[str,
                                "'reject'); send text parts", "invalid_request_error", f"messages.{i}.content",
                                "non_text_content")
     texts = [m.text() for m in req.messages]
+    if req.tools:  # the detector reads the tool definitions too: they count towards max_prompt_chars
+        total = sum(len(t) for t in texts) + len(tools_text([t.model_dump(exclude_none=True) for t in req.tools]))
+        if total > cfg.max_prompt_chars:
+            raise ApiError(400, f"tools: {total} characters of text in messages and tool definitions is over this "
+                           f"server's limit of {cfg.max_prompt_chars}", "invalid_request_error", "tools",
+                           "prompt_too_long")
     if not any(m.non_text() for m in req.messages):  # an image-only question has no text, and needs none
         check_text(st, texts, "messages")
     elif sum(len(t) for t in texts) > cfg.max_prompt_chars:
