@@ -46,7 +46,7 @@ from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
 from guard.backends import Backend, BackendConfig, GenOutput, GenParams, backend_config, make_backend
-from guard.backends.base import StreamUsage
+from guard.backends.base import StreamToolCalls, StreamUsage
 from guard.batching import MicroBatcher
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
@@ -510,6 +510,7 @@ class GuardedLLM:
             checker = StreamChecker(self._leak_fn(shared, pl.about), self.config, pl.trace)
             released_any = blocked = False
             n = 0
+            calls: list[dict[str, Any]] = []
             async with self.upstream_slot():
                 t_gen = time.perf_counter()
                 source = (self.target.astream_complete(pl.raw_text, params) if pl.raw_text is not None
@@ -518,6 +519,9 @@ class GuardedLLM:
                     async for delta in source:
                         if isinstance(delta, StreamUsage):  # the backend's token counts, after the last delta
                             box.prompt_tokens, box.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                            continue
+                        if isinstance(delta, StreamToolCalls):  # whole tool calls, after the last text delta
+                            calls = delta.calls
                             continue
                         n += 1
                         out = await self._step(pl, checker, checker.feed(delta))
@@ -534,14 +538,28 @@ class GuardedLLM:
                     self._add_generate_time(pl, t_gen)
             rest = None if blocked else await self._step(pl, checker, checker.finish())
             if rest is None:
+                pl.trace.blocked_parts.append("content")
+                pl.trace.choices_blocked += 1
                 box.finish_reason = "content_filter"
                 yield self._leak_refusal(pl, released_any)
                 return
             if rest:
+                released_any = True
                 yield rest
+            if calls:  # checked whole: a half-written argument cannot be judged
+                hits = await asyncio.gather(*(self._blocked(pl, f"{c['id']}\n{tool_call_text(c)}", shared)
+                                              for c in calls))
+                if any(hits):
+                    pl.trace.blocked_parts.extend(["tool_call"] * sum(hits))
+                    pl.trace.choices_blocked += 1
+                    box.finish_reason = "content_filter"
+                    yield self._leak_refusal(pl, released_any)
+                    return
+                box.tool_calls = calls
             if not box.completion_tokens:
                 box.completion_tokens = self._count_tokens(checker.text) or n
-            box.finish_reason = "length" if max(n, box.completion_tokens) >= params.max_new_tokens else "stop"
+            box.finish_reason = ("tool_calls" if calls else
+                                 "length" if max(n, box.completion_tokens) >= params.max_new_tokens else "stop")
         finally:
             pl.trace.add_time("total", time.perf_counter() - pl.t0)
 
@@ -573,7 +591,7 @@ class GuardedLLM:
                  shared: bool) -> AsyncGuardStream:
         p = self._params(params, overrides)
         if p.needs_whole_answer:
-            raise UnsupportedFeatureError("stream", "several choices, tools, log probabilities and JSON output are "
+            raise UnsupportedFeatureError("stream", "several choices, log probabilities and JSON output are "
                                           "checked on the whole answer: call generate/agenerate (the proxy streams "
                                           "such a request as whole, checked choices)")
         return AsyncGuardStream(lambda box: self._deltas(prompt, p, raw, box, shared),
@@ -695,6 +713,8 @@ class AsyncGuardStream:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         """Token counts once the stream has ended (the backend's, else counted with the target's tokenizer)."""
+        self.tool_calls: list[dict[str, Any]] = []
+        """The answer's tool calls once the stream has ended, each checked whole (none when one was blocked)."""
         self._it: AsyncIterator[str] = make(self)
 
     def __aiter__(self) -> AsyncGuardStream:

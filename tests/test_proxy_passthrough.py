@@ -64,11 +64,18 @@ class Upstream:
         body = json.loads(request.content)
         self.bodies.append(body)
         data = self.reply(body)
-        if body.get("stream"):  # the plain streaming path: one content delta per word
-            text = data["choices"][0]["message"]["content"] or ""
+        if body.get("stream"):  # one content delta per word, then each tool call in pieces, as vLLM streams them
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
             events = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
                       for w in re.findall(r"\s*\S+", text)]
-            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            for j, tc in enumerate(choice["message"].get("tool_calls") or []):
+                args = tc["function"]["arguments"]
+                events.append({"choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                    {"index": j, "id": tc["id"], "type": "function", "function": {"name": tc["function"]["name"]}}]}}]})
+                events += [{"choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+                    {"index": j, "function": {"arguments": args[k:k + 5]}}]}}]} for k in range(0, len(args), 5)]
+            events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
             if body.get("stream_options", {}).get("include_usage"):
                 events.append({"choices": [], "usage": data["usage"]})
             sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
@@ -194,6 +201,14 @@ def test_streamed_tool_calls_and_usage_arrive_as_openai_chunks() -> None:
     finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finish == ["tool_calls"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    assert up.bodies[-1]["stream"] is True and up.bodies[-1]["tools"] == TOOLS  # streamed upstream too
+    # an agent's ordinary answer (tools sent, none called) still arrives delta by delta
+    up.reply = lambda b: answer({"content": "It is sunny and warm in Paris."})
+    chunks = list(client.chat.completions.create(model="m", messages=[{"role": "user", "content": BENIGN}], tools=TOOLS,
+                                                 stream=True))
+    texts = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert "".join(texts) == "It is sunny and warm in Paris." and len(texts) > 1
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_plain_streams_stay_incremental_and_report_usage_when_asked() -> None:

@@ -82,8 +82,8 @@ class GenParams(BaseModel):
     @property
     def needs_whole_answer(self) -> bool:
         """Whether a stream of this request is released choice by choice once each is complete and checked (several
-        choices, tool calls, log probabilities, JSON output) instead of delta by delta."""
-        return bool(self.n > 1 or self.logprobs or self.tools or self.response_format)
+        choices, log probabilities, JSON output) instead of delta by delta (text is, tool calls whole at the end)."""
+        return bool(self.n > 1 or self.logprobs or self.response_format)
 
 
 OPTIONAL_FEATURES: tuple[str, ...] = (
@@ -100,6 +100,14 @@ class StreamUsage:
 
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamToolCalls:
+    """The tool calls of a streamed answer, whole (their deltas assembled), yielded by a backend after the answer's
+    last text delta: a tool call's arguments can only be judged complete."""
+
+    calls: list[dict[str, Any]]
 
 
 class GenOutput(BaseModel):

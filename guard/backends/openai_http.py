@@ -36,6 +36,7 @@ from guard.backends.base import (
     GenOutput,
     GenParams,
     Messages,
+    StreamToolCalls,
     StreamUsage,
 )
 from guard.types import BackendError, redact, safe_token
@@ -395,6 +396,8 @@ class OpenAIHTTPBackend(Backend):
                             yield delta
                     else:
                         reader.end()
+                    if reader.calls:
+                        yield StreamToolCalls(reader.tool_calls())
                     if reader.usage is not None and params_usage:
                         yield reader.usage
                     return
@@ -462,6 +465,7 @@ class _SSEReader:
         self.where = where
         self.finished = False
         self.usage: StreamUsage | None = None
+        self.calls: dict[int, dict[str, Any]] = {}
 
     def feed(self, line: str) -> str | None:
         """The content delta of one line: '' for non-content lines, None at ``[DONE]``."""
@@ -496,10 +500,34 @@ class _SSEReader:
         if c.get("finish_reason"):
             self.finished = True
         holder = c.get("delta") if self.chat else c
+        if self.chat and isinstance(holder, dict) and holder.get("tool_calls"):
+            self._add_calls(holder["tool_calls"])
         delta = holder.get("content" if self.chat else "text") if isinstance(holder, dict) else None
         if delta is not None and not isinstance(delta, str):
             raise BackendError(f"upstream stream {self.where} sent a delta that is not a string", "bad_response")
         return delta or ""
+
+    def _add_calls(self, deltas: Any) -> None:
+        """Assemble tool-call deltas (OpenAI sends a call's id, type and name once and its arguments in pieces)."""
+        if not isinstance(deltas, list):
+            raise BackendError(f"upstream stream {self.where} sent tool_calls that are not a list", "bad_response")
+        for d in deltas:
+            idx = d.get("index") if isinstance(d, dict) else None
+            if not isinstance(idx, int):
+                raise BackendError(f"upstream stream {self.where} sent a tool-call delta without an index",
+                                   "bad_response")
+            call = self.calls.setdefault(idx, {"id": "", "name": "", "arguments": ""})
+            fn = d.get("function") if isinstance(d.get("function"), dict) else {}
+            for key, value in (("id", d.get("id")), ("name", fn.get("name")), ("arguments", fn.get("arguments"))):
+                if value is not None and not isinstance(value, str):
+                    raise BackendError(f"upstream stream {self.where} sent a tool-call {key} that is not a string",
+                                       "bad_response")
+                call[key] += value or ""
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The assembled tool calls, in index order, in OpenAI's shape."""
+        return [{"id": c["id"] or f"call_{i}", "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}} for i, c in sorted(self.calls.items())]
 
     def end(self) -> None:
         """The body ended: fine after a finish_reason, else the stream was cut off (BackendError)."""

@@ -5,9 +5,10 @@
 around each call, so a refusal decided before any target call never waits for a slot; ``request_timeout_s``
 covers the wait (504). A refused or blocked answer is a normal completion with ``finish_reason: "content_filter"``.
 
-Chat requests pass through with every OpenAI field and vLLM's sampling fields (``guard.server.passthrough``);
-a stream of a request with tools, several choices, log probabilities or JSON output is sent choice by choice once
-each is complete and checked (``whole_chunks``); plain text streams go delta by delta.
+Chat requests pass through with every OpenAI field and vLLM's sampling fields (``guard.server.passthrough``).
+Streamed text goes delta by delta, with tools or without; a streamed answer's tool calls are checked whole and sent
+as one delta each before the finish reason. A stream of a request with several choices, log probabilities or JSON
+output is sent choice by choice once each is complete and checked (``whole_chunks``).
 """
 
 from __future__ import annotations
@@ -111,10 +112,11 @@ def headers_of(trace: GuardTrace) -> dict[str, str]:
 
 async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
               make_chunk: Callable[[str | None, str | None], dict[str, Any]],
-              endpoint: str, t0: float, tail: Callable[[], dict[str, Any] | None] | None = None
-              ) -> AsyncIterator[bytes]:
-    """Emit the stream as SSE (``tail``: a last chunk after the finish reason, e.g. usage); the stream (and the
-    upstream slot it holds) is closed when it ends or fails."""
+              endpoint: str, t0: float, tail: Callable[[], dict[str, Any] | None] | None = None,
+              before_finish: Callable[[], list[dict[str, Any]]] | None = None) -> AsyncIterator[bytes]:
+    """Emit the stream as SSE (``before_finish``: chunks after the last delta, e.g. tool calls; ``tail``: a last chunk
+    after the finish reason, e.g. usage); the stream (and the upstream slot it holds) is closed when it ends or
+    fails."""
     metrics = st.metrics
     try:
         if first is not None:
@@ -125,6 +127,8 @@ async def sse(st: ServerState, stream: AsyncGuardStream, first: str | None,
             except StopAsyncIteration:
                 break
             yield f"data: {json.dumps(make_chunk(delta, None))}\n\n".encode()
+        for extra in before_finish() if before_finish is not None else []:
+            yield f"data: {json.dumps(extra)}\n\n".encode()
         yield f"data: {json.dumps(make_chunk(None, stream.finish_reason))}\n\n".encode()
         last = tail() if tail is not None else None
         if last is not None:
@@ -186,10 +190,11 @@ async def start_stream(st: ServerState, stream: AsyncGuardStream, endpoint: str)
 
 def stream_response(st: ServerState, stream: AsyncGuardStream, first: str | None,
                     make_chunk: Callable[[str | None, str | None], dict[str, Any]], endpoint: str, t0: float,
-                    headers: dict[str, str], tail: Callable[[], dict[str, Any] | None] | None = None
-                    ) -> StreamingResponse:
+                    headers: dict[str, str], tail: Callable[[], dict[str, Any] | None] | None = None,
+                    before_finish: Callable[[], list[dict[str, Any]]] | None = None) -> StreamingResponse:
     """The SSE response of a started stream, which closes the stream after the response in any case."""
-    return StreamingResponse(sse(st, stream, first, make_chunk, endpoint, t0, tail), media_type="text/event-stream",
+    return StreamingResponse(sse(st, stream, first, make_chunk, endpoint, t0, tail, before_finish),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", **headers},
                              background=BackgroundTask(close_quietly, stream))
 
@@ -269,7 +274,7 @@ def chat_choice(r: GuardResult, index: int, json_mode: bool) -> dict[str, Any]:
 
 
 def whole_chunks(res: GuardResult, head: dict[str, Any], json_mode: bool, include_usage: bool) -> list[dict[str, Any]]:
-    """The SSE chunks of an answer checked whole (several choices, tools, log probabilities, JSON output): per choice
+    """The SSE chunks of an answer checked whole (several choices, log probabilities, JSON output): per choice
     its role, its content (with its log probabilities), each tool call as one delta, then its finish reason."""
     chunks = []
 
@@ -325,6 +330,16 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
                 d["content"] = delta
             return {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
 
+        def tool_call_chunks() -> list[dict[str, Any]]:
+            out = []
+            for j, tc in enumerate(stream.tool_calls):
+                d: dict[str, Any] = {"tool_calls": [{"index": j, **tc}]}
+                if not sent_role["done"]:
+                    d["role"] = "assistant"
+                    sent_role["done"] = True
+                out.append({**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]})
+            return out
+
         def tail() -> dict[str, Any] | None:
             if not params.stream_usage:
                 return None
@@ -332,7 +347,7 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
             return {**head, "choices": [], "usage": {"prompt_tokens": pt, "completion_tokens": ct,
                                                      "total_tokens": pt + ct}}
 
-        return stream_response(st, stream, first, chunk, "chat", t0, headers_of(stream.trace), tail)
+        return stream_response(st, stream, first, chunk, "chat", t0, headers_of(stream.trace), tail, tool_call_chunks)
     res = await run_guarded(st, lambda: guarded.agenerate(msgs, params), "chat")
     metrics.observe(res.trace)
     if req.stream:
