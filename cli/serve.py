@@ -53,7 +53,8 @@ def serve(
                                         "http://127.0.0.1:8001/v1; default: the local model in this process."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="Local model (embedded name or HF dir), or "
                               "the model name sent upstream."),
-    guard_model: str | None = typer.Option(None, "--guard-model", help="Guard LLM (default: the target model)."),
+    guard_model: str | None = typer.Option(None, "--guard-model", help="Guard LLM (default: the base embedded model "
+                                           "for a local target that is another model, else the target)."),
     backend: str = typer.Option("transformers", "--backend", help="Local backend: transformers or vllm."),
     host: str | None = typer.Option(None, "--host", help="Bind address (default: server.host, else 127.0.0.1)."),
     port: int | None = typer.Option(None, "--port", help="Port (default: server.port, else 8000)."),
@@ -65,8 +66,10 @@ def serve(
                                           "Default: guard.fail_open, else fail closed."),
     output_check: str | None = typer.Option(None, "--output-check", help="off, log or block (default: "
                                             "guard.output_check, else block)."),
-    guard_mode: str | None = typer.Option(None, "--guard-mode", help="llm (guard LLM writes the instruction) or "
-                                          "template (default: guard.guard_mode, else llm)."),
+    guard_mode: str | None = typer.Option(None, "--guard-mode", help="llm (a guard LLM writes the instruction), "
+                                          "template (the per-target template instruction; the target answers) or "
+                                          "refuse (flagged prompts get the refusal); default: guard.guard_mode, "
+                                          "else llm."),
     watch: bool = typer.Option(True, "--watch/--no-watch", help="Reload the forget store when --detector's directory "
                                "changes (an admin replica saving to it); checked every server.watch_interval_s."),
     oracle: bool = typer.Option(False, "--oracle", help="--detector is a task file; use the oracle detector (demo)."),

@@ -230,7 +230,7 @@ def proxy_tables(det: Any, task: ForgetTask, probes: list[Probe], cfg: ProbeConf
     names = {t.id: t.names[0] for t in task.targets}
     msgs = [[{"role": "user", "content": p.question}] for p in probes]
     out: dict[str, Any] = {}
-    gcfg = GuardConfig(guard_mode="template")
+    gcfg = GuardConfig(guard_mode="refuse")
     if cfg.target:
         from core.models import load_llm
         from guard.backends.transformers import TransformersBackend

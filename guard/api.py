@@ -128,7 +128,9 @@ class GuardedLLM:
     def __init__(self, target: Backend | BackendConfig | str | None = None, detector: DetectorProtocol | None = None,
                  guard: Backend | BackendConfig | CoTGuard | str | None = None, config: GuardConfig | None = None,
                  targets: ForgetTask | Sequence[ForgetTarget] | None = None) -> None:
-        """Build from backends or their configs; ``guard`` None reuses the target model (loaded once)."""
+        """Build from backends or their configs. ``guard`` None: the base embedded model when the target is a local model
+        other than it (a fine-tuned target knows the facts it must not state), else the target itself (an HTTP
+        upstream: the deployed, unchanged model); every instruction passes the leak check either way."""
         if detector is None:
             raise ValueError("GuardedLLM needs a detector (e.g. detectors.detector built from a ForgetTask)")
         for meth in ("detect", "detect_batch", "detect_leak"):
@@ -140,8 +142,9 @@ class GuardedLLM:
         if isinstance(guard, CoTGuard):
             self.cot = guard
         else:
-            guard_backend = self.target if guard is None else _as_backend(guard)
-            self.cot = CoTGuard(None if self.config.guard_mode == "template" else guard_backend, self.config)
+            guard_backend = (_default_guard(self.target) if guard is None and self.config.guard_mode == "llm"
+                             else self.target if guard is None else _as_backend(guard))
+            self.cot = CoTGuard(None if self.config.guard_mode != "llm" else guard_backend, self.config)
         tlist = targets.targets if isinstance(targets, ForgetTask) else list(targets or [])
         self._task_targets = tlist
         self.book = TargetBook(detector, tlist)
@@ -745,6 +748,21 @@ def _signature_takes_about(fn: Callable[..., Any]) -> bool:
         return "about" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _default_guard(target: Backend) -> Backend:
+    """The guard model when none is named: the base embedded model (loaded once per process, shared with a target that
+    is that model) for a local target that is another model, e.g. a fine-tuned checkpoint that was taught the facts
+    it must not state; the target itself otherwise (an HTTP upstream, a scripted backend, the base model)."""
+    from core.models import DEFAULT_LLM
+
+    if target.name not in ("transformers", "vllm") or target.model_id in (DEFAULT_LLM, ""):
+        return target
+    if str(getattr(getattr(target, "llm", None), "source", "")).startswith("tiny-"):
+        return target  # a random tiny model of the unit tests: it knows nothing
+    log.info("guard model: the base embedded %s (the target %s may know the forget facts)", DEFAULT_LLM,
+             target.model_id)
+    return make_backend(backend_config(model=DEFAULT_LLM))
 
 
 def _as_backend(spec: Backend | BackendConfig | str | None) -> Backend:

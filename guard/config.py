@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 OutputCheckMode = Literal["off", "log", "block"]
-GuardMode = Literal["llm", "template"]
+GuardMode = Literal["llm", "template", "refuse"]
 
 
 class _Cfg(BaseModel):
@@ -24,9 +24,12 @@ class _Cfg(BaseModel):
 class GuardConfig(_Cfg):
     """How the guard behaves: CoT guard model use, output checking, timeouts and the failure policy."""
 
-    guard_mode: GuardMode = Field("llm", description="'llm': a guard LLM writes the CoT instruction; 'template': "
-                                                     "always use the per-target template (no guard generation).")
-    guard_max_new_tokens: int = Field(64, ge=8, le=1024)
+    guard_mode: GuardMode = Field("llm", description="What a flagged prompt gets. 'llm': a guard LLM writes the CoT "
+                                  "instruction (or refuses); 'template': the per-target template instruction, and the "
+                                  "target answers with it (no guard generation); 'refuse': the policy's refusal.")
+    guard_max_new_tokens: int = Field(128, ge=32, le=1024, description="The guard model's token budget; with "
+                                      "constrained decoding its instruction is capped at this less 20 characters, so "
+                                      "the decision always closes within it.")
     guard_timeout_s: float = Field(30.0, gt=0, description="Guard generation later than this uses the template.")
     detector_timeout_s: float = Field(10.0, gt=0, description="A detector call later than this is a failure.")
     detector_batch_window_ms: float = Field(0.0, ge=0, le=1000, description="Async path (the server): how long an idle "

@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from core.guard_format import (
     GUARD_JSON_SCHEMA,
@@ -52,6 +53,18 @@ def refusal_text(targets: Sequence[ForgetTarget], config: GuardConfig) -> str:
     return " ".join([config.refusal_message, *reasons]).strip()
 
 
+def decision_schema(max_new_tokens: int, overhead: int = 20) -> dict[str, Any]:
+    """The decision schema for constrained decoding within a token budget: the instruction is capped at one character
+    per token left after the JSON around it (``overhead`` tokens), so the grammar closes the string and the object
+    before the budget runs out whatever the tokenizer (every token writes at least one character); an untuned model
+    otherwise repeats itself until the budget cuts the JSON open. Generation stops at the closing brace, so a short
+    instruction costs no more than its own tokens."""
+    cap = max(8, min(MAX_INSTRUCTION_CHARS, max_new_tokens - overhead))
+    props = {**GUARD_JSON_SCHEMA["properties"], "cot_instruction": {**GUARD_JSON_SCHEMA["properties"]["cot_instruction"],
+                                                                    "maxLength": cap}}
+    return {**GUARD_JSON_SCHEMA, "properties": props}
+
+
 # ---- the guard ---------------------------------------------------------------------------------------
 
 class CoTGuard:
@@ -69,13 +82,22 @@ class CoTGuard:
         """Generation parameters: greedy, short, schema-constrained or prefix-forced as the backend allows."""
         p = GenParams(max_new_tokens=self.config.guard_max_new_tokens, temperature=0.0)
         if self.backend is not None and self.backend.supports_json_schema:
-            p.json_schema = GUARD_JSON_SCHEMA
+            p.json_schema = decision_schema(self.config.guard_max_new_tokens, self._overhead())
         elif self.backend is not None and self.backend.supports_prefix:
             p.assistant_prefix = JSON_PREFIX
         return p
 
-    def _raw(self, user_texts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]]) -> list[str]:
-        """Call the guard LLM on a batch; the prefix is put back in front of each output."""
+    def _overhead(self) -> int:
+        """Tokens of the decision's JSON around the instruction, by the guard model's tokenizer where there is one."""
+        tok = getattr(self.backend, "tokenizer", None)
+        skeleton = '{"requires_refusal": false, "cot_instruction": ""}'
+        try:
+            return len(tok(skeleton, add_special_tokens=False)["input_ids"]) + 4 if tok is not None else 20
+        except Exception:  # noqa: BLE001 - an unusual tokenizer: the default allowance
+            return 20
+
+    def raw_batch(self, user_texts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]]) -> list[str]:
+        """The guard LLM's raw outputs for a batch (the forced prefix put back in front), before any parsing."""
         if self.backend is None:
             raise RuntimeError("no guard backend")
         p = self.params()
@@ -86,21 +108,33 @@ class CoTGuard:
                      ) -> list[tuple[GuardDecision, str, str | None]]:
         """Decide for each flagged prompt: (decision, source 'llm'|'template', fallback reason or None).
 
-        Raises the backend's exception (or TimeoutError) when the guard model itself fails, so that
-        the caller applies the failure policy; invalid output is a fallback, not a failure.
+        ``guard_mode='template'`` sends the per-target template instruction and lets the target answer;
+        ``'refuse'`` refuses; ``'llm'`` asks the guard model. Raises the backend's exception (or TimeoutError) when
+        the guard model itself fails, so that the caller applies the failure policy; invalid output is a fallback
+        (refusing or not as ``fallback_requires_refusal`` says), not a failure.
         """
         n = len(user_texts)
         if n == 0:
             return []
-        if self.config.guard_mode == "template" or self.backend is None:
-            return [(self._fallback(t), "template", "guard_mode=template") for t in targets]
-        fut = self._pool.submit(self._raw, list(user_texts), [list(t) for t in targets])
+        mode = self.config.guard_mode
+        if mode in ("template", "refuse"):
+            return [(self.fallback(t, mode == "refuse"), "template", f"guard_mode={mode}") for t in targets]
+        if self.backend is None:
+            return [(self._fallback(t), "template", "no guard model") for t in targets]
+        fut = self._pool.submit(self.raw_batch, list(user_texts), [list(t) for t in targets])
         t0 = time.perf_counter()
         try:
             raws = fut.result(timeout=self.config.guard_timeout_s)
         except concurrent.futures.TimeoutError as e:
             fut.cancel()
             raise TimeoutError(f"guard model gave no answer within {self.config.guard_timeout_s:.1f}s") from e
+        log.debug("guard decided %d prompts in %.3fs", n, time.perf_counter() - t0)
+        return self.parse_batch(raws, targets)
+
+    def parse_batch(self, raws: Sequence[str], targets: Sequence[Sequence[ForgetTarget]]
+                    ) -> list[tuple[GuardDecision, str, str | None]]:
+        """Read the guard model's raw outputs as decisions (repairing what ``parse_decision`` can); the template
+        fallback where an output is hopeless."""
         out: list[tuple[GuardDecision, str, str | None]] = []
         for raw, tg in zip(raws, targets, strict=True):
             try:
@@ -109,7 +143,6 @@ class CoTGuard:
                 log.info("guard output invalid (%s; %d chars); using the template instruction for %s",
                          e, len(raw), [t.id for t in tg])
                 out.append((self._fallback(tg), "template", f"invalid guard output: {e}"))
-        log.debug("guard decided %d prompts in %.3fs", n, time.perf_counter() - t0)
         return out
 
     def decide(self, user_text: str, targets: Sequence[ForgetTarget]) -> tuple[GuardDecision, str, str | None]:

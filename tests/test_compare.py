@@ -113,7 +113,7 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
         task="offline", base_model=tiny_dirs["target"], target_model=tiny_dirs["target"],
         retain_model=tiny_dirs["retain"],
         methods=["rmu", "npo"], method_params={"rmu": steps, "npo": steps}, guard_with=["rmu"],
-        guard={"guard_mode": "template"},
+        guard={"guard_mode": "refuse"},
         attacks=["paraphrase", "split-turn", "quantize-4bit", "relearn", "linear-probe"],
         attack_params={"relearn": {"steps": 2, "num_examples": 2}, "linear-probe": {"max_items": 20}},
         max_forget=6, max_heldout=4, max_retain=4, max_neighbour=4, max_benign=4, max_general=4, max_attack_items=3,
@@ -167,7 +167,7 @@ def test_comparison_runs_on_lume(tiny_dirs, tmp_path, monkeypatch):
     cfg = CompareConfig(
         task=f"lume@{lume}", base_model=tiny_dirs["target"], target_model=tiny_dirs["target"],
         retain_model=tiny_dirs["retain"], methods=["npo"], method_params={"npo": steps}, guard_with=[],
-        guard={"guard_mode": "template"}, attacks=["paraphrase", "alias"], max_new_tokens=4,
+        guard={"guard_mode": "refuse"}, attacks=["paraphrase", "alias"], max_new_tokens=4,
         out=str(tmp_path / "report"))
     report, paths = run_comparison(cfg)
     v = report.values

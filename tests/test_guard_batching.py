@@ -78,7 +78,8 @@ def leaky_reply(msgs: list[dict[str, str]]) -> str:
 
 def make(detector: CountingDetector, **cfg: object) -> tuple[GuardedLLM, ScriptedBackend]:
     target = ScriptedBackend(leaky_reply)
-    conf = GuardConfig(guard_mode="template", **cfg)  # type: ignore[arg-type]
+    mode = "template" if cfg.get("fallback_requires_refusal") is False else "refuse"
+    conf = GuardConfig(guard_mode=mode, **cfg)  # type: ignore[arg-type]
     return GuardedLLM(target, detector, config=conf, targets=PEOPLE), target
 
 
@@ -313,7 +314,7 @@ async def test_async_stream_from_an_http_upstream_is_native_and_checked_as_it_st
                                          retry_backoff_s=0.0),
                            transport=httpx.MockTransport(never), async_transport=httpx.MockTransport(upstream))
     det = CountingDetector(PEOPLE)
-    g = GuardedLLM(be, det, config=GuardConfig(guard_mode="template", check_every_tokens=2), targets=PEOPLE)
+    g = GuardedLLM(be, det, config=GuardConfig(guard_mode="refuse", check_every_tokens=2), targets=PEOPLE)
 
     s = g.astream("Tell me a mystery.")
     out = "".join([d async for d in s])

@@ -91,17 +91,53 @@ def test_schema_when_supported_else_prefix() -> None:
     schema_be = ScriptedBackend(lambda m: '{"requires_refusal": true, "cot_instruction": "Decline politely."}',
                                 json_schema=True)
     CoTGuard(schema_be).decide("x", [T])
-    assert schema_be.calls[0][1].json_schema == GUARD_JSON_SCHEMA and schema_be.calls[0][1].assistant_prefix is None
+    sent = schema_be.calls[0][1].json_schema
+    assert sent is not None and schema_be.calls[0][1].assistant_prefix is None
+    assert sent["required"] == GUARD_JSON_SCHEMA["required"]  # the decision schema, its instruction capped to fit
+    assert sent["properties"]["cot_instruction"]["maxLength"] == GuardConfig().guard_max_new_tokens - 20
     prefix_be = ScriptedBackend(lambda m: 'false, "cot_instruction": "Answer only the general part."}', prefix=True)
     dec, source, _ = CoTGuard(prefix_be).decide("x", [T])
     assert prefix_be.calls[0][1].assistant_prefix == JSON_PREFIX
     assert (dec.requires_refusal, source) == (False, "llm")
 
 
-def test_template_mode_skips_the_guard_llm() -> None:
+def test_template_mode_sends_the_instruction_and_refuse_mode_refuses_without_the_guard_llm() -> None:
     be = ScriptedBackend()
-    dec, source, _ = CoTGuard(be, GuardConfig(guard_mode="template")).decide("x", [T])
-    assert source == "template" and not be.calls
+    dec, source, reason = CoTGuard(be, GuardConfig(guard_mode="template")).decide("x", [T])
+    assert (source, reason, dec.requires_refusal) == ("template", "guard_mode=template", False) and not be.calls
+    assert dec.cot_instruction == template_instruction([T])
+    dec, _, reason = CoTGuard(be, GuardConfig(guard_mode="refuse")).decide("x", [T])
+    assert (reason, dec.requires_refusal) == ("guard_mode=refuse", True) and not be.calls
+
+
+def test_template_mode_lets_the_target_answer_with_the_instruction() -> None:
+    from detectors.oracle import OracleDetector
+    from guard.api import GuardedLLM
+
+    target = ScriptedBackend(lambda m: "I can only help with the general part.")
+    g = GuardedLLM(target, OracleDetector([T]), config=GuardConfig(guard_mode="template"))
+    res = g.generate(f"Where was {T.names[0]} born, and what is the boiling point of water?")
+    assert res.trace.flagged and not res.trace.requires_refusal and res.finish_reason == "stop"
+    assert res.text == "I can only help with the general part."
+    assert template_instruction([T]) in target.calls[0][0][0]["content"]  # in the target's system turn
+    refused = GuardedLLM(target, OracleDetector([T]), config=GuardConfig(guard_mode="refuse")).generate(
+        f"Where was {T.names[0]} born?")
+    assert refused.finish_reason == "content_filter" and len(target.calls) == 1
+
+
+def test_constrained_decisions_of_a_real_model_always_parse() -> None:
+    """The grammar (xgrammar, on the transformers backend) holds even a random model to the decision schema within
+    the token budget: every output is a strictly valid decision, no repair needed."""
+    from core.guard_format import parse_guard_output
+    from core.models import tiny_llm
+    from guard.backends.transformers import TransformersBackend
+
+    be = TransformersBackend(tiny_llm(seed=1), batch_size=8)
+    assert be.supports_json_schema
+    guard = CoTGuard(be, GuardConfig(guard_max_new_tokens=96))
+    raws = guard.raw_batch([f"question {i}?" for i in range(8)], [[T]] * 8)
+    assert all(parse_guard_output(r) is not None for r in raws), raws
+    assert all(src == "llm" for _, src, _ in guard.parse_batch(raws, [[T]] * 8))
 
 
 def test_custom_guard_prompt_format() -> None:

@@ -117,7 +117,7 @@ def exercise_langchain(base: str) -> None:
     # The guard's own Runnable over the same proxy (an OpenAI upstream for GuardedLLM).
     inner = GuardedLLM(OpenAIHTTPBackend(OpenAIConfig(base_url=base, model="guarded",
                                                        api_key=PROXY_KEY, timeout_s=120)),
-                       OracleDetector([T]), config=GuardConfig(guard_mode="template", max_new_tokens=8))
+                       OracleDetector([T]), config=GuardConfig(guard_mode="refuse", max_new_tokens=8))
     chain2 = prompt | GuardRunnable(inner) | StrOutputParser()
     assert chain2.invoke({"q": FLAGGED}).startswith("I'm sorry")
     assert isinstance("".join(chain2.stream({"q": "What is 2+2?"})), str)
@@ -153,7 +153,7 @@ def test_proxy_reports_upstream_down_as_502() -> None:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     be = OpenAIHTTPBackend(OpenAIConfig(base_url=dead, model="x", max_retries=0, connect_timeout_s=1))
-    app = create_app(GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="template")), ServerConfig())
+    app = create_app(GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="refuse")), ServerConfig())
     with serve(app) as base:
         client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=30)
         with pytest.raises(openai.APIStatusError) as e:
@@ -287,7 +287,7 @@ def test_tool_calling_through_the_proxy_against_vllm_serve(vllm_up: str, capsys:
     from langchain_openai import ChatOpenAI
 
     be = OpenAIHTTPBackend(OpenAIConfig(base_url=vllm_up, model="smollm2", api_key=UP_KEY, timeout_s=120, max_retries=0))
-    g = GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="template", max_new_tokens=100))
+    g = GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="refuse", max_new_tokens=100))
     app = create_app(g, ServerConfig(api_keys=[PROXY_KEY], model_name="guarded"))
     report: list[str] = []
     with serve(app) as base:

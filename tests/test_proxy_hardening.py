@@ -111,7 +111,7 @@ def upstream_proxy(reply: Callable[[httpx.Request], httpx.Response], check_every
 
     be = OpenAIHTTPBackend(OpenAIConfig(base_url=UPSTREAM, model="m", max_retries=0),
                            async_transport=httpx.MockTransport(handler))
-    g = GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="template", check_every_tokens=check_every))
+    g = GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="refuse", check_every_tokens=check_every))
     return TestClient(create_app(g, ServerConfig(**server)), raise_server_exceptions=False)
 
 
@@ -165,13 +165,13 @@ class MidStreamCrash(ScriptedBackend):
 
 
 def test_guard_and_internal_failures_show_no_exception_text() -> None:
-    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="template"))
+    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="refuse"))
     c = TestClient(create_app(g, ServerConfig()), raise_server_exceptions=False)
     for stream in (False, True):
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": stream})
         assert r.status_code == 503 and r.json()["error"]["code"] == "guard_unavailable", r.text
         assert "the detector failed (RuntimeError)" in r.text and leaks(r.text) == [], r.text
-    g2 = GuardedLLM(MidStreamCrash(), OracleDetector([T]), config=GuardConfig(guard_mode="template",
+    g2 = GuardedLLM(MidStreamCrash(), OracleDetector([T]), config=GuardConfig(guard_mode="refuse",
                                                                               check_every_tokens=1))
     c2 = TestClient(create_app(g2, ServerConfig()), raise_server_exceptions=False)
     r2 = c2.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": True})
@@ -183,7 +183,7 @@ def test_an_exposed_trace_and_the_log_carry_no_exception_text(caplog: pytest.Log
     """Failing open with ``expose_trace``: the trace a client sees names the failed stage and the exception class,
     not the message (which quotes the detector's input); the log has it only redacted."""
     caplog.set_level(logging.DEBUG)
-    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="template", fail_open=True))
+    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="refuse", fail_open=True))
     c = TestClient(create_app(g, ServerConfig(expose_trace=True)), raise_server_exceptions=False)
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}]})
     assert r.status_code == 200 and r.json()["guard"]["fail_open_used"], r.text
@@ -226,7 +226,7 @@ class SlowTarget(ScriptedBackend):
 
 def slow_app(delay_s: float, **server: Any) -> tuple[Any, SlowTarget]:
     target = SlowTarget(delay_s)
-    g = GuardedLLM(target, OracleDetector([T]), config=GuardConfig(guard_mode="template"))  # template: refuses
+    g = GuardedLLM(target, OracleDetector([T]), config=GuardConfig(guard_mode="refuse"))  # template: refuses
     return create_app(g, ServerConfig(**server)), target
 
 
@@ -386,7 +386,7 @@ def test_serve_refuses_blank_keys_with_a_clear_error(tmp_path: Path, monkeypatch
 
 
 def test_metrics_and_docs_need_a_client_key_when_keys_are_set() -> None:
-    g = GuardedLLM(ScriptedBackend(), OracleDetector([T]), config=GuardConfig(guard_mode="template"))
+    g = GuardedLLM(ScriptedBackend(), OracleDetector([T]), config=GuardConfig(guard_mode="refuse"))
     protected = TestClient(create_app(g, ServerConfig(api_keys=[KEY])))
     for path in ("/metrics", "/docs", "/redoc", "/openapi.json"):
         r = protected.get(path)
@@ -406,7 +406,7 @@ def test_metrics_and_docs_need_a_client_key_when_keys_are_set() -> None:
 
 
 def test_streams_that_fail_before_the_first_byte_are_counted_like_answers() -> None:
-    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="template"))
+    g = GuardedLLM(ScriptedBackend(), Broken([T]), config=GuardConfig(guard_mode="refuse"))
     c = TestClient(create_app(g, ServerConfig()), raise_server_exceptions=False)
     for stream in (False, True):
         assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}],

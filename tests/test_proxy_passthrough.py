@@ -93,7 +93,7 @@ def proxy(upstream: Upstream, detector: Any = None, guard: GuardConfig | None = 
     """The guard proxy in front of the scripted upstream (template guard: no guard-model call)."""
     be = OpenAIHTTPBackend(OpenAIConfig(base_url="http://up.test/v1", model="up", max_retries=0),
                            transport=httpx.MockTransport(upstream), async_transport=httpx.MockTransport(upstream))
-    cfg = guard or GuardConfig(guard_mode="template", check_every_tokens=1)
+    cfg = guard or GuardConfig(guard_mode="refuse", check_every_tokens=1)
     g = GuardedLLM(be, detector or OracleDetector([T]), config=cfg)
     return TestClient(create_app(g, ServerConfig(api_keys=[KEY], **server)), headers={"Authorization": f"Bearer {KEY}"})
 
@@ -295,7 +295,7 @@ def test_a_local_backend_serves_what_it_implements_and_names_what_is_wrong() -> 
     from guard.backends.transformers import TransformersBackend
 
     be = TransformersBackend(tiny_llm(seed=3), batch_size=4)
-    c = TestClient(create_app(GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="template")),
+    c = TestClient(create_app(GuardedLLM(be, OracleDetector([T]), config=GuardConfig(guard_mode="refuse")),
                               ServerConfig()))
     client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=c, max_retries=0)
     res = client.chat.completions.create(model="m", messages=[{"role": "user", "content": BENIGN}], n=3,

@@ -288,8 +288,7 @@ def proxy_app(cfg: LoadConfig, upstream: str, det_dir: Path) -> Any:
     target = OpenAIHTTPBackend(OpenAIConfig(base_url=upstream, model=_MODEL, timeout_s=cfg.timeout_s))
     batching = {"detector_batch_window_ms": cfg.batch_window_ms, "detector_max_batch": cfg.max_batch,
                 "detector_max_inflight": cfg.max_inflight}
-    gcfg = GuardConfig(guard_mode="template", output_check=cfg.output_check,
-                       fallback_requires_refusal=cfg.refuse_flagged,
+    gcfg = GuardConfig(guard_mode="refuse" if cfg.refuse_flagged else "template", output_check=cfg.output_check,
                        **{k: v for k, v in batching.items() if v is not None})
     guarded = GuardedLLM(target, det, config=gcfg, targets=benchmark_task(cfg))
     limits: dict[str, Any] = {"max_queue": cfg.proxy_max_queue} if cfg.proxy_max_queue is not None else {}

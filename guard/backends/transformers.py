@@ -4,7 +4,8 @@ streaming via ``TextIteratorStreamer`` in a worker thread.
 The chat API's optional features it implements (``TransformersBackend.features``): ``n`` choices, ``logprobs`` and
 ``top_logprobs``, ``frequency_penalty``/``presence_penalty`` and ``logit_bias`` (logits processors, streams included)
 and ``response_format`` (JSON grammar via xgrammar's Hugging Face logits processor, where xgrammar is installed).
-The guard's own ``json_schema`` is still prefix-forced (no grammar). Tools are not implemented.
+The guard's own ``json_schema`` (its decision schema) is grammar-constrained the same way; without xgrammar it is
+prefix-forced instead. Tools are not implemented.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class TransformersBackend(Backend):
         self.model_id = model_id or llm.source
         # response_format needs xgrammar importable here (it is not a dependency of the project)
         self.features = _FEATURES | ({"response_format"} if _xgrammar_importable() else frozenset())
+        self.supports_json_schema = "response_format" in self.features  # the guard's decision schema, by grammar
         self._grammar_compiler: Any = None
         self._grammar_lock = threading.Lock()
 
@@ -246,12 +248,12 @@ class TransformersBackend(Backend):
             eos = self.tokenizer.eos_token_id
         return [int(e) for e in ([] if eos is None else eos if isinstance(eos, list | tuple) else [eos])]
 
-    def _grammar(self, response_format: dict[str, Any]) -> Any:
-        """The compiled xgrammar grammar of a ``response_format`` (the compiler is built once, its cache reused)."""
+    def _grammar(self, schema: dict[str, Any], field: str = "response_format") -> Any:
+        """The compiled xgrammar grammar of a JSON schema (the compiler is built once, its cache reused); ``field`` is
+        the request field a failure is reported against."""
         if "response_format" not in self.features:
-            raise RequestFieldError("response_format", "response_format needs the xgrammar package, which cannot be imported here; install "
-                             "xgrammar or send the request without response_format")
-        schema = _json_grammar_schema(response_format)
+            raise RequestFieldError(field, f"{field} needs the xgrammar package, which cannot be imported here; "
+                                    "install xgrammar or send the request without it")
         import xgrammar as xgr
 
         with self._grammar_lock:
@@ -263,7 +265,7 @@ class TransformersBackend(Backend):
             # compact JSON (no free whitespace): a weak model cannot fill max_new_tokens with blanks
             return self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError/ValueError for a schema it cannot take
-            raise RequestFieldError("response_format", f"response_format JSON schema cannot be compiled into a grammar: {e}") from e
+            raise RequestFieldError(field, f"{field}: the JSON schema cannot be compiled into a grammar: {e}") from e
 
     def _controls(self, params: GenParams) -> _Controls:
         """Validate what the request asks of the logits (ValueError saying what is wrong) and prepare it."""
@@ -276,7 +278,11 @@ class TransformersBackend(Backend):
             bias = torch.zeros(size)
             if parsed:
                 bias[list(parsed)] = torch.tensor(list(parsed.values()))
-        grammar = self._grammar(params.response_format) if params.response_format else None
+        grammar = None
+        if params.response_format:
+            grammar = self._grammar(_json_grammar_schema(params.response_format))
+        elif params.json_schema is not None and params.assistant_prefix is None:
+            grammar = self._grammar(params.json_schema, "json_schema")
         return _Controls(params.frequency_penalty or 0.0, params.presence_penalty or 0.0, bias, grammar)
 
     @staticmethod
@@ -285,7 +291,7 @@ class TransformersBackend(Backend):
         return (params.assistant_prefix is None and not params.stop and params.seed is None
                 and params.temperature == 0 and params.n == 1 and not params.logprobs and not params.top_logprobs
                 and not params.response_format and not params.frequency_penalty and not params.presence_penalty
-                and not params.logit_bias)
+                and not params.logit_bias and params.json_schema is None)
 
     def _logprobs(self, ids: list[int], steps: Any, k: int) -> dict[str, Any]:
         """OpenAI's logprobs object of chosen tokens ``ids`` from their steps' raw logits (one row per token)."""
