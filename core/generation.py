@@ -18,6 +18,13 @@ TEXT_PARTS = ("text", "refusal")
 other part (``image_url``, ``input_audio``, ``file``...) is non-text content."""
 
 
+def has_non_text(message: Mapping[str, Any]) -> bool:
+    """Whether a message carries non-text content parts (images, audio, files), which no detector reads."""
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(p, Mapping) and p.get("type") not in TEXT_PARTS
+                                             for p in content)
+
+
 def content_text(content: Any) -> str:
     """The text of a message's content: a string, or the text parts of a part list joined by newlines, so that a
     detector and a local model read what a client wrote; non-text parts carry no text."""

@@ -408,7 +408,7 @@ class GuardedLLM:
         choices = o.choices()
         kind = "json" if params.response_format else "content"
         parts = [[(kind, json_text(c.text) if params.response_format else c.text)] * bool(c.text)
-                 + [("tool_call", f"{tc.get('id', '')}\n{tool_call_text(tc)}") for tc in c.tool_calls]
+                 + [("tool_call", _checked_call_text(tc)) for tc in c.tool_calls]
                  for c in choices]
         flat = [(i, part, text) for i, ps in enumerate(parts) for part, text in ps]
         verdicts = await asyncio.gather(*(self._blocked(pl, text, shared) for _, _, text in flat))
@@ -550,7 +550,7 @@ class GuardedLLM:
                 released_any = True
                 yield rest
             if calls:  # checked whole: a half-written argument cannot be judged
-                hits = await asyncio.gather(*(self._blocked(pl, f"{c['id']}\n{tool_call_text(c)}", shared)
+                hits = await asyncio.gather(*(self._blocked(pl, _checked_call_text(c), shared)
                                               for c in calls))
                 if any(hits):
                     pl.trace.blocked_parts.extend(["tool_call"] * sum(hits))
@@ -729,6 +729,12 @@ class AsyncGuardStream:
     async def aclose(self) -> None:
         """Stop generation early (the upstream request is closed)."""
         await self._it.aclose()  # type: ignore[attr-defined]
+
+
+def _checked_call_text(call: dict[str, Any]) -> str:
+    """What the output check reads of a tool call: its id (upstream text that reaches the client too), its name and
+    its arguments."""
+    return f"{call.get('id', '')}\n{tool_call_text(call)}"
 
 
 def _takes_about(fn: Callable[..., Any]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.generation import TEXT_PARTS, Message
+from core.generation import Message, has_non_text
 from core.models import DEFAULT_LLM
 from core.registry import Registry, import_submodules
 
@@ -110,6 +110,19 @@ class StreamToolCalls:
     calls: list[dict[str, Any]]
 
 
+MIN_LOGPROB = -9999.0
+"""What vLLM's OpenAI server reports for a log probability of -inf (JSON has no infinity)."""
+
+
+def logprob_entry(token: str, logprob: float, top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One OpenAI log-probability entry of a local backend (``top`` is left out for an alternative)."""
+    e: dict[str, Any] = {"token": token, "logprob": max(MIN_LOGPROB, float(logprob)),
+                         "bytes": list(token.encode("utf-8", errors="replace"))}
+    if top is not None:
+        e["top_logprobs"] = top
+    return e
+
+
 class GenOutput(BaseModel):
     """One generated answer (the first choice); ``others`` holds choices 1..n-1 when several were asked for."""
 
@@ -144,7 +157,7 @@ class Backend(ABC):
         """The first feature a request uses that this backend does not implement, as (field, message naming the
         backends that do), or None when it can serve the request."""
         used = params.features_used()
-        if messages is not None and any(_non_text(m) for m in messages):
+        if messages is not None and any(has_non_text(m) for m in messages):
             used.append("non_text_content")
         for field in used:
             key = field.split(".")[0]
@@ -216,12 +229,6 @@ class Backend(ABC):
     def close(self) -> None:
         """Release resources (threads, connections, engines)."""
         return None
-
-
-def _non_text(message: Message) -> bool:
-    """Whether a message carries non-text content parts (images, audio, files)."""
-    content = message.get("content")
-    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") not in TEXT_PARTS for p in content)
 
 
 _END = object()

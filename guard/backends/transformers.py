@@ -20,7 +20,15 @@ from typing import Any, Literal
 
 from core.generation import chat_text, generate
 from core.models import LoadedLLM, load_llm
-from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
+from guard.backends.base import (
+    BACKENDS,
+    Backend,
+    BackendConfig,
+    GenOutput,
+    GenParams,
+    Messages,
+    logprob_entry,
+)
 from guard.types import BackendError, RequestFieldError
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,6 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 _FEATURES = frozenset({"n", "logprobs", "top_logprobs", "frequency_penalty", "presence_penalty", "logit_bias"})
 _BIAS_LIMIT = 100.0  # OpenAI's (and vLLM's) logit_bias range: values beyond it are clamped, as vLLM does
-_MIN_LOGPROB = -9999.0  # what vLLM's OpenAI server reports for -inf (JSON has no infinity)
 _LOGITS_BUDGET_BYTES = 1 << 30  # raw logits kept per generate call when log probabilities are asked for
 
 
@@ -139,15 +146,6 @@ def _xgrammar_importable() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means no grammar-constrained output
         return False
     return True
-
-
-def _lp_entry(token: str, logprob: float, top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One OpenAI log-probability entry (``top`` is left out for an alternative)."""
-    e: dict[str, Any] = {"token": token, "logprob": max(_MIN_LOGPROB, float(logprob)),
-                         "bytes": list(token.encode("utf-8", errors="replace"))}
-    if top is not None:
-        e["top_logprobs"] = top
-    return e
 
 
 class _Controls:
@@ -305,9 +303,9 @@ class TransformersBackend(Backend):
         top_v, top_i = torch.topk(lps, k, dim=-1) if k else (None, None)
         content = []
         for t, (tid, lp) in enumerate(zip(ids, chosen, strict=True)):
-            alts = ([_lp_entry(tok.decode([a], skip_special_tokens=False), v)
+            alts = ([logprob_entry(tok.decode([a], skip_special_tokens=False), v)
                      for a, v in zip(top_i[t].tolist(), top_v[t].tolist(), strict=True)] if k else [])
-            content.append(_lp_entry(tok.decode([tid], skip_special_tokens=True), lp, alts))
+            content.append(logprob_entry(tok.decode([tid], skip_special_tokens=True), lp, alts))
         return {"content": content}
 
     def _choice(self, row: Any, params: GenParams, logits: Any, r: int) -> GenOutput:

@@ -23,11 +23,19 @@ from pydantic import Field
 
 from core.generation import chat_text
 from core.models import resolve_llm_path
-from guard.backends.base import BACKENDS, Backend, BackendConfig, GenOutput, GenParams, Messages
+from guard.backends.base import (
+    BACKENDS,
+    MIN_LOGPROB,
+    Backend,
+    BackendConfig,
+    GenOutput,
+    GenParams,
+    Messages,
+    logprob_entry,
+)
 from guard.types import BackendError, RequestFieldError
 
 log = logging.getLogger(__name__)
-_MIN_LOGPROB = -9999.0  # what vLLM's OpenAI server reports for -inf (JSON has no infinity)
 _MANAGED = {"n": "n", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "stop": "stop",
             "seed": "seed", "logprobs": "logprobs/top_logprobs", "presence_penalty": "presence_penalty",
             "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias"}
@@ -37,15 +45,6 @@ _INTERNAL = frozenset({"output_kind", "skip_clone", "output_text_buffer_length",
                        "routed_experts_prompt_start"})
 """SamplingParams fields not taken from clients: vLLM's internals and debugging fields, ``detokenize`` (it would hide
 the text from the output check) and prompt log probabilities (this backend does not return them)."""
-
-
-def _lp_entry(token: str, logprob: float, top: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One OpenAI log-probability entry (``top`` is left out for an alternative)."""
-    e: dict[str, Any] = {"token": token, "logprob": max(_MIN_LOGPROB, float(logprob)),
-                         "bytes": list(token.encode("utf-8", errors="replace"))}
-    if top is not None:
-        e["top_logprobs"] = top
-    return e
 
 
 def vllm_available() -> bool:
@@ -226,9 +225,9 @@ class VLLMBackend(Backend):
             chosen = step.get(tid)
             token = chosen.decoded_token if chosen is not None and chosen.decoded_token is not None else tok.decode([tid])
             ranked = sorted(step.items(), key=lambda kv: -kv[1].logprob)[:k]
-            top = [_lp_entry(lp.decoded_token if lp.decoded_token is not None else tok.decode([a]), lp.logprob)
+            top = [logprob_entry(lp.decoded_token if lp.decoded_token is not None else tok.decode([a]), lp.logprob)
                    for a, lp in ranked]
-            content.append(_lp_entry(token, chosen.logprob if chosen is not None else _MIN_LOGPROB, top))
+            content.append(logprob_entry(token, chosen.logprob if chosen is not None else MIN_LOGPROB, top))
         return {"content": content}
 
     def _run(self, texts: Sequence[str], params: GenParams, strip: bool) -> list[GenOutput]:

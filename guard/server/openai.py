@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from core.generation import tools_text
+from core.generation import has_non_text, tools_text, turn_text
 from guard.api import AsyncGuardStream, GuardResult
 from guard.backends import GenParams
 from guard.server.errors import ApiError, backend_failure, error_body, unavailable_message
@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-def check_text(st: ServerState, texts: list[str], param: str) -> None:
-    """Refuse prompts with no text or too much text (400 naming ``param``)."""
+def check_text(st: ServerState, texts: list[str], param: str, require_text: bool = True) -> None:
+    """Refuse prompts with too much text or (``require_text``) none at all (400 naming ``param``)."""
     cfg = st.config
     total = sum(len(t) for t in texts)
     if total > cfg.max_prompt_chars:
         raise ApiError(400, f"{param}: {total} characters of text is over this server's limit of "
                        f"{cfg.max_prompt_chars}", "invalid_request_error", param, "prompt_too_long")
-    if not any(t.strip() for t in texts):
+    if require_text and not any(t.strip() for t in texts):
         raise ApiError(400, f"{param}: no text to answer (every message or prompt is empty)",
                        "invalid_request_error", param, "empty_prompt")
 
@@ -226,9 +226,10 @@ def chat_params(st: ServerState, req: ChatCompletionRequest, forwarded: dict[str
         "passthrough": {k: v for k, v in forwarded.items() if k not in BOOKKEEPING}})
 
 
-def check_chat_request(st: ServerState, req: ChatCompletionRequest) -> dict[str, Any]:
+def check_chat_request(st: ServerState, req: ChatCompletionRequest, msgs: list[dict[str, Any]]) -> dict[str, Any]:
     """Refuse what the guard cannot take (400 naming the field): too many messages or choices, refused or unknown
-    vendor fields, non-text content where it is configured off; return the vendor fields to forward."""
+    vendor fields, non-text content where it is configured off, too much text (``msgs``: the request's messages as
+    the guard gets them); return the vendor fields to forward."""
     cfg = st.config
     if len(req.messages) > cfg.max_messages:
         raise ApiError(400, f"at most {cfg.max_messages} messages per request", "invalid_request_error", "messages")
@@ -239,22 +240,20 @@ def check_chat_request(st: ServerState, req: ChatCompletionRequest) -> dict[str,
     except FieldRefused as e:
         raise ApiError(400, str(e), "invalid_request_error", e.field, e.code) from e
     if cfg.non_text_content == "reject":
-        for i, m in enumerate(req.messages):
-            if m.non_text():
+        for i, m in enumerate(msgs):
+            if has_non_text(m):
                 raise ApiError(400, f"messages[{i}].content: this server accepts text only (server.non_text_content="
                                "'reject'); send text parts", "invalid_request_error", f"messages.{i}.content",
                                "non_text_content")
-    texts = [m.text() for m in req.messages]
+    texts = [turn_text(m) for m in msgs]
     if req.tools:  # the detector reads the tool definitions too: they count towards max_prompt_chars
         total = sum(len(t) for t in texts) + len(tools_text([t.model_dump(exclude_none=True) for t in req.tools]))
         if total > cfg.max_prompt_chars:
             raise ApiError(400, f"tools: {total} characters of text in messages and tool definitions is over this "
                            f"server's limit of {cfg.max_prompt_chars}", "invalid_request_error", "tools",
                            "prompt_too_long")
-    if not any(m.non_text() for m in req.messages):  # an image-only question has no text, and needs none
-        check_text(st, texts, "messages")
-    elif sum(len(t) for t in texts) > cfg.max_prompt_chars:
-        check_text(st, texts, "messages")
+    # an image-only question has no text, and needs none
+    check_text(st, texts, "messages", require_text=not any(has_non_text(m) for m in msgs))
     check_unicode(req)
     return forwarded
 
@@ -309,8 +308,8 @@ async def whole_sse(st: ServerState, chunks: list[dict[str, Any]], endpoint: str
 async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
     cfg, guarded, metrics = st.config, st.guarded, st.metrics
     t0 = time.perf_counter()
-    forwarded = check_chat_request(st, req)
     msgs = [m.to_message() for m in req.messages]
+    forwarded = check_chat_request(st, req, msgs)
     params = chat_params(st, req, forwarded)
     guarded.check_supported(params, msgs)  # UnsupportedFeatureError: 400 naming the field (guard.server.errors)
     json_mode = params.response_format is not None

@@ -22,7 +22,6 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.generation import turn_text
 from core.schema import ForgetTarget
 
 
@@ -152,14 +151,6 @@ class ChatMessageIn(BaseModel):
         if self.role == "tool" and not self.tool_call_id:
             raise _invalid("tool_call_id", "a tool message needs tool_call_id (the id of the call it answers)")
         return self
-
-    def text(self) -> str:
-        """All the message's text: its text parts and its tool calls' names and arguments (what is scored)."""
-        return turn_text(self.to_message())
-
-    def non_text(self) -> bool:
-        """Whether the message carries non-text content parts (images, audio, files)."""
-        return isinstance(self.content, list) and any(p.get("type") in NON_TEXT_PARTS for p in self.content)
 
     def to_message(self) -> dict[str, Any]:
         """The message as the guard and the upstream get it (developer turns count as system turns)."""
