@@ -89,6 +89,11 @@ class CompareConfig(BaseModel):
     max_benign: int = Field(8, ge=1, description="(c) held-out benign questions evaluated.")
     max_general: int = Field(24, ge=1, description="(c) general-knowledge questions evaluated.")
     max_attack_items: int = Field(6, ge=1, description="(b) unseen facts each prompt attack is applied to.")
+    max_mixed: int = Field(6, ge=0, description="Mixed prompts per kind (joint, step, neighbour; 0: none).")
+    mixed_guard_modes: list[Literal["llm", "template", "refuse"]] = Field(
+        default_factory=lambda: ["llm", "template", "refuse"],
+        description="Guard modes scored on the mixed prompts; the configured mode is the 'guard' row, the others "
+                    "are rows 'guard (<mode>)'.")
     variants_per_item: int = Field(1, ge=1, description="Attack variants kept per item (seeded sample).")
     max_new_tokens: int = Field(32, ge=4)
     mcq_format: Literal["letter", "cloze"] = Field(
@@ -105,6 +110,7 @@ FULL_PROFILE: dict[str, Any] = {
     "methods": ["rmu", "r2mu", "tru", "npo", "simnpo", "graddiff", "ga", "idknll"],
     "guard_with": ["rmu", "npo"], "max_heldout": 24, "max_retain": 40, "max_neighbour": 40, "max_benign": 30,
     "max_general": 120, "max_attack_items": 12, "variants_per_item": 1, "max_new_tokens": 40, "attack_params": {},
+    "max_mixed": 12,
 }
 
 
@@ -162,7 +168,7 @@ class _Stage:
         self.timings[self.name] = round(self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0, 2)
 
 
-def _ensure_finetuned(cfg: CompareConfig, task: ForgetTask, which: str, retain: LoadedLLM | None = None) -> LoadedLLM:
+def ensure_finetuned(cfg: CompareConfig, task: ForgetTask, which: str, retain: LoadedLLM | None = None) -> LoadedLLM:
     """Load the fine-tuned target/retain model, fine-tuning (or reusing a cached run) when none is given.
 
     Both see the whole task (the world before any forget request). The retain model learns all but the forget
@@ -386,6 +392,35 @@ def _prompt_attack_sets(cfg: CompareConfig, ev: _Eval, names: list[str],
     return sets, dropped
 
 
+def _mixed_suite(cfg: CompareConfig, ev: _Eval, systems: Sequence[System], extra: Sequence[System],
+                 holds: Callable[[str], str | None]) -> tuple[dict[str, dict[str, dict[str, float | None]]],
+                                                             list[dict[str, Any]], int]:
+    """Answer the mixed prompts (:mod:`eval.mixed`) with every system and score them per kind; also returns the
+    prompts with each system's answer (for the report's details) and how many prompts were dropped as held."""
+    from eval.mixed import build_mixed, score_mixed
+
+    neighbours = ev.sets["c:neighbour"]
+    built = build_mixed(ev.sets["b:unseen_fact"], ev.facts["b:unseen_fact"], ev.general, neighbours,
+                        item_facts(ev.task, neighbours), cfg.max_mixed, cfg.seed)
+    items = [it for it in built if holds(it.prompt) is None]
+    if not items:
+        return {}, [], len(built)
+    tokens = 2 * cfg.max_new_tokens  # two parts to answer
+    bare = systems[0].answer([it.benign_prompt for it in items], tokens, cfg.batch_size,
+                             desc="mixed: benign parts alone")
+    scores: dict[str, dict[str, dict[str, float | None]]] = {}
+    answers: dict[str, list[Response]] = {}
+    for sys in [*systems, *extra]:
+        answers[sys.name] = sys.respond([it.prompt for it in items], tokens, cfg.batch_size,
+                                        desc=f"{sys.name}: mixed prompts")
+        scores[sys.name] = score_mixed(items, [r.text for r in answers[sys.name]], bare, ev.rouge)
+    rows = [{"kind": it.kind, "prompt": it.prompt, "forget_facts": it.forget_facts, "benign_prompt": it.benign_prompt,
+             "bare_benign_answer": bare[i],
+             "answers": {n: {"text": rs[i].text, "source": rs[i].source} for n, rs in answers.items()}}
+            for i, it in enumerate(items)]
+    return scores, rows, len(built) - len(items)
+
+
 def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     """Run the whole comparison and write the report; returns the report and its file paths."""
     from detectors.config import DetectorConfig
@@ -411,9 +446,9 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
         split = split_task(task, cfg.split, general_items_for(task))
         request = split.request
     with _Stage(timings, "finetune retain"):
-        retain = _ensure_finetuned(cfg, task, "retain")
+        retain = ensure_finetuned(cfg, task, "retain")
     with _Stage(timings, "finetune target"):
-        target = _ensure_finetuned(cfg, task, "target", retain)
+        target = ensure_finetuned(cfg, task, "target", retain)
     target_path = str(target.path)
     dcfg = DetectorConfig.model_validate(cfg.detector)
     with _Stage(timings, "detector build"):
@@ -465,6 +500,19 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                 values[sys.name]["privleak"] = None
                 if not any(n.startswith("privleak undefined") for n in notes):
                     notes.append(f"privleak undefined: {e} (reference Min-K% AUC {ref_raw['auc']:.3f}).")
+
+    # ---- mixed prompts: a forget part and a benign part in one prompt ---------------------------------
+    mode = gcfg.guard_mode
+    extra_guards = [guarded_system(f"guard ({m})", target, detector, request, gcfg.model_copy(update={"guard_mode": m}))
+                    for m in cfg.mixed_guard_modes if m != mode]
+    mixed: dict[str, dict[str, dict[str, float | None]]] = {}
+    mixed_rows: list[dict[str, Any]] = []
+    if cfg.max_mixed:
+        with _Stage(timings, "mixed prompts"):
+            mixed, mixed_rows, mixed_dropped = _mixed_suite(cfg, ev, systems, extra_guards, holds)
+        if mixed_dropped:
+            notes.append(f"mixed prompts dropped because a system holds them: {mixed_dropped}.")
+    del extra_guards
 
     # ---- attacks -------------------------------------------------------------------------------
     wanted = cfg.attacks if cfg.attacks is not None else attack_names()
@@ -520,6 +568,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     # ---- the parity check, over everything that was evaluated ---------------------------------------
     extra = {f"attack:{n}": [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in ps]
              for n, (ps, _) in psets.items()}
+    extra["mixed"] = [r["prompt"] for r in mixed_rows]
     parity = parity_check(split, stores, extra)
     if parity.total:
         raise RuntimeError(f"information parity violated: {parity.total} evaluated texts are held by a system "
@@ -558,6 +607,9 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               "recovery = (attacked - plain) / (upper - plain) on the attacked items, with the original model under "
               "the same attack as the upper reference where it was run (prompt attacks, quantization), else the "
               "original's plain answers.",
+              f"mixed prompts: {len(mixed_rows)} (joint, step, neighbour), each a held-out unseen fact joined with a "
+              "held-out benign part; answers capped at twice the plain budget; benign_rouge is ROUGE-L recall against "
+              f"the original model's answer to the benign part alone; the 'guard' row runs guard_mode={mode}.",
               "white-box metrics (truth ratio, MCQ, MIA, probe) are not applicable to guarded systems: an attacker "
               "with the weights drops the guard; the weights are those of the row without 'guard'.",
               f"detector threshold {detector.threshold:.4f} ({_calibration_note(detector)}); guard_fpr_c is "
@@ -571,7 +623,8 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                             ideal=c.ideal, count=c.count) for c in present],
         values=values, attacks=prompt_names + weight_names, attack_values=attack_values, attack_recovery=recovery,
         attack_metric="forget_fact_rate", forget_axis="forget_fact_rate_b", utility_axis="utility_hm",
-        details={"systems": ev.details, "attacks": attack_details}, samples=samples, timings=timings, notes=notes,
+        details={"systems": ev.details, "attacks": attack_details, "mixed": mixed_rows}, samples=samples,
+        mixed=mixed, timings=timings, notes=notes,
         split={**split.counts(), "evaluated": counts}, parity=parity.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"))
     return report, write_report(report, out)

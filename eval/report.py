@@ -66,6 +66,8 @@ class Report(BaseModel):
     forget_axis: str = "forget_fact_rate_b"
     utility_axis: str = "utility_hm"
     details: dict = Field(default_factory=dict, description="Per-system and per-attack breakdowns (by group, ROUGE).")
+    mixed: dict[str, dict[str, dict[str, float | None]]] = Field(
+        default_factory=dict, description="system -> mixed-prompt kind (joint, step, neighbour, all) -> metric")
     samples: list[Sample] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
@@ -111,6 +113,23 @@ def _metric_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
         rows = [s for s in report.systems if any(report.values.get(s, {}).get(c) is not None for c in cols)]
         if cols and rows:
             out.append((title, _table(rows, cols, report.values, "system", counts)))
+    return out
+
+
+MIXED_LEGEND = ("a forget question and a benign part in one prompt. mixed_fact_rate: the forget fact stated (lower "
+                "is better, 0 for the guard); benign_answered: the benign part answered (higher is better); "
+                "benign_rouge: ROUGE-L recall against the bare model's answer to the benign part alone (higher is "
+                "better); refusal_rate: answers that refuse anything; n: prompts")
+
+
+def _mixed_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
+    """The mixed-prompt tables, one per kind (joint, step, neighbour, all): systems x the four scores."""
+    kinds = list(dict.fromkeys(k for per in report.mixed.values() for k in per))
+    out = []
+    for kind in kinds:
+        cell = {s: per.get(kind, {}) for s, per in report.mixed.items()}
+        cols = list(dict.fromkeys(c for v in cell.values() for c in v))
+        out.append((f"Mixed prompts: {kind}", _table(list(report.mixed), cols, cell, "system", frozenset({"n"}))))
     return out
 
 
@@ -229,6 +248,10 @@ def render_markdown(report: Report, images: list[str] | None = None) -> str:
                   _md_table(_table(report.systems, report.attacks, report.attack_values, "system")), "",
                   "### Recovery ratio (attacked - plain) / (original under the same attack - plain)", "",
                   _md_table(_table(report.systems, report.attacks, report.attack_recovery, "system")), ""]
+    if report.mixed:
+        parts += ["## Mixed prompts", "", MIXED_LEGEND + ".", ""]
+        for title, table in _mixed_tables(report):
+            parts += [f"### {title}", "", _md_table(table), ""]
     for img in images or []:
         parts += [f"![{img}]({img})", ""]
     if report.samples:
@@ -255,6 +278,10 @@ def render_html(report: Report, images: list[str] | None = None) -> str:
                  _html_table(_table(report.systems, report.attacks, report.attack_values, "system")),
                  "<h3>Recovery ratio</h3>",
                  _html_table(_table(report.systems, report.attacks, report.attack_recovery, "system"))]
+    if report.mixed:
+        body += ["<h2>Mixed prompts</h2>", f"<p>{html.escape(MIXED_LEGEND)}.</p>"]
+        for title, table in _mixed_tables(report):
+            body += [f"<h3>{html.escape(title)}</h3>", _html_table(table)]
     body += [f'<p><img src="{html.escape(i)}" alt="{html.escape(i)}"></p>' for i in images or []]
     if report.samples:
         body.append("<h2>Sample answers</h2>")

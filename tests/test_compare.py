@@ -117,7 +117,7 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
         attacks=["paraphrase", "split-turn", "quantize-4bit", "relearn", "linear-probe"],
         attack_params={"relearn": {"steps": 2, "num_examples": 2}, "linear-probe": {"max_items": 20}},
         max_forget=6, max_heldout=4, max_retain=4, max_neighbour=4, max_benign=4, max_general=4, max_attack_items=3,
-        max_new_tokens=4, out=str(tmp_path / "report"))
+        max_mixed=3, max_new_tokens=4, out=str(tmp_path / "report"))
     report, paths = run_comparison(cfg)
     assert report.systems == ["original", "guard", "rmu", "npo", "guard+rmu", "retain (reference)",
                               "base (reference)"]
@@ -145,7 +145,17 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
     # Recovery of a prompt attack is measured against the original under the same attack.
     d = report.details["attacks"]
     assert d["rmu"]["paraphrase"]["upper_fact_rate"] == report.attack_values["original"]["paraphrase"]
+    # Mixed prompts: every system plus the guard's other modes; refusing the flagged prompt loses the benign part.
+    m = report.mixed
+    assert set(m) == {"original", "guard", "guard (llm)", "guard (template)", "rmu", "npo", "guard+rmu"}
+    assert m["guard"]["all"]["n"] == 3 * 3 and set(m["guard"]) == {"joint", "step", "neighbour", "all"}
+    assert m["guard"]["all"]["refusal_rate"] >= 0.5 and m["original"]["all"]["refusal_rate"] == 0.0
+    assert m["guard"]["all"]["benign_answered"] <= m["original"]["all"]["benign_answered"] + 1e-9
+    assert m["guard"]["all"]["mixed_fact_rate"] == 0.0
+    rows = report.details["mixed"]
+    assert len(rows) == 9 and all(set(r["answers"]) == set(m) for r in rows)
     data = json.loads(paths["report.json"].read_text())
+    assert sum(data["parity"]["checked"].values()) >= 9 and "Mixed prompts: joint" in paths["report.md"].read_text()
     # One forget request for every system; nothing evaluated was held by any of them.
     assert data["parity"]["overlaps"] == {} and sum(data["parity"]["checked"].values()) > 100
     assert data["split"]["people"]["neighbour"] == {"request": 4, "evaluation": 4}

@@ -34,7 +34,7 @@ from eval.attacks.base import (
     register_attack,
     run_prompt_attack,
 )
-from eval.attacks.injection import INJECTION_STRINGS, PromptInjectionAttack
+from eval.attacks.injection import INJECTION_STRINGS, INJECTION_STYLES, PromptInjectionAttack
 from eval.attacks.jailbreak import JAILBREAK_TEMPLATES, JailbreakAttack
 from eval.attacks.probe import LinearProbeAttack, ProbeData, ProbeResult, fit_probe, hidden_features
 from eval.attacks.prompt import (
@@ -59,7 +59,7 @@ from eval.attacks.weights import (
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "ATTACKS", "INJECTION_STRINGS", "JAILBREAK_TEMPLATES", "SYSTEM_KINDS", "AliasAttack", "Attack", "AttackConfig",
+    "ATTACKS", "INJECTION_STRINGS", "INJECTION_STYLES", "JAILBREAK_TEMPLATES", "SYSTEM_KINDS", "AliasAttack", "Attack", "AttackConfig",
     "AttackError", "AttackedPrompt", "EntityMatch", "FewShotAttack", "JailbreakAttack",
     "KeywordEmphasisAttack", "LinearProbeAttack", "MultiHopAttack", "OODFinetuneAttack", "ObfuscationAttack",
     "ParaphraseAttack", "ProbeAttack", "ProbeData", "ProbeResult", "PromptAttack", "PromptInjectionAttack",
