@@ -46,7 +46,7 @@ from core.guard_format import GuardDecision
 from core.schema import ForgetTarget, ForgetTask
 from detectors.types import Detection
 from guard.backends import Backend, BackendConfig, GenOutput, GenParams, backend_config, make_backend
-from guard.backends.base import StreamToolCalls, StreamUsage
+from guard.backends.base import StreamReasoning, StreamToolCalls, StreamUsage
 from guard.batching import MicroBatcher
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
@@ -110,6 +110,11 @@ class GuardStream:
     def finish_reason(self) -> str:
         """'stop', 'length' or 'content_filter' once the stream has ended."""
         return self._astream.finish_reason
+
+    @property
+    def reasoning(self) -> str | None:
+        """The checked reasoning, where the target returned one apart (see :class:`AsyncGuardStream`)."""
+        return self._astream.reasoning
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -403,11 +408,13 @@ class GuardedLLM:
 
     async def _checked(self, pl: _Plan, o: GenOutput, params: GenParams, shared: bool) -> GuardResult:
         """The guarded result of a generated answer: every choice checked on its own (its text, read as JSON in JSON
-        mode, and each tool call's name and arguments); a blocked choice becomes the policy's refusal, with no tool
-        calls or log probabilities; alternative tokens are withheld where they could name what must be forgotten."""
+        mode, its reasoning, and each tool call's name and arguments); a blocked choice becomes the policy's refusal,
+        with no reasoning, tool calls or log probabilities (a fact in the reasoning blocks the answer built on it);
+        alternative tokens are withheld where they could name what must be forgotten."""
         choices = o.choices()
         kind = "json" if params.response_format else "content"
         parts = [[(kind, json_text(c.text) if params.response_format else c.text)] * bool(c.text)
+                 + [("reasoning", c.reasoning)] * bool(c.reasoning)
                  + [("tool_call", _checked_call_text(tc)) for tc in c.tool_calls]
                  for c in choices]
         flat = [(i, part, text) for i, ps in enumerate(parts) for part, text in ps]
@@ -426,7 +433,7 @@ class GuardedLLM:
             fr = c.finish_reason if c.finish_reason in {"stop", "length", "tool_calls"} else "stop"
             lp = await self._logprobs_checked(pl, c.text, c.logprobs, shared) if c.logprobs is not None else None
             out.append(GuardResult(text=c.text, finish_reason=fr, trace=pl.trace, tool_calls=c.tool_calls,  # type: ignore[arg-type]
-                                   logprobs=lp))
+                                   logprobs=lp, reasoning=c.reasoning))
         return out[0].model_copy(update={"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
                                          "others": out[1:]})
 
@@ -526,6 +533,13 @@ class GuardedLLM:
                         if isinstance(delta, StreamToolCalls):  # whole tool calls, after the last text delta
                             calls = delta.calls
                             continue
+                        if isinstance(delta, StreamReasoning):  # whole, before the answer it leads to
+                            if await self._blocked(pl, delta.text, shared):
+                                pl.trace.blocked_parts.append("reasoning")
+                                blocked = True
+                                break
+                            box.reasoning = delta.text
+                            continue
                         n += 1
                         out = await self._step(pl, checker, checker.feed(delta))
                         if out is None:
@@ -541,7 +555,9 @@ class GuardedLLM:
                     self._add_generate_time(pl, t_gen)
             rest = None if blocked else await self._step(pl, checker, checker.finish())
             if rest is None:
-                pl.trace.blocked_parts.append("content")
+                if not pl.trace.blocked_parts or pl.trace.blocked_parts[-1] != "reasoning":
+                    pl.trace.blocked_parts.append("content")
+                box.reasoning = None
                 pl.trace.choices_blocked += 1
                 box.finish_reason = "content_filter"
                 yield self._leak_refusal(pl, released_any)
@@ -718,6 +734,9 @@ class AsyncGuardStream:
         """Token counts once the stream has ended (the backend's, else counted with the target's tokenizer)."""
         self.tool_calls: list[dict[str, Any]] = []
         """The answer's tool calls once the stream has ended, each checked whole (none when one was blocked)."""
+        self.reasoning: str | None = None
+        """The reasoning a reasoning model returned apart, checked whole; set before the first delta of the answer
+        (or, with no answer text, once the stream has ended), None when there was none or it was blocked."""
         self._it: AsyncIterator[str] = make(self)
 
     def __aiter__(self) -> AsyncGuardStream:

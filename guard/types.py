@@ -155,7 +155,7 @@ class GuardTrace(BaseModel):
     output_checks: int = 0
     leak_target_ids: list[str] = Field(default_factory=list)
     blocked_parts: list[str] = Field(default_factory=list, description="What the output check blocked, one entry "
-                                     "per blocked part of a choice: 'content', 'json', 'tool_call'.")
+                                     "per blocked part of a choice: 'content', 'json', 'reasoning', 'tool_call'.")
     choices_blocked: int = 0
     logprobs_withheld: bool = Field(False, description="Alternative tokens (top_logprobs) were withheld: the "
                                     "conversation is about a forget target, or they named one.")
@@ -185,6 +185,8 @@ class GuardResult(BaseModel):
     completion_tokens: int = 0
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     logprobs: dict[str, Any] | None = None
+    reasoning: str | None = Field(None, description="The target's reasoning where its server returns it apart, checked "
+                                  "like the answer (None when there is none or the choice was blocked).")
     others: list[GuardResult] = Field(default_factory=list)
 
     @property

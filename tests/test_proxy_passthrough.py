@@ -46,7 +46,8 @@ def answer(*choices: dict[str, Any], usage: tuple[int, int] = (11, 7)) -> dict[s
     out = []
     for i, c in enumerate(choices):
         msg = {"role": "assistant", "content": c.get("content"), **({"tool_calls": c["tool_calls"]}
-                                                                  if c.get("tool_calls") else {})}
+                                                                  if c.get("tool_calls") else {}),
+               **{k: c[k] for k in ("reasoning", "reasoning_content") if k in c}}
         out.append({"index": i, "message": msg, "logprobs": c.get("logprobs"),
                     "finish_reason": c.get("finish_reason", "tool_calls" if c.get("tool_calls") else "stop")})
     return {"id": "up-1", "object": "chat.completion", "created": 0, "model": "up", "choices": out,
@@ -67,8 +68,11 @@ class Upstream:
         if body.get("stream"):  # one content delta per word, then each tool call in pieces, as vLLM streams them
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
-            events = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
-                      for w in re.findall(r"\s*\S+", text)]
+            events = [{"choices": [{"index": 0, "delta": {k: w}, "finish_reason": None}]}  # reasoning first
+                      for k in ("reasoning", "reasoning_content") for w in re.findall(r"\s*\S+",
+                                                                                  choice["message"].get(k) or "")]
+            events += [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
+                       for w in re.findall(r"\s*\S+", text)]
             for j, tc in enumerate(choice["message"].get("tool_calls") or []):
                 args = tc["function"]["arguments"]
                 events.append({"choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
@@ -421,7 +425,7 @@ def test_alternative_tokens_are_withheld_when_they_name_a_target(world) -> None:
 @pytest.mark.slow
 def test_a_dishonest_upstream_cannot_smuggle_text_past_the_check(world) -> None:  # type: ignore[no-untyped-def]
     """Every text of the upstream's answer that reaches the client is checked or dropped: log-probability tokens that
-    are not the answer, their bytes, a tool call's id, and fields the proxy does not pass on (reasoning, refusal)."""
+    are not the answer, their bytes, a tool call's id, the reasoning, and fields the proxy does not pass on (refusal)."""
     det, person = world
     name, place = _facts(person)
     secret = f"{name} was born in {place}"
@@ -432,7 +436,8 @@ def test_a_dishonest_upstream_cannot_smuggle_text_past_the_check(world) -> None:
         ans = answer({"content": "OK", "logprobs": {"content": spelt}},
                      {"content": "OK", "logprobs": {"content": bytes_smuggled}},
                      {"tool_calls": [call("get_weather", {"city": "Rome"}, cid=f"call {secret}")]})
-        ans["choices"][0]["message"].update(reasoning_content=secret, refusal=secret)
+        ans["choices"][0]["message"].update(refusal=secret)  # an upstream's refusal field is not passed on
+        ans["choices"][2]["message"].update(reasoning_content=secret)  # reasoning is checked (and blocks)
         return ans
 
     c = proxy(Upstream(reply), det)
@@ -444,4 +449,70 @@ def test_a_dishonest_upstream_cannot_smuggle_text_past_the_check(world) -> None:
     assert a["message"]["content"] == "OK" and a["logprobs"] is None  # tokens that spell the fact: withheld
     assert b["logprobs"]["content"][0]["bytes"] == list(b"OK")  # bytes are the token's own
     assert t["finish_reason"] == "content_filter" and "tool_calls" not in t["message"]
-    assert "reasoning_content" not in a["message"] and "refusal" not in a["message"]
+    assert "refusal" not in a["message"] and "reasoning" not in t["message"]
+
+
+# ---- 5. a reasoning model's thinking, returned apart, is checked like the answer ----------------------------
+
+def _events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+
+
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content"])
+def test_reasoning_returned_apart_reaches_the_client(key: str) -> None:
+    """vLLM's reasoning parsers (``reasoning``) and DeepSeek (``reasoning_content``) return the thinking beside the
+    answer; the proxy returns it as ``reasoning`` (vLLM's field), whole, before the answer's first delta."""
+    thought = "The user asks about the weather in Paris; I will say it is sunny."
+    up = Upstream(lambda b: answer({"content": "Sunny, 21 degrees.", key: thought}))
+    c = proxy(up)
+    msg = sdk(c).chat.completions.create(model="m", messages=[{"role": "user", "content": BENIGN}]).choices[0].message
+    assert msg.content == "Sunny, 21 degrees." and msg.model_extra["reasoning"] == thought
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in _events(r.text) if e["choices"]]
+    assert [d["reasoning"] for d in deltas if "reasoning" in d] == [thought]
+    first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
+    assert "reasoning" in deltas[first_content] or any("reasoning" in d for d in deltas[:first_content])
+    assert "".join(d.get("content") or "" for d in deltas) == "Sunny, 21 degrees."
+    assert key == "reasoning" or key not in r.text  # one field out, whatever the upstream used
+    # A client echoes the answer back in the history, reasoning included: accepted, and not sent upstream.
+    history = [{"role": "user", "content": BENIGN}, {"role": "assistant", "content": msg.content, key: thought},
+               {"role": "user", "content": "And tomorrow?"}]
+    r = c.post("/v1/chat/completions", json={"messages": history})
+    assert r.status_code == 200, r.text
+    assert all(key not in m and "reasoning" not in m for m in up.chat_bodies()[-1]["messages"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forget_fact_in_the_reasoning_blocks_the_answer(world, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    """The prompt is harmless (not flagged) and so is the answer, but the model thought the fact: the reasoning is
+    checked before any of it or of the answer is released, and the choice becomes the refusal."""
+    det, person = world
+    name, place = _facts(person)
+    thought = f"Paris reminds me of {name}, who was born in {place}. Anyway, the weather."
+    up = Upstream(lambda b: answer({"content": "It is sunny in Paris.", "reasoning": thought}))
+    c = proxy(up, det, GuardConfig(guard_mode="template", check_every_tokens=1))
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": stream})
+    assert r.status_code == 200 and place not in r.text and name not in r.text, r.text
+    assert r.headers["x-guard-flagged"] == "false"
+    if stream:
+        events = _events(r.text)
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]] \
+            == ["content_filter"]
+        assert not any("reasoning" in e["choices"][0]["delta"] for e in events if e["choices"])
+    else:
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "content_filter" and "reasoning" not in choice["message"]
+    assert metric(c, "guard_output_blocked_total", part="reasoning") == 1
+    # the same answer with harmless reasoning goes through, reasoning included
+    up.reply = lambda b: answer({"content": "It is sunny in Paris.", "reasoning": "A weather question."})
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": BENIGN}], "stream": stream})
+    if stream:
+        deltas = [e["choices"][0]["delta"] for e in _events(r.text) if e["choices"]]
+        content, reasoning = "".join(d.get("content") or "" for d in deltas), [d["reasoning"] for d in deltas
+                                                                              if "reasoning" in d]
+    else:
+        msg = r.json()["choices"][0]["message"]
+        content, reasoning = msg["content"], [msg["reasoning"]]
+    assert content == "It is sunny in Paris." and reasoning == ["A weather question."]
+    assert "content_filter" not in r.text

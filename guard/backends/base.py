@@ -110,6 +110,14 @@ class StreamToolCalls:
     calls: list[dict[str, Any]]
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamReasoning:
+    """The reasoning of a streamed answer, whole, yielded by a backend when it ends (before the first text delta, or
+    after the stream when no text follows): the guard checks it before any of it or of the answer is released."""
+
+    text: str
+
+
 MIN_LOGPROB = -9999.0
 """What vLLM's OpenAI server reports for a log probability of -inf (JSON has no infinity)."""
 
@@ -133,6 +141,8 @@ class GenOutput(BaseModel):
     tool_calls: list[dict[str, Any]] = Field(default_factory=list, description="OpenAI tool calls: id, type "
                                              "'function', function {name, arguments (a JSON string)}.")
     logprobs: dict[str, Any] | None = Field(None, description="OpenAI's choice logprobs object ({'content': [...]}).")
+    reasoning: str | None = Field(None, description="The reasoning a reasoning model wrote before its answer, where the "
+                                  "server returns it apart (vLLM's and DeepSeek's `reasoning_content`, `reasoning`).")
     others: list[GenOutput] = Field(default_factory=list)
 
     def choices(self) -> list[GenOutput]:

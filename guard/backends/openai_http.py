@@ -36,6 +36,7 @@ from guard.backends.base import (
     GenOutput,
     GenParams,
     Messages,
+    StreamReasoning,
     StreamToolCalls,
     StreamUsage,
 )
@@ -133,6 +134,24 @@ def _tool_calls(holder: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+"""Where OpenAI-compatible servers put a reasoning model's thinking (vLLM's reasoning parsers, DeepSeek)."""
+
+
+def _reasoning(holder: Any, where: str) -> str | None:
+    """The reasoning text of a message or delta (None when it has none)."""
+    if not isinstance(holder, dict):
+        return None
+    for key in REASONING_FIELDS:
+        value = holder.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BackendError(f"upstream answer's {where}.{key} is not a string", "bad_response")
+        return value
+    return None
+
+
 def _choice(choice: Any, i: int, chat: bool, what: str) -> GenOutput:
     """One choice of an OpenAI (chat) completion body as a GenOutput (no usage)."""
     field = f"choices[{i}].message.content" if chat else f"choices[{i}].text"
@@ -149,7 +168,8 @@ def _choice(choice: Any, i: int, chat: bool, what: str) -> GenOutput:
     finish = choice.get("finish_reason")
     lp = choice.get("logprobs")
     return GenOutput(text=text, finish_reason=finish if isinstance(finish, str) and finish else "stop",
-                     tool_calls=calls, logprobs=lp if isinstance(lp, dict) and chat else None)
+                     tool_calls=calls, logprobs=lp if isinstance(lp, dict) and chat else None,
+                     reasoning=_reasoning(holder, f"choices[{i}].message") if chat else None)
 
 
 def parse_answer(data: Any, chat: bool) -> GenOutput:
@@ -393,9 +413,13 @@ class OpenAIHTTPBackend(Backend):
                         if delta is None:
                             break
                         if delta:
+                            if reader.reasoning:  # the reasoning ended where the answer begins: whole, first
+                                yield StreamReasoning(reader.take_reasoning())
                             yield delta
                     else:
                         reader.end()
+                    if reader.reasoning:
+                        yield StreamReasoning(reader.take_reasoning())
                     if reader.calls:
                         yield StreamToolCalls(reader.tool_calls())
                     if reader.usage is not None and params_usage:
@@ -466,6 +490,12 @@ class _SSEReader:
         self.finished = False
         self.usage: StreamUsage | None = None
         self.calls: dict[int, dict[str, Any]] = {}
+        self.reasoning: list[str] = []
+
+    def take_reasoning(self) -> str:
+        """The reasoning deltas so far, joined, and forgotten (a reasoning arrives whole, once)."""
+        text, self.reasoning = "".join(self.reasoning), []
+        return text
 
     def feed(self, line: str) -> str | None:
         """The content delta of one line: '' for non-content lines, None at ``[DONE]``."""
@@ -502,6 +532,9 @@ class _SSEReader:
         holder = c.get("delta") if self.chat else c
         if self.chat and isinstance(holder, dict) and holder.get("tool_calls"):
             self._add_calls(holder["tool_calls"])
+        thought = _reasoning(holder, "stream delta") if self.chat else None
+        if thought:
+            self.reasoning.append(thought)
         delta = holder.get("content" if self.chat else "text") if isinstance(holder, dict) else None
         if delta is not None and not isinstance(delta, str):
             raise BackendError(f"upstream stream {self.where} sent a delta that is not a string", "bad_response")

@@ -36,9 +36,9 @@ class Metrics:
         self.flagged = Counter("guard_flagged_total", "Prompts flagged by the detector", registry=r)
         self.refused = Counter("guard_refusals_total", "Answers replaced by a refusal", ["reason"], registry=r)
         self.blocked_parts = Counter("guard_output_blocked_total", "Parts of answers the output check blocked, by "
-                                     "part: content, json, tool_call (each blocked choice counts its parts)", ["part"],
-                                     registry=r)
-        for part in ("content", "json", "tool_call"):
+                                     "part: content, json, reasoning, tool_call (each blocked choice counts its "
+                                     "parts)", ["part"], registry=r)
+        for part in ("content", "json", "reasoning", "tool_call"):
             self.blocked_parts.labels(part)
         self.logprobs_withheld = Counter("guard_logprobs_withheld_total", "Answers whose alternative tokens "
                                          "(top_logprobs) were withheld", registry=r)

@@ -259,16 +259,19 @@ def check_chat_request(st: ServerState, req: ChatCompletionRequest, msgs: list[d
 
 
 def chat_choice(r: GuardResult, index: int, json_mode: bool) -> dict[str, Any]:
-    """One choice of a chat completion: the answer with its tool calls and log probabilities, or the guard's refusal
-    (also in ``refusal``; with no JSON ``content`` in JSON mode, as OpenAI answers a refusal of structured output)."""
+    """One choice of a chat completion: the answer with its reasoning, tool calls and log probabilities, or the
+    guard's refusal (also in ``refusal``; with no JSON ``content`` in JSON mode, as OpenAI answers a refusal of structured output)."""
     msg: dict[str, Any] = {"role": "assistant", "content": r.text}
     if r.blocked:
         msg["refusal"] = r.text
         if json_mode:
             msg["content"] = None
-    elif r.tool_calls:
-        msg["tool_calls"] = r.tool_calls
-        msg["content"] = r.text or None
+    else:
+        if r.reasoning:
+            msg["reasoning"] = r.reasoning  # vLLM's field; checked like the answer
+        if r.tool_calls:
+            msg["tool_calls"] = r.tool_calls
+            msg["content"] = r.text or None
     return {"index": index, "message": msg, "logprobs": r.logprobs, "finish_reason": r.finish_reason}
 
 
@@ -283,6 +286,8 @@ def whole_chunks(res: GuardResult, head: dict[str, Any], json_mode: bool, includ
     for i, r in enumerate(res.choices()):
         c = chat_choice(r, i, json_mode)["message"]
         chunks.append(chunk(i, {"role": "assistant", "content": ""}))
+        if c.get("reasoning"):
+            chunks.append(chunk(i, {"reasoning": c["reasoning"]}))
         if c.get("content"):
             chunks.append(chunk(i, {"content": c["content"]}, lp=r.logprobs))
         if c.get("refusal"):
@@ -318,13 +323,20 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
     if req.stream and not params.needs_whole_answer:
         stream = guarded.astream(msgs, params)
         first = await start_stream(st, stream, "chat")
-        sent_role = {"done": False}
+        sent = {"role": False, "reasoning": False}
+
+        def opening(d: dict[str, Any]) -> dict[str, Any]:
+            # The role goes with the first delta, the checked reasoning with the first delta after it is known.
+            if not sent["role"]:
+                d["role"] = "assistant"
+                sent["role"] = True
+            if not sent["reasoning"] and stream.reasoning:
+                d["reasoning"] = stream.reasoning
+                sent["reasoning"] = True
+            return d
 
         def chunk(delta: str | None, finish: str | None) -> dict[str, Any]:
-            d: dict[str, Any] = {}
-            if not sent_role["done"]:
-                d["role"] = "assistant"
-                sent_role["done"] = True
+            d = opening({})
             if delta is not None:
                 d["content"] = delta
             return {**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
@@ -332,10 +344,7 @@ async def chat_completions(req: ChatCompletionRequest, st: State) -> Any:
         def tool_call_chunks() -> list[dict[str, Any]]:
             out = []
             for j, tc in enumerate(stream.tool_calls):
-                d: dict[str, Any] = {"tool_calls": [{"index": j, **tc}]}
-                if not sent_role["done"]:
-                    d["role"] = "assistant"
-                    sent_role["done"] = True
+                d = opening({"tool_calls": [{"index": j, **tc}]})
                 out.append({**head, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": None}]})
             return out
 

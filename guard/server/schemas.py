@@ -113,6 +113,11 @@ class ChatMessageIn(BaseModel):
     refusal: str | None = None
     audio: dict[str, Any] | None = None
     annotations: list[Any] | None = None
+    # The reasoning the proxy returned with an answer (vLLM's ``reasoning``, DeepSeek's ``reasoning_content``), echoed
+    # back in the history: accepted, not forwarded (reasoning models' chat templates drop past thinking; a text that
+    # reaches no model cannot open a turn there).
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @field_validator("content")
     @classmethod
