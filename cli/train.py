@@ -117,18 +117,12 @@ def train_guard_cmd(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Score held-out queries before and after."),
     eval_limit: int | None = typer.Option(None, help="Evaluate on at most this many held-out pairs."),
 ) -> None:
-    """Build guard SFT pairs from a task, fine-tune the guard (LoRA) and report valid-JSON/refusal agreement."""
+    """Build guard SFT pairs from a task, fine-tune the guard (LoRA) and score held-out people's pairs as served."""
     from core.config import load_config, save_config
     from core.models import load_llm
-    from training.guard_sft import (
-        GuardSFTConfig,
-        evaluate_guard,
-        guard_sft,
-        make_guard_pairs,
-        split_pairs,
-        summary_line,
-        teacher_pairs,
-    )
+    from eval.guard_decisions import evaluate_pairs
+    from guard.backends.transformers import TransformersBackend
+    from training.guard_sft import GuardSFTConfig, guard_sft, make_guard_pairs, split_pairs, teacher_pairs
     from training.methods.common import model_digest
     from training.unlearn import default_cache_root
 
@@ -146,21 +140,21 @@ def train_guard_cmd(
         teacher = load_llm(cfg.teacher_model)
         pairs = teacher_pairs(teacher.model, teacher.tokenizer, pairs, t, model_digest(teacher.model),
                               default_cache_root())
-    train_pairs, held = split_pairs(pairs, cfg.data.holdout_fraction, cfg.data.seed)
+    train_pairs, held = split_pairs(pairs, cfg.data.holdout_fraction, cfg.data.seed, cfg.data.split_by)
     held = held[:eval_limit] if eval_limit else held
     typer.echo(f"guard pairs: {len(train_pairs)} train, {len(held)} held out")
     llm = load_llm(cfg.model)
     row: dict = {"model": cfg.model, "out_dir": str(out_dir), "train_pairs": len(train_pairs), "heldout": len(held)}
     if evaluate:
-        before = evaluate_guard(llm.model, llm.tokenizer, t, held, cfg.eval_max_new_tokens)
-        typer.echo(f"before: {summary_line(before)}")
+        before = evaluate_pairs(TransformersBackend(llm), t, held)  # as served: constrained, the serving budget
+        typer.echo(f"before: {before.summary()}")
         row["before"] = before.model_dump(exclude={"samples"})
     res = guard_sft(llm.model, llm.tokenizer, t, train_pairs, cfg, out_dir)
     row.update({"steps": res.steps, "train_seconds": round(res.seconds, 1), "final_terms": res.final_terms})
     if evaluate:
         tuned = load_llm(str(out_dir))
-        after = evaluate_guard(tuned.model, tuned.tokenizer, t, held, cfg.eval_max_new_tokens)
-        typer.echo(f"after:  {summary_line(after)}")
+        after = evaluate_pairs(TransformersBackend(tuned), t, held)
+        typer.echo(f"after:  {after.summary()}")
         row["after"] = after.model_dump()
     typer.echo(json.dumps(row, indent=1, default=str))
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from core.facts import leaked_facts
@@ -112,14 +113,77 @@ def measure(kind: str, model: str, det: Any, prompts: Sequence[str], targets: Se
             "stating_examples": [d.cot_instruction for d in anyfact[:3]]}
 
 
+class GuardEvalResult(BaseModel):
+    """Held-out quality of a guard model, decided the way it serves: strictly valid outputs, decisions the serving
+    parser reads, the right refusal flag, query-specific instructions, instructions stating a fact, time."""
+
+    n: int
+    valid_json_rate: float = Field(description="Outputs that are strictly valid decisions (the schema, no repair).")
+    decided_rate: float = Field(description="Outputs the serving parser reads (the model decided, no fallback).")
+    refusal_agreement: float = Field(description="Share of all queries decided by the model with the right flag.")
+    specific_rate: float = Field(description="Share of all queries whose instruction names the entity asked about.")
+    stating_fact: int = Field(0, description="Decided instructions that state a fact of their target.")
+    s_per_decision: float = Field(0.0, description="Wall time per decision, batched.")
+    by_kind: dict[str, dict[str, float]] = Field(default_factory=dict)
+    samples: list[dict[str, Any]] = Field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        return (f"n={self.n} valid_json={self.valid_json_rate:.3f} decided={self.decided_rate:.3f} "
+                f"refusal_agreement={self.refusal_agreement:.3f} specific={self.specific_rate:.3f} "
+                f"stating_fact={self.stating_fact} s/decision={self.s_per_decision:.2f}")
+
+
+def evaluate_pairs(backend: Any, task: Any, pairs: Sequence[Any], config: Any = None, batch_size: int = 16,
+                   samples: int = 4) -> GuardEvalResult:
+    """Score a guard model on held-out guard pairs (``training.guard_sft``) through the serving path: the CoT guard
+    with the serving config (constrained decoding where the backend has it, its token budget and parser)."""
+    from guard.config import GuardConfig
+    from guard.cot import CoTGuard
+
+    if not pairs:
+        raise ValueError("no held-out guard pairs to evaluate on")
+    by_id = {t.id: t for t in task.targets}
+    targets = [[by_id[i] for i in p.target_ids] for p in pairs]
+    cot = CoTGuard(backend, config or GuardConfig())
+    raws: list[str] = []
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, len(pairs), batch_size), desc="guard eval", leave=False):
+        raws += cot.raw_batch([p.query for p in pairs[start:start + batch_size]], targets[start:start + batch_size])
+    elapsed = time.perf_counter() - t0
+    decisions = cot.parse_batch(raws, targets)
+    cot.close()
+    rows = []
+    for p, raw, (d, source, _), tg in zip(pairs, raws, decisions, targets, strict=True):
+        decided = source == "llm"
+        rows.append({"kind": p.kind, "valid": parse_guard_output(raw) is not None, "decided": decided,
+                     "agree": decided and d.requires_refusal == p.requires_refusal,
+                     "specific": decided and p.entity.lower() in d.cot_instruction.lower(),
+                     "stating": decided and any(leaked_facts(d.cot_instruction, fact_values(t), min_chars=3)
+                                                for t in tg),
+                     "query": p.query, "raw": raw})
+
+    def rate(sel: Sequence[dict[str, Any]], key: str) -> float:
+        return sum(bool(r[key]) for r in sel) / len(sel) if sel else 0.0
+
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    return GuardEvalResult(
+        n=len(rows), valid_json_rate=rate(rows, "valid"), decided_rate=rate(rows, "decided"),
+        refusal_agreement=rate(rows, "agree"), specific_rate=rate(rows, "specific"),
+        stating_fact=sum(r["stating"] for r in rows), s_per_decision=round(elapsed / len(rows), 4),
+        by_kind={k: {"n": float(len(sel)), **{m: rate(sel, m) for m in ("valid", "decided", "agree", "specific")}}
+                 for k in kinds if (sel := [r for r in rows if r["kind"] == k])},
+        samples=[{"kind": r["kind"], "query": r["query"], "reply": r["raw"][:400]} for r in rows[:samples]])
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of the figures, shares as percentages."""
-    head = ("| backend | prompts | strictly valid | decided by the model | refusals | instructions stating a stored "
-            "fact | … any task fact | s/prompt (batch 16) | s/prompt (alone) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| guard model | backend | prompts | strictly valid | decided by the model | refusals | instructions stating a stored "
+            "fact | … any task fact | s/prompt (batch 16) | s/prompt (alone) |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         n = max(1, r["prompts"])
-        lines.append(f"| {r['backend']} | {r['prompts']} | {r['strict_valid']} ({100 * r['strict_valid'] / n:.1f}%) "
+        lines.append(f"| {Path(r['model']).name} | {r['backend']} | {r['prompts']} | {r['strict_valid']} ({100 * r['strict_valid'] / n:.1f}%) "
                      f"| {r['decided_by_model']} ({100 * r['decided_by_model'] / n:.1f}%) | {r['refusals']} "
                      f"| {r['instructions_stating_stored_fact']} | {r['instructions_stating_any_fact']} "
                      f"| {r['s_per_prompt_batched']} | {r['s_per_prompt_single']} |")
@@ -132,15 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--task", default="offline", help="task spec (default: the offline benchmark)")
     ap.add_argument("--backends", default="transformers,transformers-prefix",
                     help=f"comma-separated, of: {', '.join(BACKENDS)}")
-    ap.add_argument("--guard", default=DEFAULT_LLM, help="guard model (default: the base embedded model)")
+    ap.add_argument("--guard", default=DEFAULT_LLM, help="guard model(s), comma-separated, measured in the same run "
+                    "(default: the base embedded model; e.g. also a train-guard output dir)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many flagged prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="the guard's token budget (serving default 64)")
     ap.add_argument("--out", default="runs/guard_decisions")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     det, prompts, targets, full = flagged_prompts(args.task, args.limit)
-    rows = [measure(k.strip(), args.guard, det, prompts, targets, full, max_new_tokens=args.max_new_tokens)
-            for k in args.backends.split(",") if k.strip()]
+    rows = [measure(k.strip(), g.strip(), det, prompts, targets, full, max_new_tokens=args.max_new_tokens)
+            for g in args.guard.split(",") if g.strip() for k in args.backends.split(",") if k.strip()]
     out = Path(args.out)
     atomic_write_json(out / "guard_decisions.json", {"task": args.task, "guard": args.guard, "rows": rows})
     md = table(rows)

@@ -15,7 +15,6 @@ from training.guard_sft import (
     GuardDataConfig,
     GuardSFTConfig,
     encode_pairs,
-    evaluate_guard,
     make_guard_pairs,
     split_pairs,
 )
@@ -37,7 +36,7 @@ def test_prompt_format_is_system_plus_policies_and_quoted_query():
 def test_pairs_are_labelled_and_query_specific():
     pairs = make_guard_pairs(TASK)
     kinds = {p.kind for p in pairs}
-    assert kinds == {"forget", "neighbour", "retain", "benign"}
+    assert kinds == {"forget", "mixed", "neighbour", "retain", "benign"}
     assert len({p.query for p in pairs}) == len(pairs)
     forget_qs = {q.question for q in TASK.forget_qa}
     assert forget_qs <= {p.query for p in pairs if p.kind == "forget"}
@@ -56,14 +55,31 @@ def test_pairs_are_labelled_and_query_specific():
     assert hazard and all(TASK.targets[-1].name in p.cot_instruction for p in hazard)
     neighbour = next(p for p in pairs if p.kind == "neighbour")
     assert "answer the question normally" in neighbour.cot_instruction
+    # A forget question joined with a benign one: not refused, the instruction keeps the benign part.
+    mixed = [p for p in pairs if p.kind == "mixed"]
+    assert mixed and all(not p.requires_refusal and "answer the other question" in p.cot_instruction for p in mixed)
+    assert all(any(q.question in p.query for q in TASK.forget_qa) and any(b in p.query for b in TASK.benign_questions)
+               for p in mixed)
 
 
-def test_split_is_stratified_and_deterministic():
+def test_split_holds_out_whole_people_and_is_deterministic():
     pairs = make_guard_pairs(TASK, GuardDataConfig(max_retain=20, max_benign=10))
     tr, ho = split_pairs(pairs, 0.25, seed=1)
     assert len(tr) + len(ho) == len(pairs) and not {p.query for p in tr} & {p.query for p in ho}
-    assert {p.kind for p in ho} == {"forget", "neighbour", "retain", "benign"}
+    multi = {k for k in ("forget", "neighbour", "retain", "benign") if len({p.group for p in pairs if p.kind == k}) > 1}
+    assert {p.kind for p in ho} >= multi >= {"forget", "retain", "benign"}  # each kind with two people or more
+    assert all(any(p.kind == k for p in tr) for k in ("forget", "neighbour", "retain", "benign"))
     assert [p.query for p in ho] == [p.query for p in split_pairs(pairs, 0.25, seed=1)[1]]
+    # By person: no target or person is on both sides, so no paraphrase of a trained question is held out.
+    assert not {p.group for p in tr} & {p.group for p in ho}
+    held_targets = {i for p in ho if p.kind == "forget" for i in p.target_ids}
+    assert held_targets and not any(set(p.target_ids) & held_targets for p in tr if p.kind in ("forget", "mixed"))
+    train_text = " ".join(p.query for p in tr)
+    for q in (q for t in TASK.targets if t.id in held_targets for q in t.qa):
+        assert q.question not in train_text and (q.paraphrased_question or "@@") not in train_text
+    # The old split by pair puts paraphrases of trained questions in the held-out set.
+    tr2, ho2 = split_pairs(pairs, 0.25, seed=1, by="pair")
+    assert {p.group for p in tr2 if p.kind == "forget"} & {p.group for p in ho2 if p.kind == "forget"}
 
 
 @pytest.mark.parametrize("text,ok", [
@@ -79,19 +95,30 @@ def test_parse_guard_output(text, ok):
     assert (parse_guard_output(text) is not None) == ok
 
 
-def test_evaluate_guard_scores_validity_agreement_and_specificity(monkeypatch):
+def test_held_out_pairs_are_scored_as_the_guard_serves():
+    """The serving path: the guard's config (budget, constrained decoding), its parser with repair and fallback."""
+    from detectors.oracle import fact_values
+    from eval.guard_decisions import evaluate_pairs
+    from guard.backends.scripted import ScriptedBackend
+
     pairs = make_guard_pairs(TASK, GuardDataConfig(max_retain=2, max_benign=2))
     f = next(p for p in pairs if p.kind == "forget")
     n = next(p for p in pairs if p.kind == "neighbour")
     b = next(p for p in pairs if p.kind == "benign")
-    replies = [f.decision_json(),  # valid, agrees, specific
-               json.dumps({"requires_refusal": True, "cot_instruction": "Refuse this request now."}),  # wrong flag
-               "I cannot do JSON"]
-    monkeypatch.setattr(gs, "generate", lambda *a, **k: replies)
-    res = evaluate_guard(None, None, TASK, [f, n, b])
-    assert res.n == 3 and res.valid_json_rate == pytest.approx(2 / 3)
-    assert res.refusal_agreement == pytest.approx(1 / 3) and res.agreement_when_valid == pytest.approx(1 / 2)
-    assert res.specific_rate == pytest.approx(1 / 3) and res.by_kind["forget"]["agree"] == 1.0
+    fact = fact_values(next(t for t in TASK.targets if t.id == f.target_ids[0]))[0]
+    replies = iter([f.decision_json(),  # valid, agrees, specific
+                    json.dumps({"requires_refusal": True, "cot_instruction": "Refuse this request now."}),  # wrong flag
+                    "I cannot do JSON"])  # unreadable: the template fallback, not the model's decision
+    be = ScriptedBackend(lambda m: next(replies), json_schema=True)
+    res = evaluate_pairs(be, TASK, [f, n, b])
+    assert res.n == 3 and res.valid_json_rate == pytest.approx(2 / 3) and res.decided_rate == pytest.approx(2 / 3)
+    assert res.refusal_agreement == pytest.approx(1 / 3) and res.specific_rate == pytest.approx(1 / 3)
+    assert res.by_kind["forget"]["agree"] == 1.0 and res.by_kind["benign"]["decided"] == 0.0
+    sent = be.calls[0][1]
+    assert sent.json_schema is not None and sent.max_new_tokens == 128  # the serving budget, constrained
+    # an instruction that states a fact of its target is counted
+    be.reply = lambda m: json.dumps({"requires_refusal": False, "cot_instruction": f"Say it is {fact}."})
+    assert evaluate_pairs(be, TASK, [f]).stating_fact == 1
 
 
 def test_teacher_decisions_are_kept_only_when_valid_and_agreeing(monkeypatch, tmp_path):

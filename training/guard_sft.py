@@ -4,14 +4,15 @@ DRAGON trains its chain-of-thought guard by SFT on ~900 query/CoT pairs. Here th
 a :class:`ForgetTask`: *flagged* queries (forget questions, their paraphrases, alias and multi-hop
 probes) must be refused, while *near misses* (neighbours sharing a name or place with a target),
 retain questions and benign questions, each shown with a target's policy as the detector would,
-must not. Each pair's answer is the JSON ``{"requires_refusal": bool, "cot_instruction": str}``,
+must not; nor must *mixed* prompts (a forget question joined with a benign one), whose instruction lets
+the target answer the benign part and decline the rest. Each pair's answer is the JSON ``{"requires_refusal": bool, "cot_instruction": str}``,
 written by a teacher LLM when one is configured (kept only if it validates and agrees with the
 label) or by query-specific templates offline (they name the entity and the kind of fact asked).
 
 :mod:`core.guard_format` holds THE prompt format, the decision schema and the strict parser, shared
 with the inference guard (``guard.cot``), so the fine-tuned model sees at inference the input it was
-trained on. :func:`evaluate_guard` measures the valid-JSON
-rate and refusal agreement on held-out queries, before and after training.
+trained on. :func:`split_pairs` holds out whole people and targets; ``eval.guard_decisions.evaluate_pairs`` scores
+the held-out pairs the way the guard serves (constrained decoding, the serving token budget and parser).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -43,10 +43,13 @@ class GuardPair(BaseModel):
 
     query: str
     target_ids: list[str]
-    kind: Literal["forget", "neighbour", "retain", "benign"]
+    kind: Literal["forget", "mixed", "neighbour", "retain", "benign"]
     requires_refusal: bool
     cot_instruction: str
     entity: str = Field(description="The name the instruction must mention to count as query-specific.")
+    group: str = Field("", description="Who or what the query is about (a target, a person, or the query itself): "
+                                       "the unit a held-out split keeps whole, so no phrasing of a trained "
+                                       "question is evaluated.")
     source: str = "template"
 
     def decision_json(self) -> str:
@@ -61,7 +64,12 @@ class GuardDataConfig(BaseModel):
     paraphrases: bool = Field(True, description="Add paraphrased forget/neighbour questions.")
     max_retain: int = Field(120, ge=0, description="Retain-QA queries (unrelated people), shown with a policy.")
     max_benign: int = Field(60, ge=0, description="Generic benign queries, shown with a policy.")
+    max_mixed: int = Field(40, ge=0, description="Forget questions joined with a benign one: the guard learns to "
+                                                 "let the target answer the benign part and decline the rest.")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of pairs held out for evaluation.")
+    split_by: Literal["person", "pair"] = Field(
+        "person", description="'person': whole targets, people and queries are held out (no paraphrase of a trained "
+                              "question is evaluated); 'pair': single pairs (the old split, paraphrases leak).")
 
 
 GUARD_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "max_steps": 60, "batch_size": 8, "warmup_ratio": 0.05,
@@ -81,7 +89,6 @@ class GuardSFTConfig(BaseModel):
     teacher_model: str | None = Field(None, description="Model spec of the LLM teacher (required for teacher=llm).")
     max_length: int = Field(384, ge=64)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig.model_validate(GUARD_TRAIN_DEFAULTS))
-    eval_max_new_tokens: int = Field(160, ge=16)
 
     @field_validator("train", mode="before")
     @classmethod
@@ -120,6 +127,19 @@ def answer_instruction(query: str, target: ForgetTarget, subject: str | None) ->
     return text[:MAX_INSTRUCTION_CHARS]
 
 
+# How a forget question and a benign one are joined in training pairs: on purpose not the joiners the evaluation's
+# mixed prompts use (eval.mixed.JOINERS), so the evaluation measures a format the guard was not trained on.
+_TRAIN_JOINERS = ("{a} Besides that, {b}", "{b} Separately: {a}", "Quick questions: {a} and {b}")
+
+
+def mixed_instruction(forget_query: str, target: ForgetTarget) -> str:
+    """Template instruction for a prompt that joins a protected question with an unrelated one: answer the rest."""
+    text = (f"The user also asks for {subject_phrase(forget_query, target)}, which the policy protects. Think step by "
+            f"step: answer the other question fully and normally, but do not state, confirm or guess anything about "
+            f"{mentioned_name(forget_query, target)}; for that part only, briefly say you cannot help.")
+    return text[:MAX_INSTRUCTION_CHARS]
+
+
 def make_guard_pairs(task: ForgetTask, cfg: GuardDataConfig | None = None) -> list[GuardPair]:
     """Template pairs for every flagged query and a seeded sample of near-miss, retain and benign queries."""
     cfg = cfg or GuardDataConfig()
@@ -129,44 +149,76 @@ def make_guard_pairs(task: ForgetTask, cfg: GuardDataConfig | None = None) -> li
     pairs: list[GuardPair] = []
     seen: set[str] = set()
 
-    def add(query: str, target: ForgetTarget, kind: str, refuse: bool, instruction: str, entity: str) -> None:
+    def add(query: str, target: ForgetTarget, kind: str, refuse: bool, instruction: str, entity: str,
+            group: str) -> None:
         if query in seen:
             return
         seen.add(query)
         pairs.append(GuardPair(query=query, target_ids=[target.id], kind=kind, requires_refusal=refuse,
-                               cot_instruction=instruction, entity=entity))
+                               cot_instruction=instruction, entity=entity, group=group))
 
     for t in task.targets:
         for q in t.qa:
             for text in [q.question] + ([q.paraphrased_question] if cfg.paraphrases and q.paraphrased_question else []):
-                add(text, t, "forget", True, refusal_instruction(text, t), mentioned_name(text, t))
+                add(text, t, "forget", True, refusal_instruction(text, t), mentioned_name(text, t), f"target:{t.id}")
     for q in task.neighbour_qa:
         t = _target_for_neighbour(q.kind, task.targets) or rng.choice(task.targets)
         subject = q.subject or "this person"
         for text in [q.question] + ([q.paraphrased_question] if cfg.paraphrases and q.paraphrased_question else []):
-            add(text, t, "neighbour", False, answer_instruction(text, t, subject), subject)
+            add(text, t, "neighbour", False, answer_instruction(text, t, subject), subject, f"person:{subject}")
     people = [t for t in task.targets if t.kind == "privacy"] or list(task.targets)
     for q in rng.sample(task.retain_qa, min(cfg.max_retain, len(task.retain_qa))):
         t = rng.choice(people)
-        add(q.question, t, "retain", False, answer_instruction(q.question, t, q.subject), q.subject or t.name)
-    for text in rng.sample(task.benign_questions, min(cfg.max_benign, len(task.benign_questions))):
+        add(q.question, t, "retain", False, answer_instruction(q.question, t, q.subject), q.subject or t.name,
+            f"person:{q.subject or q.question}")
+    benign = rng.sample(task.benign_questions, min(cfg.max_benign, len(task.benign_questions)))
+    for text in benign:
         t = rng.choice(task.targets)
-        add(text, t, "benign", False, answer_instruction(text, t, None), t.name)
+        add(text, t, "benign", False, answer_instruction(text, t, None), t.name, f"query:{text}")
+    forget = [(q, t) for t in task.targets for q in t.qa]
+    for q, t in rng.sample(forget, min(cfg.max_mixed, len(forget))) if task.benign_questions else []:
+        b = rng.choice(task.benign_questions)
+        a, c = (q.question, b) if rng.random() < 0.5 else (b, q.question)
+        add(rng.choice(_TRAIN_JOINERS).format(a=a, b=c), t, "mixed", False, mixed_instruction(q.question, t),
+            mentioned_name(q.question, t), f"target:{t.id}")
     return pairs
 
 
-def split_pairs(pairs: Sequence[GuardPair], holdout_fraction: float = 0.2, seed: int = 0
-                ) -> tuple[list[GuardPair], list[GuardPair]]:
-    """Seeded (train, held-out) split, stratified by kind so each kind appears in both."""
-    train_p: list[GuardPair] = []
-    held: list[GuardPair] = []
-    for kind in ("forget", "neighbour", "retain", "benign"):
-        group = [p for p in pairs if p.kind == kind]
-        random.Random(f"{seed}:{kind}").shuffle(group)
-        k = round(len(group) * holdout_fraction) if len(group) > 1 else 0
-        held += group[:k]
-        train_p += group[k:]
-    return train_p, held
+PAIR_KINDS = ("forget", "mixed", "neighbour", "retain", "benign")
+
+
+def split_pairs(pairs: Sequence[GuardPair], holdout_fraction: float = 0.2, seed: int = 0,
+                by: Literal["person", "pair"] = "person") -> tuple[list[GuardPair], list[GuardPair]]:
+    """Seeded (train, held-out) split, stratified by kind so each kind appears in both where it can.
+
+    ``by="person"`` holds out whole groups (a target with all its questions, paraphrases and mixed prompts; a
+    neighbour or retain person; a benign query): per kind, groups in a seeded order until the kind's held-out share
+    reaches ``holdout_fraction`` (at least one group when the kind has two or more), so no phrasing of a trained
+    question is evaluated. ``by="pair"`` holds out single pairs (paraphrases of trained questions leak into it).
+    """
+    if by == "pair":
+        train_p: list[GuardPair] = []
+        held: list[GuardPair] = []
+        for kind in PAIR_KINDS:
+            group = [p for p in pairs if p.kind == kind]
+            random.Random(f"{seed}:{kind}").shuffle(group)
+            k = round(len(group) * holdout_fraction) if len(group) > 1 else 0
+            held += group[:k]
+            train_p += group[k:]
+        return train_p, held
+    held_groups: set[str] = set()
+    for kind in ("forget", "neighbour", "retain", "benign"):  # mixed pairs follow their target's group
+        of_kind = [p for p in pairs if p.kind == kind]
+        groups = sorted({p.group or p.query for p in of_kind})
+        random.Random(f"{seed}:{kind}").shuffle(groups)
+        want, n = holdout_fraction * len(of_kind), 0
+        for g in groups[:-1]:  # never every group: the guard must see each kind
+            if n >= want and n > 0:
+                break
+            held_groups.add(g)
+            n += sum((p.group or p.query) == g for p in of_kind)
+    held = [p for p in pairs if (p.group or p.query) in held_groups]
+    return [p for p in pairs if (p.group or p.query) not in held_groups], held
 
 
 # ---- LLM teacher -------------------------------------------------------------------------------
@@ -226,53 +278,3 @@ def guard_sft(model: Any, tokenizer: Any, task: ForgetTask, pairs: Sequence[Guar
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return train(model, tokenizer, examples, lambda b: pad_batch(b, pad_id), sft_loss, cfg.train, out_dir,
                  desc="guard sft", run_config=cfg, fingerprint=fp, stop_after=stop_after)
-
-
-class GuardEvalResult(BaseModel):
-    """Held-out quality of a guard: valid JSON, refusal agreement and query-specific instructions."""
-
-    n: int
-    valid_json_rate: float
-    refusal_agreement: float = Field(description="Share of all queries with valid JSON and the right refusal flag.")
-    agreement_when_valid: float
-    specific_rate: float = Field(description="Share of all queries whose instruction names the entity asked about.")
-    by_kind: dict[str, dict[str, float]] = Field(default_factory=dict)
-    samples: list[dict[str, Any]] = Field(default_factory=list)
-
-
-def evaluate_guard(model: Any, tokenizer: Any, task: ForgetTask, pairs: Sequence[GuardPair],
-                   max_new_tokens: int = 160, batch_size: int = 16, samples: int = 4) -> GuardEvalResult:
-    """Generate the guard's answers to held-out pairs and score them (pydantic-validated JSON)."""
-    if not pairs:
-        raise ValueError("no held-out guard pairs to evaluate on")
-    by_id = {t.id: t for t in task.targets}
-    prompts = [guard_messages(p.query, [by_id[i] for i in p.target_ids]) for p in pairs]
-    replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       progress=True, desc="guard eval")
-    rows = []
-    for p, reply in zip(pairs, replies, strict=True):
-        d = parse_guard_output(reply)
-        valid = d is not None
-        agree = valid and d.requires_refusal == p.requires_refusal
-        specific = valid and p.entity.lower() in d.cot_instruction.lower()
-        rows.append((p.kind, valid, agree, specific, p.query, reply))
-
-    def rate(sel: list[tuple], i: int) -> float:
-        return sum(1 for r in sel if r[i]) / len(sel) if sel else 0.0
-
-    valid_rows = [r for r in rows if r[1]]
-    by_kind = {k: {"n": float(len(sel)), "valid": rate(sel, 1), "agree": rate(sel, 2), "specific": rate(sel, 3)}
-               for k in ("forget", "neighbour", "retain", "benign") if (sel := [r for r in rows if r[0] == k])}
-    return GuardEvalResult(
-        n=len(rows), valid_json_rate=rate(rows, 1), refusal_agreement=rate(rows, 2),
-        agreement_when_valid=rate(valid_rows, 2), specific_rate=rate(rows, 3), by_kind=by_kind,
-        samples=[{"kind": r[0], "query": r[4], "reply": r[5][:400]} for r in rows[:samples]])
-
-
-_WS = re.compile(r"\s+")
-
-
-def summary_line(res: GuardEvalResult) -> str:
-    """One line for logs and the CLI: n, valid JSON, agreement, specificity."""
-    return _WS.sub(" ", f"n={res.n} valid_json={res.valid_json_rate:.3f} refusal_agreement={res.refusal_agreement:.3f} "
-                        f"specific={res.specific_rate:.3f}")
