@@ -59,6 +59,9 @@ class CompareConfig(BaseModel):
                                                      description="Per-method UnlearnConfig fields, e.g. {rmu: {train: {max_steps: 30}}}.")
     guard_with: list[str] = Field(default_factory=lambda: ["rmu"], description="Methods also run behind the guard.")
     guard: dict[str, Any] = Field(default_factory=dict, description="GuardConfig fields.")
+    trained_guard: bool = Field(False, description="Also run a guard model fine-tuned on the request's guard pairs "
+                                                   "(train-guard, cached) as the row 'guard (trained)'.")
+    guard_sft: dict[str, Any] = Field(default_factory=dict, description="GuardSFTConfig fields of the trained guard.")
     detector: dict[str, Any] = Field(default_factory=dict, description="DetectorConfig fields.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="How the request and evaluation are cut.")
     finetune: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig fields for target and retain.")
@@ -110,7 +113,7 @@ FULL_PROFILE: dict[str, Any] = {
     "methods": ["rmu", "r2mu", "tru", "npo", "simnpo", "graddiff", "ga", "idknll"],
     "guard_with": ["rmu", "npo"], "max_heldout": 24, "max_retain": 40, "max_neighbour": 40, "max_benign": 30,
     "max_general": 120, "max_attack_items": 12, "variants_per_item": 1, "max_new_tokens": 40, "attack_params": {},
-    "max_mixed": 12,
+    "max_mixed": 12, "trained_guard": True,
 }
 
 
@@ -202,6 +205,18 @@ def ensure_finetuned(cfg: CompareConfig, task: ForgetTask, which: str, retain: L
     return load_llm(str(out))
 
 
+def ensure_trained_guard(cfg: CompareConfig, request: ForgetTask) -> LoadedLLM:
+    """The guard model fine-tuned on the forget request's guard pairs (the request only: no evaluated question is
+    trained on), reused from the cache when config and pairs are unchanged."""
+    from training.guard_sft import GuardSFTConfig, guard_sft, make_guard_pairs
+
+    scfg = GuardSFTConfig.model_validate(cfg.guard_sft)
+    llm = load_llm(scfg.model)
+    out = run_dir(request.name, "guard-sft")
+    guard_sft(llm.model, llm.tokenizer, request, make_guard_pairs(request, scfg.data), scfg, out)
+    return load_llm(str(out))
+
+
 def _unlearned(cfg: CompareConfig, request: ForgetTask, method: str, target_path: str) -> LoadedLLM:
     """Unlearn the forget request with ``method`` from the target model (or reuse the cached run) and load it."""
     from training.unlearn import UnlearnConfig, unlearn
@@ -272,6 +287,7 @@ class _Eval:
     def generation_metrics(self, sys: System, general_only: bool = False) -> dict[str, float | None]:
         """Metrics from greedy answers to every set (only the general set for the base-model reference row)."""
         from eval.general import general_accuracy
+        from eval.metrics import extract_reasoning
 
         sets = self.prompt_sets(general_only)
         flat = [p for ps in sets.values() for p in ps]
@@ -281,11 +297,12 @@ class _Eval:
         for k, ps in sets.items():
             ans[k], start = resp[start:start + len(ps)], start + len(ps)
         self.answers[sys.name] = ans
-        text = {k: [r.text for r in v] for k, v in ans.items()}
+        text = {k: [r.shown for r in v] for k, v in ans.items()}
+        reasoning = {k: [r.reasoning or extract_reasoning(r.text) for r in v] for k, v in ans.items()}
         flagged = ({k: [float(bool(r.trace and r.trace.flagged)) for r in v] for k, v in ans.items()}
                    if sys.guarded is not None else None)
         sheet = AnswerSheet(text=text, refs={k: [q.answer for q in v] for k, v in self.sets.items()}, facts=self.facts,
-                            rouge=self.rouge, flagged=flagged, sources=[r.source for r in resp],
+                            rouge=self.rouge, flagged=flagged, sources=[r.source for r in resp], reasoning=reasoning,
                             general=lambda answers: general_accuracy(answers, self.general).value if self.general else None)
         for col in sheet_columns(sys.guarded is not None):
             if general_only and col.name != "general_acc_c":
@@ -360,7 +377,7 @@ class _Eval:
         plain = self.plain(system)
         if not items or any(q.question not in plain for q in items):
             return {"fact_rate": None, "rouge": None}
-        ans = [plain[q.question].text for q in items]
+        ans = [plain[q.question].shown for q in items]
         return {"fact_rate": fact_rate(ans, item_facts(self.task, items)),
                 "rouge": rouge_or_none(self.rouge, ans, [q.answer for q in items])}
 
@@ -411,12 +428,16 @@ def _mixed_suite(cfg: CompareConfig, ev: _Eval, systems: Sequence[System], extra
     scores: dict[str, dict[str, dict[str, float | None]]] = {}
     answers: dict[str, list[Response]] = {}
     for sys in [*systems, *extra]:
+        t0 = time.perf_counter()
         answers[sys.name] = sys.respond([it.prompt for it in items], tokens, cfg.batch_size,
                                         desc=f"{sys.name}: mixed prompts")
-        scores[sys.name] = score_mixed(items, [r.text for r in answers[sys.name]], bare, ev.rouge)
+        per_prompt = (time.perf_counter() - t0) / len(items)  # batched: the systems' relative cost, same run
+        scores[sys.name] = score_mixed(items, [r.shown for r in answers[sys.name]], bare, ev.rouge)
+        for kind in scores[sys.name].values():
+            kind["s_per_prompt"] = round(per_prompt, 3)
     rows = [{"kind": it.kind, "prompt": it.prompt, "forget_facts": it.forget_facts, "benign_prompt": it.benign_prompt,
              "bare_benign_answer": bare[i],
-             "answers": {n: {"text": rs[i].text, "source": rs[i].source} for n, rs in answers.items()}}
+             "answers": {n: {"text": rs[i].shown, "source": rs[i].source} for n, rs in answers.items()}}
             for i, it in enumerate(items)]
     return scores, rows, len(built) - len(items)
 
@@ -466,6 +487,11 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     gcfg = GuardConfig.model_validate(cfg.guard)
     systems: list[System] = [model_system("original", target, "original"),
                              guarded_system("guard", target, detector, request, gcfg)]
+    if cfg.trained_guard:
+        with _Stage(timings, "train guard"):
+            tuned_guard = ensure_trained_guard(cfg, request)
+        systems.append(guarded_system("guard (trained)", target, detector, request,
+                                      gcfg.model_copy(update={"guard_mode": "llm"}), guard_llm=tuned_guard))
     systems += [model_system(m, unlearned[m], "weights") for m in cfg.methods]
     systems += [guarded_system(f"guard+{m}", unlearned[m], detector, request, gcfg, kind="guard+weights")
                 for m in cfg.guard_with if m in unlearned]
@@ -587,10 +613,10 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                        ("b:alias", "held-out (b): alias"), ("c:neighbour", "negative (c): neighbour")):
         for i, q in enumerate(ev.sets.get(key, [])[:2]):
             samples.append(Sample(label=label, prompt=q.question, reference=q.answer,
-                                  answers={s: ev.answers[s][key][i].text for s in ev.answers if key in ev.answers[s]}))
+                                  answers={s: ev.answers[s][key][i].shown for s in ev.answers if key in ev.answers[s]}))
     if ev.benign:
         samples.append(Sample(label="negative (c): benign", prompt=ev.benign[0],
-                              answers={s: ev.answers[s]["c:benign"][0].text for s in ev.answers
+                              answers={s: ev.answers[s]["c:benign"][0].shown for s in ev.answers
                                        if "c:benign" in ev.answers[s]}))
     timings["total"] = round(time.perf_counter() - t_start, 2)
     counts = ev.counts()

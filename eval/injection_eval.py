@@ -80,9 +80,9 @@ def run_injection(items: Sequence[QAItem], facts: Sequence[list[str]], guarded: 
                      "question": items[i].question, "flagged": bool(r.trace and r.trace.flagged), "source": r.source,
                      "instruction": r.trace.cot_instruction if r.trace else None,
                      "output_check_fired": bool(r.trace and r.trace.output_check_fired),
-                     "answer": r.text, "leaked": leaked_facts(r.text, facts[i]),
-                     "bare_answer": b[k].text if b else None,
-                     "bare_leaked": leaked_facts(b[k].text, facts[i]) if b else None})
+                     "answer": r.shown, "leaked": leaked_facts(r.shown, facts[i]),
+                     "bare_answer": b[k].shown if b else None,
+                     "bare_leaked": leaked_facts(b[k].shown, facts[i]) if b else None})
     return {"config": cfg.model_dump(mode="json"), "questions": [q.question for q in items],
             "by_style": summarise(rows), "rows": rows}
 

@@ -119,7 +119,8 @@ def _metric_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
 MIXED_LEGEND = ("a forget question and a benign part in one prompt. mixed_fact_rate: the forget fact stated (lower "
                 "is better, 0 for the guard); benign_answered: the benign part answered (higher is better); "
                 "benign_rouge: ROUGE-L recall against the bare model's answer to the benign part alone (higher is "
-                "better); refusal_rate: answers that refuse anything; n: prompts")
+                "better); refusal_rate: answers that refuse anything; n: prompts; s_per_prompt: wall time per mixed prompt, batched, "
+                "all systems in the same run (the whole stage, not one kind)")
 
 
 def _mixed_tables(report: Report) -> list[tuple[str, list[list[str]]]]:

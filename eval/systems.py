@@ -30,6 +30,13 @@ class Response:
     text: str
     trace: Any | None = None
     finish_reason: str = "stop"
+    reasoning: str | None = None  # a reasoning model's thinking, where its server returns it apart from the answer
+
+    @property
+    def shown(self) -> str:
+        """Everything the user receives: the reasoning (when returned apart) and the answer, so a fact that appears
+        while the model thinks counts as a leak."""
+        return f"{self.reasoning}\n{self.text}" if self.reasoning else self.text
 
     @property
     def source(self) -> str:
@@ -71,7 +78,7 @@ class System:
             bar = tqdm(total=len(prompts), desc=desc or f"{self.name} answers", leave=False)
             for start in range(0, len(prompts), batch_size):
                 chunk = list(prompts[start:start + batch_size])
-                out += [Response(r.text, r.trace, r.finish_reason)
+                out += [Response(r.text, r.trace, r.finish_reason, r.reasoning)
                         for r in self.guarded.generate_batch(chunk, max_new_tokens=max_new_tokens)]
                 bar.update(len(chunk))
             bar.close()
@@ -82,8 +89,8 @@ class System:
 
     def answer(self, prompts: Sequence[Prompt], max_new_tokens: int = 48, batch_size: int = 32,
                desc: str | None = None) -> list[str]:
-        """Greedy answer texts to ``prompts`` (see :meth:`respond`)."""
-        return [r.text for r in self.respond(prompts, max_new_tokens, batch_size, desc)]
+        """Greedy answers to ``prompts`` as the user receives them, reasoning included (see :meth:`respond`)."""
+        return [r.shown for r in self.respond(prompts, max_new_tokens, batch_size, desc)]
 
 
 def model_system(name: str, llm: LoadedLLM, kind: SystemKind = "weights") -> System:

@@ -113,13 +113,16 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
         task="offline", base_model=tiny_dirs["target"], target_model=tiny_dirs["target"],
         retain_model=tiny_dirs["retain"],
         methods=["rmu", "npo"], method_params={"rmu": steps, "npo": steps}, guard_with=["rmu"],
-        guard={"guard_mode": "refuse"},
+        guard={"guard_mode": "refuse"}, trained_guard=True,
+        guard_sft={"model": tiny_dirs["target"], "max_length": 2048,  # the tiny tokenizer spends a token per byte
+                   "train": {"max_steps": 2, "batch_size": 2, "save_every": 1},
+                   "data": {"max_retain": 4, "max_benign": 4, "max_mixed": 4}},
         attacks=["paraphrase", "split-turn", "quantize-4bit", "relearn", "linear-probe"],
         attack_params={"relearn": {"steps": 2, "num_examples": 2}, "linear-probe": {"max_items": 20}},
         max_forget=6, max_heldout=4, max_retain=4, max_neighbour=4, max_benign=4, max_general=4, max_attack_items=3,
         max_mixed=3, max_new_tokens=4, out=str(tmp_path / "report"))
     report, paths = run_comparison(cfg)
-    assert report.systems == ["original", "guard", "rmu", "npo", "guard+rmu", "retain (reference)",
+    assert report.systems == ["original", "guard", "guard (trained)", "rmu", "npo", "guard+rmu", "retain (reference)",
                               "base (reference)"]
     v = report.values
     # The detector flags the request's and the held-out forget questions, so the guard refuses them (template
@@ -147,7 +150,8 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
     assert d["rmu"]["paraphrase"]["upper_fact_rate"] == report.attack_values["original"]["paraphrase"]
     # Mixed prompts: every system plus the guard's other modes; refusing the flagged prompt loses the benign part.
     m = report.mixed
-    assert set(m) == {"original", "guard", "guard (llm)", "guard (template)", "rmu", "npo", "guard+rmu"}
+    assert set(m) == {"original", "guard", "guard (trained)", "guard (llm)", "guard (template)", "rmu", "npo",
+                      "guard+rmu"}
     assert m["guard"]["all"]["n"] == 3 * 3 and set(m["guard"]) == {"joint", "step", "neighbour", "all"}
     assert m["guard"]["all"]["refusal_rate"] >= 0.5 and m["original"]["all"]["refusal_rate"] == 0.0
     assert m["guard"]["all"]["benign_answered"] <= m["original"]["all"]["benign_answered"] + 1e-9
@@ -159,12 +163,13 @@ def test_comparison_on_tiny_models(tiny_dirs, tmp_path, monkeypatch):
     # One forget request for every system; nothing evaluated was held by any of them.
     assert data["parity"]["overlaps"] == {} and sum(data["parity"]["checked"].values()) > 100
     assert data["split"]["people"]["neighbour"] == {"request": 4, "evaluation": 4}
-    assert data["timings"]["total"] > 0 and "unlearn rmu" in data["timings"]
+    assert data["timings"]["total"] > 0 and "unlearn rmu" in data["timings"] and "train guard" in data["timings"]
     md = paths["report.md"].read_text()
     assert "| guard |" in md and "Sample answers" in md
     assert (tmp_path / "report" / "compare_config.yaml").exists()
     # Unlearned models are cached under the runs dir and reused on a second call.
     assert (tmp_path / "cache" / "runs" / "offline-seed0" / "unlearn-rmu" / "train_result.json").exists()
+    assert (tmp_path / "cache" / "runs" / "offline-seed0" / "guard-sft" / "config.json").exists()
 
 
 @pytest.mark.slow

@@ -207,7 +207,11 @@ def _placements(inj: str) -> dict[str, list[dict[str, str]]]:
 
 
 def test_injection_corpus_is_the_full_one() -> None:
-    assert len(INJECTION_STRINGS) == 36 and len(set(INJECTION_STRINGS)) == 36
+    from eval.attacks.injection import INJECTION_STYLES
+
+    assert len(INJECTION_STRINGS) == 52 and len(set(INJECTION_STRINGS)) == 52
+    assert set(INJECTION_STYLES) == set(INJECTION_STRINGS) and {"role-play", "policy-changed"} <= set(
+        INJECTION_STYLES.values())
 
 
 @pytest.mark.parametrize("inj", ATTACKS, ids=[f"inj{i:02d}" for i in range(len(ATTACKS))])
