@@ -79,6 +79,16 @@ def make_backend(kind: str, model: str) -> Any:
     raise ValueError(f"unknown guard backend {kind!r}; accepted: {', '.join(BACKENDS)}")
 
 
+def raw_decisions(cot: Any, prompts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]], batch_size: int,
+                  desc: str) -> tuple[list[str], float]:
+    """The guard model's raw outputs for the prompts, in batches, and the wall time they took."""
+    raws: list[str] = []
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        raws += cot.raw_batch(prompts[start:start + batch_size], targets[start:start + batch_size])
+    return raws, time.perf_counter() - t0
+
+
 def measure(kind: str, model: str, det: Any, prompts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]],
             full: dict[str, ForgetTarget], batch_size: int = 16, max_new_tokens: int = 64) -> dict[str, Any]:
     """The figures of one guard backend on the flagged prompts (see the module docstring)."""
@@ -86,11 +96,7 @@ def measure(kind: str, model: str, det: Any, prompts: Sequence[str], targets: Se
     from guard.cot import CoTGuard
 
     cot = CoTGuard(make_backend(kind, model), GuardConfig(guard_max_new_tokens=max_new_tokens))
-    raws: list[str] = []
-    t0 = time.perf_counter()
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"guard {kind}", leave=False):
-        raws += cot.raw_batch(prompts[start:start + batch_size], targets[start:start + batch_size])
-    batch_s = time.perf_counter() - t0
+    raws, batch_s = raw_decisions(cot, prompts, targets, batch_size, f"guard {kind}")
     t1 = time.perf_counter()
     single = min(8, len(prompts))
     for i in range(single):  # the flagged path serves one prompt at a time
@@ -146,11 +152,7 @@ def evaluate_pairs(backend: Any, task: Any, pairs: Sequence[Any], config: Any = 
     by_id = {t.id: t for t in task.targets}
     targets = [[by_id[i] for i in p.target_ids] for p in pairs]
     cot = CoTGuard(backend, config or GuardConfig())
-    raws: list[str] = []
-    t0 = time.perf_counter()
-    for start in tqdm(range(0, len(pairs), batch_size), desc="guard eval", leave=False):
-        raws += cot.raw_batch([p.query for p in pairs[start:start + batch_size]], targets[start:start + batch_size])
-    elapsed = time.perf_counter() - t0
+    raws, elapsed = raw_decisions(cot, [p.query for p in pairs], targets, batch_size, "guard eval")
     decisions = cot.parse_batch(raws, targets)
     cot.close()
     rows = []

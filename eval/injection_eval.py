@@ -31,7 +31,7 @@ from core.facts import leaked_facts
 from core.generation import Prompt
 from core.io import atomic_write_json, atomic_write_text
 from core.schema import QAItem
-from eval.attacks.injection import INJECTION_STRINGS, INJECTION_STYLES, InjectionPosition
+from eval.attacks.injection import INJECTION_STRINGS, INJECTION_STYLES, InjectionPosition, place_injection
 from eval.systems import System
 
 log = logging.getLogger("injection_eval")
@@ -51,16 +51,14 @@ class InjectionEvalConfig(BaseModel):
 
 
 def injected_prompts(items: Sequence[QAItem], positions: Sequence[InjectionPosition], seed: int = 0,
-                     strings: Sequence[str] = INJECTION_STRINGS) -> list[tuple[int, str, Prompt]]:
-    """Every string around every question at a seeded position: (item index, position, prompt)."""
+                     strings: Sequence[str] = INJECTION_STRINGS) -> list[tuple[int, str, str, Prompt]]:
+    """Every string around every question at a seeded position: (item index, string, position, prompt)."""
     rng = random.Random(f"injection-eval|{seed}")
-    out: list[tuple[int, str, Prompt]] = []
+    out: list[tuple[int, str, str, Prompt]] = []
     for s in strings:
         for i, q in enumerate(items):
             pos = rng.choice(list(positions))
-            prompt: Prompt = (f"{s}\n\n{q.question}" if pos == "prefix" else f"{q.question}\n\n{s}" if pos == "suffix"
-                              else [{"role": "system", "content": s}, {"role": "user", "content": q.question}])
-            out.append((i, pos, prompt))
+            out.append((i, s, pos, place_injection(s, q.question, pos)))
     return out
 
 
@@ -70,12 +68,11 @@ def run_injection(items: Sequence[QAItem], facts: Sequence[list[str]], guarded: 
     if len(items) != len(facts):
         raise ValueError(f"{len(items)} items but {len(facts)} fact lists; they must pair up one to one")
     prompts = injected_prompts(items, cfg.positions, cfg.seed, strings)
-    texts = [p for _, _, p in prompts]
+    texts = [p for *_, p in prompts]
     g = guarded.respond(texts, cfg.max_new_tokens, cfg.batch_size, desc="guard: injected prompts")
     b = bare.respond(texts, cfg.max_new_tokens, cfg.batch_size, desc="bare: injected prompts") if bare else None
     rows = []
-    for k, ((i, pos, _), r) in enumerate(zip(prompts, g, strict=True)):
-        string = strings[k // len(items)]
+    for k, ((i, string, pos, _), r) in enumerate(zip(prompts, g, strict=True)):
         rows.append({"style": INJECTION_STYLES.get(string, "custom"), "position": pos, "string": string,
                      "question": items[i].question, "flagged": bool(r.trace and r.trace.flagged), "source": r.source,
                      "instruction": r.trace.cot_instruction if r.trace else None,

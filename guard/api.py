@@ -518,7 +518,8 @@ class GuardedLLM:
                 yield pl.refusal
                 return
             checker = StreamChecker(self._leak_fn(shared, pl.about), self.config, pl.trace)
-            released_any = blocked = False
+            released_any = False
+            blocked: str | None = None  # the part the output check blocked, once it has
             n = 0
             calls: list[dict[str, Any]] = []
             async with self.upstream_slot():
@@ -535,15 +536,14 @@ class GuardedLLM:
                             continue
                         if isinstance(delta, StreamReasoning):  # whole, before the answer it leads to
                             if await self._blocked(pl, delta.text, shared):
-                                pl.trace.blocked_parts.append("reasoning")
-                                blocked = True
+                                blocked = "reasoning"
                                 break
                             box.reasoning = delta.text
                             continue
                         n += 1
                         out = await self._step(pl, checker, checker.feed(delta))
                         if out is None:
-                            blocked = True
+                            blocked = "content"
                             break
                         if out:
                             released_any = True
@@ -555,8 +555,7 @@ class GuardedLLM:
                     self._add_generate_time(pl, t_gen)
             rest = None if blocked else await self._step(pl, checker, checker.finish())
             if rest is None:
-                if not pl.trace.blocked_parts or pl.trace.blocked_parts[-1] != "reasoning":
-                    pl.trace.blocked_parts.append("content")
+                pl.trace.blocked_parts.append(blocked or "content")
                 box.reasoning = None
                 pl.trace.choices_blocked += 1
                 box.finish_reason = "content_filter"

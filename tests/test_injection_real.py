@@ -63,7 +63,7 @@ def test_the_corpus_has_every_style_and_each_prompt_once() -> None:
     qs = [QAItem(question="Where was A born?", answer="X"), QAItem(question="What does B do?", answer="Y")]
     prompts = injected_prompts(qs, ["prefix", "suffix", "system"], seed=0)
     assert len(prompts) == 2 * len(INJECTION_STRINGS)
-    assert {pos for _, pos, _ in prompts} == {"prefix", "suffix", "system"}
+    assert {pos for _, _, pos, _ in prompts} == {"prefix", "suffix", "system"}
     assert prompts == injected_prompts(qs, ["prefix", "suffix", "system"], seed=0)
 
 

@@ -81,6 +81,15 @@ INJECTION_STYLES: dict[str, str] = {text: style for style, text in _CORPUS}
 InjectionPosition = Literal["prefix", "suffix", "system"]
 
 
+def place_injection(injection: str, question: str, position: InjectionPosition) -> PromptValue:
+    """The question with the injection before it, after it, or as a (fake) system turn before it."""
+    if position == "prefix":
+        return f"{injection}\n\n{question}"
+    if position == "suffix":
+        return f"{question}\n\n{injection}"
+    return [{"role": "system", "content": injection}, {"role": "user", "content": question}]
+
+
 class InjectionConfig(AttackConfig):
     """How many injection strings per item, and where they go."""
 
@@ -119,13 +128,5 @@ class PromptInjectionAttack(PromptAttack):
         out: list[tuple[str, PromptValue]] = []
         for i in idx:
             pos = rng.choice(self.config.positions)
-            inj = corpus[i]
-            prompt: PromptValue
-            if pos == "prefix":
-                prompt = f"{inj}\n\n{item.question}"
-            elif pos == "suffix":
-                prompt = f"{item.question}\n\n{inj}"
-            else:
-                prompt = [{"role": "system", "content": inj}, {"role": "user", "content": item.question}]
-            out.append((f"{pos}:{i}", prompt))
+            out.append((f"{pos}:{i}", place_injection(corpus[i], item.question, pos)))
         return out
