@@ -7,13 +7,14 @@ no repair), those the serving parser reads (decided by the model, not the templa
 them, and the instructions that state a forget fact: one the store knows (what the guard replaces before the target
 reads it) or any fact of the task (the evaluation's view), and the time per decision.
 
-``python -m eval.guard_decisions [--task offline] [--backends transformers,transformers-prefix,vllm]``
+``python -m eval.guard_decisions [--task offline] [--backends transformers,transformers-prefix,vllm,vllm-server]``
 writes ``runs/guard_decisions/guard_decisions.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from core.schema import ForgetTarget
 from detectors.oracle import fact_values
 
 log = logging.getLogger("guard_decisions")
-BACKENDS = ("transformers", "transformers-prefix", "vllm")
+BACKENDS = ("transformers", "transformers-prefix", "vllm", "vllm-server")
 
 
 def flagged_prompts(task_spec: str, limit: int | None = None) -> tuple[Any, list[str], list[list[ForgetTarget]],
@@ -62,9 +63,11 @@ def flagged_prompts(task_spec: str, limit: int | None = None) -> tuple[Any, list
     return det, prompts, targets, {t.id: t for t in task.targets}
 
 
-def make_backend(kind: str, model: str) -> Any:
+def open_guard_backend(kind: str, model: str, stack: contextlib.ExitStack) -> Any:
     """The guard backend ``kind`` names, on ``model``: transformers with grammar-constrained decisions (xgrammar),
-    transformers prefix-forced (the baseline before constrained decoding), or in-process vLLM (structured outputs)."""
+    transformers prefix-forced (the baseline before constrained decoding), in-process vLLM (structured outputs), or
+    a ``vllm serve`` of the model started for ``stack``'s lifetime, reached as an OpenAI-compatible server
+    (``response_format`` json_schema)."""
     if kind.startswith("transformers"):
         from guard.backends.transformers import TransformersBackend, shared_llm
 
@@ -76,6 +79,13 @@ def make_backend(kind: str, model: str) -> Any:
         from guard.backends.vllm import VLLMBackend
 
         return VLLMBackend(model)
+    if kind == "vllm-server":
+        from core.models import resolve_llm_path
+        from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
+        from guard.backends.vllm import vllm_server
+
+        url = stack.enter_context(vllm_server(str(resolve_llm_path(model)), served_name="guard"))
+        return OpenAIHTTPBackend(OpenAIConfig(base_url=url, model="guard", timeout_s=600))
     raise ValueError(f"unknown guard backend {kind!r}; accepted: {', '.join(BACKENDS)}")
 
 
@@ -90,12 +100,22 @@ def raw_decisions(cot: Any, prompts: Sequence[str], targets: Sequence[Sequence[F
 
 
 def measure(kind: str, model: str, det: Any, prompts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]],
-            full: dict[str, ForgetTarget], batch_size: int = 16, max_new_tokens: int = 64) -> dict[str, Any]:
+            full: dict[str, ForgetTarget], batch_size: int = 16, max_new_tokens: int | None = None) -> dict[str, Any]:
     """The figures of one guard backend on the flagged prompts (see the module docstring)."""
+    with contextlib.ExitStack() as stack:
+        return _measure(open_guard_backend(kind, model, stack), kind, model, det, prompts, targets, full, batch_size,
+                        max_new_tokens)
+
+
+def _measure(backend: Any, kind: str, model: str, det: Any, prompts: Sequence[str],
+             targets: Sequence[Sequence[ForgetTarget]], full: dict[str, ForgetTarget], batch_size: int,
+             max_new_tokens: int | None) -> dict[str, Any]:
+    """:func:`measure` on a built backend (closed at the end)."""
     from guard.config import GuardConfig
     from guard.cot import CoTGuard
 
-    cot = CoTGuard(make_backend(kind, model), GuardConfig(guard_max_new_tokens=max_new_tokens))
+    cfg = GuardConfig() if max_new_tokens is None else GuardConfig(guard_max_new_tokens=max_new_tokens)
+    cot = CoTGuard(backend, cfg)
     raws, batch_s = raw_decisions(cot, prompts, targets, batch_size, f"guard {kind}")
     t1 = time.perf_counter()
     single = min(8, len(prompts))
@@ -111,7 +131,8 @@ def measure(kind: str, model: str, det: Any, prompts: Sequence[str], targets: Se
                if any(leaked_facts(d.cot_instruction, fact_values(full.get(t.id, t)), min_chars=3) for t in tg)]
     cot.close()
     n = len(prompts)
-    return {"backend": kind, "model": model, "prompts": n, "strict_valid": strict, "decided_by_model": len(decided),
+    return {"backend": kind, "model": model, "prompts": n, "max_new_tokens": cfg.guard_max_new_tokens,
+            "strict_valid": strict, "decided_by_model": len(decided),
             "refusals": refusing, "instructions_stating_stored_fact": len(stored),
             "instructions_stating_any_fact": len(anyfact), "s_per_prompt_batched": round(batch_s / max(1, n), 4),
             "s_per_prompt_single": round(single_s, 4),
@@ -149,8 +170,7 @@ def evaluate_pairs(backend: Any, task: Any, pairs: Sequence[Any], config: Any = 
 
     if not pairs:
         raise ValueError("no held-out guard pairs to evaluate on")
-    by_id = {t.id: t for t in task.targets}
-    targets = [[by_id[i] for i in p.target_ids] for p in pairs]
+    targets = [p.targets_in(task) for p in pairs]
     cot = CoTGuard(backend, config or GuardConfig())
     raws, elapsed = raw_decisions(cot, [p.query for p in pairs], targets, batch_size, "guard eval")
     decisions = cot.parse_batch(raws, targets)
@@ -201,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--guard", default=DEFAULT_LLM, help="guard model(s), comma-separated, measured in the same run "
                     "(default: the base embedded model; e.g. also a train-guard output dir)")
     ap.add_argument("--limit", type=int, default=None, help="at most this many flagged prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="the guard's token budget (serving default 64)")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="the guard's token budget (default: the serving one, GuardConfig.guard_max_new_tokens)")
     ap.add_argument("--out", default="runs/guard_decisions")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

