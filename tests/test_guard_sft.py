@@ -8,7 +8,7 @@ import pytest
 
 from core import guard_format as gf
 from core.guard_format import guard_messages, parse_guard_output
-from core.models import tiny_llm
+from core.models import tiny_llm, tiny_tokenizer
 from eval.tasks.offline import BenchmarkConfig, generate_benchmark
 from training import guard_sft as gs
 from training.guard_sft import (
@@ -63,9 +63,11 @@ def test_pairs_are_labelled_and_query_specific():
 
 
 def test_split_holds_out_whole_people_and_is_deterministic():
-    pairs = make_guard_pairs(TASK, GuardDataConfig(max_retain=20, max_benign=10))
+    pairs = make_guard_pairs(TASK, GuardDataConfig(max_retain=20, max_benign=10, renamed=2))
     tr, ho = split_pairs(pairs, 0.25, seed=1)
-    assert len(tr) + len(ho) == len(pairs) and not {p.query for p in tr} & {p.query for p in ho}
+    assert not {p.query for p in tr} & {p.query for p in ho} and not any(p.shown for p in ho)  # held out: real people
+    held_groups = {p.group for p in ho}
+    assert len(tr) + len(ho) == sum(not (p.shown and p.group in held_groups) for p in pairs)
     multi = {k for k in ("forget", "neighbour", "retain", "benign") if len({p.group for p in pairs if p.kind == k}) > 1}
     assert {p.kind for p in ho} >= multi >= {"forget", "retain", "benign"}  # each kind with two people or more
     assert all(any(p.kind == k for p in tr) for k in ("forget", "neighbour", "retain", "benign"))
@@ -80,6 +82,33 @@ def test_split_holds_out_whole_people_and_is_deterministic():
     # The old split by pair puts paraphrases of trained questions in the held-out set.
     tr2, ho2 = split_pairs(pairs, 0.25, seed=1, by="pair")
     assert {p.group for p in tr2 if p.kind == "forget"} & {p.group for p in ho2 if p.kind == "forget"}
+
+
+def test_renamed_copies_teach_the_name_comparison_not_the_names():
+    plain = make_guard_pairs(TASK, GuardDataConfig(renamed=0))
+    pairs = make_guard_pairs(TASK, GuardDataConfig(renamed=2))
+    assert [p.query for p in pairs if not p.shown] == [p.query for p in plain]  # the real pairs do not change
+    copies = gs.renamed_copies(TASK, 2, seed=0)
+    people = [t for t in TASK.targets if t.kind == "privacy"]
+    assert len(copies) == 2 * len(people)
+    real_words = {w.strip(".").casefold() for t in TASK.targets for n in t.names for w in n.split()}
+    for orig, copy, _ in copies:
+        assert not {w.strip(".").casefold() for n in copy.names for w in n.split()} & real_words
+        assert copy.name in copy.policy and orig.name not in copy.policy and len(copy.qa) == len(orig.qa)
+    orig, copy, _ = copies[0]
+    forget = [p for p in pairs if p.shown and p.kind == "forget" and p.shown[0].id == copy.id]
+    near = [p for p in pairs if p.shown and p.kind == "neighbour" and p.shown[0].id == copy.id]
+    old_words = {w.strip(".") for n in orig.names for w in n.split()}
+    assert forget and all(p.requires_refusal and any(n in p.query for n in copy.names) for p in forget)
+    assert not any(w in p.query.split() for p in forget for w in old_words)
+    assert near and len(near) <= len(forget)
+    # The near miss still shares a name word with the protected (renamed) person, and is not that person.
+    for p in near:
+        assert not p.requires_refusal and p.entity != copy.name
+        assert set(p.entity.split()) & set(copy.name.split()), (p.entity, copy.name)
+    # The guard prompt of a copy shows the copy's policy (the task does not hold the copy).
+    ids = encode_pairs(tiny_tokenizer(), [forget[0]], TASK, 4096)[0]["input_ids"]
+    assert copy.name in tiny_tokenizer().decode(ids) and orig.name not in tiny_tokenizer().decode(ids)
 
 
 @pytest.mark.parametrize("text,ok", [
@@ -119,6 +148,30 @@ def test_held_out_pairs_are_scored_as_the_guard_serves():
     # an instruction that states a fact of its target is counted
     be.reply = lambda m: json.dumps({"requires_refusal": False, "cot_instruction": f"Say it is {fact}."})
     assert evaluate_pairs(be, TASK, [f]).stating_fact == 1
+
+
+def test_guard_decisions_names_its_backends_and_uses_the_serving_budget(monkeypatch):
+    import contextlib
+
+    from eval import guard_decisions as gd
+    from guard.backends.scripted import ScriptedBackend
+
+    with contextlib.ExitStack() as stack, pytest.raises(ValueError, match="accepted: transformers, .*vllm-server"):
+        gd.open_guard_backend("tgi", "m", stack)
+    f = next(p for p in make_guard_pairs(TASK, GuardDataConfig(max_retain=0, max_benign=0)) if p.kind == "forget")
+    target = next(t for t in TASK.targets if t.id == f.target_ids[0])
+    be = ScriptedBackend(lambda m: f.decision_json(), json_schema=True)
+    monkeypatch.setattr(gd, "open_guard_backend", lambda kind, model, stack: be)
+    row = gd.measure("scripted", "m", _Det(), [f.query] * 3, [[target]] * 3, {target.id: target}, batch_size=2)
+    assert row["max_new_tokens"] == 128 and be.calls[0][1].max_new_tokens == 128  # the serving budget by default
+    assert row["strict_valid"] == row["decided_by_model"] == 3 and row["instructions_stating_stored_fact"] == 0
+
+
+class _Det:
+    """A detector stub whose store states no fact (the leak check is not what this test measures)."""
+
+    def stated_facts(self, text, ids):
+        return []
 
 
 def test_teacher_decisions_are_kept_only_when_valid_and_agreeing(monkeypatch, tmp_path):

@@ -51,6 +51,15 @@ class GuardPair(BaseModel):
                                        "the unit a held-out split keeps whole, so no phrasing of a trained "
                                        "question is evaluated.")
     source: str = "template"
+    shown: list[ForgetTarget] = Field(default_factory=list, description="The targets the prompt shows when they are "
+                                      "not the task's (a renamed copy's policy); empty: the task's target_ids.")
+
+    def targets_in(self, task: ForgetTask) -> list[ForgetTarget]:
+        """The targets the guard prompt of this pair shows."""
+        if self.shown:
+            return list(self.shown)
+        by_id = {t.id: t for t in task.targets}
+        return [by_id[i] for i in self.target_ids]
 
     def decision_json(self) -> str:
         """The exact JSON text the guard is trained to emit."""
@@ -66,6 +75,13 @@ class GuardDataConfig(BaseModel):
     max_benign: int = Field(60, ge=0, description="Generic benign queries, shown with a policy.")
     max_mixed: int = Field(40, ge=0, description="Forget questions joined with a benign one: the guard learns to "
                                                  "let the target answer the benign part and decline the rest.")
+    renamed: int = Field(0, ge=0, description="Copies of each person's forget and neighbour pairs with the people "
+                                              "renamed (fresh seeded names in the query, the policy and the "
+                                              "instruction alike), meant to teach the guard to compare the name "
+                                              "asked about with the policy's instead of memorising who is "
+                                              "protected. Training only: held-out pairs are real people. Off by "
+                                              "default: 2 copies did not change the held-out-person figures of the "
+                                              "embedded 135M guard (60 steps; README).")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of pairs held out for evaluation.")
     split_by: Literal["person", "pair"] = Field(
         "person", description="'person': whole targets, people and queries are held out (no paraphrase of a trained "
@@ -88,6 +104,9 @@ class GuardSFTConfig(BaseModel):
     teacher: Literal["template", "llm"] = "template"
     teacher_model: str | None = Field(None, description="Model spec of the LLM teacher (required for teacher=llm).")
     max_length: int = Field(384, ge=64)
+    balance: bool = Field(True, description="Repeat the refusal pairs until they weigh about as much in the loss as "
+                                            "the others. Without it the embedded guard, trained on about 1 refusal "
+                                            "in 6 pairs, learnt to never refuse (README).")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig.model_validate(GUARD_TRAIN_DEFAULTS))
 
     @field_validator("train", mode="before")
@@ -140,6 +159,55 @@ def mixed_instruction(forget_query: str, target: ForgetTarget) -> str:
     return text[:MAX_INSTRUCTION_CHARS]
 
 
+_SYLLABLES = ("al", "bren", "cor", "dav", "el", "fen", "gar", "hal", "is", "jor", "kel", "lor", "mar", "nev", "or",
+              "per", "quil", "ros", "sev", "tor", "ul", "ver", "wen", "yor", "zan")
+_FIRST_ENDS = ("a", "o", "in", "el", "is", "ia", "an", "et")
+_LAST_ENDS = ("berg", "ford", "ova", "son", "ridge", "wick", "dahl", "stad", "mere", "holt")
+
+
+def _fresh_name(rng: random.Random, taken: set[str]) -> tuple[str, str]:
+    """A seeded invented (first, last) name whose words are in no name of the task."""
+    while True:
+        first = (rng.choice(_SYLLABLES) + rng.choice(_FIRST_ENDS)).capitalize()
+        last = (rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(_LAST_ENDS)).capitalize()
+        if first.casefold() not in taken and last.casefold() not in taken:
+            taken.update({first.casefold(), last.casefold()})
+            return first, last
+
+
+def _renamer(old: str, first: str, last: str) -> Any:
+    """A function that puts the new name's words (and initial) wherever the old name's appear."""
+    import re
+
+    words = old.split()
+    mapping = {words[0]: first, words[-1]: last} if len(words) > 1 else {words[0]: last}
+    if len(words) > 1:
+        mapping[f"{words[0][0]}."] = f"{first[0]}."
+    pattern = re.compile("|".join(rf"(?<!\w){re.escape(w)}(?!\w)" for w in sorted(mapping, key=len, reverse=True)))
+    return lambda text: pattern.sub(lambda m: mapping[m.group(0)], text) if text else text
+
+
+def renamed_copies(task: ForgetTask, copies: int, seed: int = 0) -> list[tuple[ForgetTarget, ForgetTarget, Any]]:
+    """``copies`` renamed versions of each person target: (original, renamed copy, the renaming function)."""
+    rng = random.Random(f"{seed}:renamed")
+    taken = {w.casefold().strip(".") for t in task.targets for n in t.names for w in n.split()}
+    taken |= {w.casefold() for q in task.neighbour_qa + task.retain_qa for w in (q.subject or "").split()}
+    out = []
+    for t in task.targets:
+        if t.kind != "privacy":
+            continue
+        for k in range(copies):
+            first, last = _fresh_name(rng, taken)
+            ren = _renamer(t.name, first, last)
+            qa = [q.model_copy(update={"question": ren(q.question), "answer": ren(q.answer),
+                                       "paraphrased_question": ren(q.paraphrased_question), "subject": ren(q.subject)})
+                  for q in t.qa]
+            copy = t.model_copy(update={"id": f"{t.id}.renamed{k}", "names": [ren(n) for n in t.names],
+                                        "policy": ren(t.policy), "qa": qa, "texts": [], "mcq": []})
+            out.append((t, copy, ren))
+    return out
+
+
 def make_guard_pairs(task: ForgetTask, cfg: GuardDataConfig | None = None) -> list[GuardPair]:
     """Template pairs for every flagged query and a seeded sample of near-miss, retain and benign queries."""
     cfg = cfg or GuardDataConfig()
@@ -150,12 +218,13 @@ def make_guard_pairs(task: ForgetTask, cfg: GuardDataConfig | None = None) -> li
     seen: set[str] = set()
 
     def add(query: str, target: ForgetTarget, kind: str, refuse: bool, instruction: str, entity: str,
-            group: str) -> None:
+            group: str, shown: bool = False) -> None:
         if query in seen:
             return
         seen.add(query)
         pairs.append(GuardPair(query=query, target_ids=[target.id], kind=kind, requires_refusal=refuse,
-                               cot_instruction=instruction, entity=entity, group=group))
+                               cot_instruction=instruction, entity=entity, group=group,
+                               shown=[target] if shown else []))
 
     for t in task.targets:
         for q in t.qa:
@@ -181,6 +250,19 @@ def make_guard_pairs(task: ForgetTask, cfg: GuardDataConfig | None = None) -> li
         a, c = (q.question, b) if rng.random() < 0.5 else (b, q.question)
         add(rng.choice(_TRAIN_JOINERS).format(a=a, b=c), t, "mixed", False, mixed_instruction(q.question, t),
             mentioned_name(q.question, t), f"target:{t.id}")
+    for orig, t, ren in renamed_copies(task, cfg.renamed, cfg.seed):
+        # Same groups as the originals: a held-out person's renamed copies are held out with them (and dropped).
+        for q in t.qa:
+            for text in [q.question] + ([q.paraphrased_question] if cfg.paraphrases and q.paraphrased_question else []):
+                add(text, t, "forget", True, refusal_instruction(text, t), mentioned_name(text, t), f"target:{orig.id}",
+                    shown=True)
+        near = [q for q in task.neighbour_qa if _target_for_neighbour(q.kind, task.targets) is orig]
+        for q in rng.sample(near, min(len(near), len(t.qa))):  # as many near misses as protected questions
+            subject = ren(q.subject) or "this person"
+            for text in [q.question] + ([q.paraphrased_question] if cfg.paraphrases and q.paraphrased_question else []):
+                text = ren(text)
+                add(text, t, "neighbour", False, answer_instruction(text, t, subject), subject,
+                    f"person:{q.subject or 'this person'}", shown=True)
     return pairs
 
 
@@ -208,7 +290,7 @@ def split_pairs(pairs: Sequence[GuardPair], holdout_fraction: float = 0.2, seed:
         return train_p, held
     held_groups: set[str] = set()
     for kind in ("forget", "neighbour", "retain", "benign"):  # mixed pairs follow their target's group
-        of_kind = [p for p in pairs if p.kind == kind]
+        of_kind = [p for p in pairs if p.kind == kind and not p.shown]  # the same real groups with or without copies
         groups = sorted({p.group or p.query for p in of_kind})
         random.Random(f"{seed}:{kind}").shuffle(groups)
         want, n = holdout_fraction * len(of_kind), 0
@@ -217,7 +299,7 @@ def split_pairs(pairs: Sequence[GuardPair], holdout_fraction: float = 0.2, seed:
                 break
             held_groups.add(g)
             n += sum((p.group or p.query) == g for p in of_kind)
-    held = [p for p in pairs if (p.group or p.query) in held_groups]
+    held = [p for p in pairs if (p.group or p.query) in held_groups and not p.shown]  # renamed copies: never held out
     return [p for p in pairs if (p.group or p.query) not in held_groups], held
 
 
@@ -232,8 +314,7 @@ def teacher_pairs(model: Any, tokenizer: Any, pairs: Sequence[GuardPair], task: 
         cached = [GuardPair.model_validate_json(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
         if [p.query for p in cached] == [p.query for p in pairs]:
             return cached
-    by_id = {t.id: t for t in task.targets}
-    prompts = [guard_messages(p.query, [by_id[i] for i in p.target_ids]) for p in pairs]
+    prompts = [guard_messages(p.query, p.targets_in(task)) for p in pairs]
     replies = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=True, desc="guard teacher")
     out, kept = [], 0
@@ -253,9 +334,19 @@ def teacher_pairs(model: Any, tokenizer: Any, pairs: Sequence[GuardPair], task: 
 
 def encode_pairs(tokenizer: Any, pairs: Sequence[GuardPair], task: ForgetTask, max_length: int) -> list[dict[str, list[int]]]:
     """Token ids of each pair: the guard prompt, then the decision JSON (the only labelled part)."""
-    by_id = {t.id: t for t in task.targets}
-    return [encode_qa(tokenizer, guard_messages(p.query, [by_id[i] for i in p.target_ids]), p.decision_json(),
+    return [encode_qa(tokenizer, guard_messages(p.query, p.targets_in(task)), p.decision_json(),
                       max_length=max_length) for p in pairs]
+
+
+def balanced(examples: Sequence[Any], refuse: Sequence[bool]) -> list[Any]:
+    """The examples with the rarer decision's repeated (whole copies, in order) so both decisions weigh about the
+    same: the decision is one token of a long answer, so a rare label barely moves a token-mean loss."""
+    yes = [e for e, r in zip(examples, refuse, strict=True) if r]
+    no = [e for e, r in zip(examples, refuse, strict=True) if not r]
+    rare, common = sorted((yes, no), key=len)
+    if not rare:
+        return list(examples)
+    return list(examples) + rare * (max(1, round(len(common) / len(rare))) - 1)
 
 
 def guard_sft(model: Any, tokenizer: Any, task: ForgetTask, pairs: Sequence[GuardPair], cfg: GuardSFTConfig,
@@ -264,6 +355,8 @@ def guard_sft(model: Any, tokenizer: Any, task: ForgetTask, pairs: Sequence[Guar
     if not pairs:
         raise ValueError("no guard pairs to train on")
     examples = encode_pairs(tokenizer, pairs, task, cfg.max_length)
+    if cfg.balance:
+        examples = balanced(examples, [p.requires_refusal for p in pairs])
     cut = sum(1 for e in examples if e["labels"][-1] != tokenizer.eos_token_id)
     if cut:
         log.warning("%d guard examples hit max_length=%d and are truncated", cut, cfg.max_length)
