@@ -30,7 +30,9 @@ def compare(config: Path | None = typer.Option(None, help="YAML CompareConfig.")
     _run(cfg)
 
 
-def demo(full: bool = typer.Option(False, "--full", help="Every method and more items (about 45 min)."),
+def demo(full: bool = typer.Option(False, "--full", help="The main methods, the trained guard and more items "
+                                                        "(about 45 min warm; every method: "
+                                                        "compare --set profile=all-methods)."),
          out: Path = typer.Option(Path("runs/demo"), help="Report directory.")) -> None:
     """The main job: fine-tune (or reuse), detector, RMU + NPO, guard, attacks, report, on the embedded defaults."""
     from eval.compare import CompareConfig

@@ -97,6 +97,8 @@ class CompareConfig(BaseModel):
         default_factory=lambda: ["llm", "template", "refuse"],
         description="Guard modes scored on the mixed prompts; the configured mode is the 'guard' row, the others "
                     "are rows 'guard (<mode>)'.")
+    mode_rows: bool = Field(False, description="Also make those other modes rows of the main table and the prompt "
+                                               "attacks (their leak rate, over-refusal and attack figures).")
     variants_per_item: int = Field(1, ge=1, description="Attack variants kept per item (seeded sample).")
     max_new_tokens: int = Field(32, ge=4)
     mcq_format: Literal["letter", "cloze"] = Field(
@@ -105,7 +107,9 @@ class CompareConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     seed: int = 0
     out: str = "runs/compare"
-    profile: Literal["default", "full"] = "default"
+    profile: Literal["default", "full", "all-methods"] = Field(
+        "default", description="'full': more items, the main methods and the trained guard; 'all-methods': 'full' "
+                               "with every registered unlearning method (hours on a CPU).")
 
 
 # Every method and attack, more items. Sized from measured runs on the 2-core CPU (warm cache).
@@ -113,7 +117,7 @@ FULL_PROFILE: dict[str, Any] = {
     "methods": ["rmu", "r2mu", "tru", "npo", "simnpo", "graddiff", "ga", "idknll"],
     "guard_with": ["rmu", "npo"], "max_heldout": 24, "max_retain": 40, "max_neighbour": 40, "max_benign": 30,
     "max_general": 120, "max_attack_items": 12, "variants_per_item": 1, "max_new_tokens": 40, "attack_params": {},
-    "max_mixed": 12, "trained_guard": True,
+    "max_mixed": 12, "trained_guard": True, "mode_rows": True,
 }
 
 
@@ -453,8 +457,11 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     from eval.tasks.spec import load_task_spec
     from guard.config import GuardConfig
 
-    if cfg.profile == "full":
-        cfg = cfg.model_copy(update={k: v for k, v in FULL_PROFILE.items() if k not in cfg.model_fields_set})
+    if cfg.profile in ("full", "all-methods"):
+        from training.methods import METHODS
+
+        profile = {**FULL_PROFILE, **({"methods": METHODS.names()} if cfg.profile == "all-methods" else {})}
+        cfg = cfg.model_copy(update={k: v for k, v in profile.items() if k not in cfg.model_fields_set})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "compare_config.yaml")
@@ -487,6 +494,10 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     gcfg = GuardConfig.model_validate(cfg.guard)
     systems: list[System] = [model_system("original", target, "original"),
                              guarded_system("guard", target, detector, request, gcfg)]
+    mode_guards = [guarded_system(f"guard ({m})", target, detector, request, gcfg.model_copy(update={"guard_mode": m}))
+                   for m in dict.fromkeys(cfg.mixed_guard_modes) if m != gcfg.guard_mode]
+    if cfg.mode_rows:
+        systems += mode_guards
     if cfg.trained_guard:
         with _Stage(timings, "train guard"):
             tuned_guard = ensure_trained_guard(cfg, request)
@@ -528,9 +539,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                     notes.append(f"privleak undefined: {e} (reference Min-K% AUC {ref_raw['auc']:.3f}).")
 
     # ---- mixed prompts: a forget part and a benign part in one prompt ---------------------------------
-    mode = gcfg.guard_mode
-    extra_guards = [guarded_system(f"guard ({m})", target, detector, request, gcfg.model_copy(update={"guard_mode": m}))
-                    for m in cfg.mixed_guard_modes if m != mode]
+    extra_guards = [] if cfg.mode_rows else mode_guards
     mixed: dict[str, dict[str, dict[str, float | None]]] = {}
     mixed_rows: list[dict[str, Any]] = []
     if cfg.max_mixed:
@@ -538,7 +547,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
             mixed, mixed_rows, mixed_dropped = _mixed_suite(cfg, ev, systems, extra_guards, holds)
         if mixed_dropped:
             notes.append(f"mixed prompts dropped because a system holds them: {mixed_dropped}.")
-    del extra_guards
+    del extra_guards, mode_guards
 
     # ---- attacks -------------------------------------------------------------------------------
     wanted = cfg.attacks if cfg.attacks is not None else attack_names()
@@ -635,7 +644,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               "original's plain answers.",
               f"mixed prompts: {len(mixed_rows)} (joint, step, neighbour), each a held-out unseen fact joined with a "
               "held-out benign part; answers capped at twice the plain budget; benign_rouge is ROUGE-L recall against "
-              f"the original model's answer to the benign part alone; the 'guard' row runs guard_mode={mode}.",
+              f"the original model's answer to the benign part alone; the 'guard' row runs guard_mode={gcfg.guard_mode}.",
               "white-box metrics (truth ratio, MCQ, MIA, probe) are not applicable to guarded systems: an attacker "
               "with the weights drops the guard; the weights are those of the row without 'guard'.",
               f"detector threshold {detector.threshold:.4f} ({_calibration_note(detector)}); guard_fpr_c is "

@@ -183,10 +183,13 @@ def test_comparison_runs_on_lume(tiny_dirs, tmp_path, monkeypatch):
         task=f"lume@{lume}", base_model=tiny_dirs["target"], target_model=tiny_dirs["target"],
         retain_model=tiny_dirs["retain"], methods=["npo"], method_params={"npo": steps}, guard_with=[],
         guard={"guard_mode": "refuse"}, attacks=["paraphrase", "alias"], max_new_tokens=4,
-        out=str(tmp_path / "report"))
+        mixed_guard_modes=["refuse", "template"], mode_rows=True, out=str(tmp_path / "report"))
     report, paths = run_comparison(cfg)
     v = report.values
-    assert report.systems[:3] == ["original", "guard", "npo"]
+    # mode_rows: the other guard mode is a row of the main table and the prompt attacks, and is not run twice.
+    assert report.systems[:4] == ["original", "guard", "guard (template)", "npo"]
+    assert "forget_refusal_a" in v["guard (template)"] and "paraphrase" in report.attack_values["guard (template)"]
+    assert set(report.mixed) == {"original", "guard", "guard (template)", "npo"}
     assert json.loads(paths["report.json"].read_text())["parity"]["overlaps"] == {}
     # LUME's sentence completions are not questions: (a) holds the request's fact questions only.
     from eval.split import split_task
