@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -19,10 +21,12 @@ LAYERS = 4
 # Test-size settings per method (few traces, margins that give SimNPO a gradient on a barely trained model).
 PARAMS = {
     "rmu": {"layer": 2, "alpha": 10.0},
-    "r2mu": {"layer": 2, "alpha": 10.0, "trace_alpha": 10.0, "max_forget_traces": 3, "max_retain_traces": 3, "trace_tokens": 8},
+    "r2mu": {"layer": 2, "alpha": 10.0, "trace_alpha": 10.0, "trace_gamma": 0.5, "max_forget_traces": 3,
+             "max_retain_traces": 3, "trace_tokens": 8},
     "simnpo": {"beta": 1.0, "delta": 3.0, "gamma": 1.0},
     "npo": {"beta": 1.0},
     "idknll": {"answers": ["I don't know."]},
+    "idkdpo": {"beta": 1.0},
 }
 # Methods whose default trainable set is all parameters get a subset here, to check the rest is untouched.
 SUBSET = [r"layers\.[23]\.mlp\."]
@@ -46,7 +50,8 @@ def load(target_dir):
 
 
 def _cfg(method: str, tmp_path, **train) -> UnlearnConfig:
-    lr = {"rmu": 5e-3, "r2mu": 5e-3, "ga": 2e-3, "graddiff": 2e-3}.get(method, 3e-3)
+    lr = {"rmu": 5e-3, "r2mu": 5e-3, "ga": 2e-3, "graddiff": 2e-3, "ga-ts": 1e-3, "bs-t": 2e-3, "bs-s": 2e-3,
+          "ce-u": 1e-3}.get(method, 3e-3)
     t = {"lr": lr, "max_steps": 8, "batch_size": 4, "save_every": 4, **train}
     if method not in {"rmu", "r2mu"} and "trainable" not in t and "lora" not in t:
         t["trainable"] = SUBSET
@@ -88,8 +93,6 @@ def test_method_unlearns_and_touches_only_trainable_params(name, target_dir, tmp
     assert f1 - f0 > r1 - r0, (f0, f1, r0, r1)
     # Only the trainable set changed.
     trainable = res.config["train"]["trainable"]
-    import re
-
     pats = [re.compile(p) for p in trainable]
     changed = 0
     for n, p in model.named_parameters():
@@ -156,7 +159,7 @@ def test_unknown_method_lists_known_ones(target_dir, tmp_path):
     from core.registry import UnknownNameError
 
     model, tok = load(target_dir)
-    with pytest.raises(UnknownNameError, match="known: ga, graddiff, idknll, npo, r2mu, rmu, simnpo, tru"):
+    with pytest.raises(UnknownNameError, match=re.escape("known: " + ", ".join(METHODS.names()))):
         unlearn(model, tok, TASK, UnlearnConfig(method="nope"), tmp_path / "x")
 
 

@@ -106,21 +106,28 @@ def _checkpoint_dir(out_dir: Path) -> Path:
 
 
 def _save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
-                     history: list[dict[str, float]], fingerprint: str) -> None:
-    """Write trainable weights, optimizer and RNG state atomically (the old checkpoint survives a crash)."""
+                     history: list[dict[str, float]], fingerprint: str, loss_fn: Any = None) -> None:
+    """Write trainable weights, optimizer, RNG and loss state atomically (the old checkpoint survives a crash).
+
+    A loss with ``state_dict()`` (e.g. PDU's dual variable) has it saved too, so resume continues it.
+    """
     import torch
     from safetensors.torch import save_file
 
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     with atomic_dir(ckpt) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp / "state.pt")
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": torch.get_rng_state()}
+        if callable(getattr(loss_fn, "state_dict", None)):
+            state["loss_fn"] = loss_fn.state_dict()
+        torch.save(state, tmp / "state.pt")
         atomic_write_json(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "step": step,
                                                   "history": history, "fingerprint": fingerprint})
 
 
-def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str) -> tuple[int, list]:
+def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str,
+                     loss_fn: Any = None) -> tuple[int, list]:
     """Restore a checkpoint written by :func:`_save_checkpoint`; returns (step, history)."""
     import torch
     from safetensors.torch import load_file
@@ -140,6 +147,8 @@ def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, fin
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if "loss_fn" in state and callable(getattr(loss_fn, "load_state_dict", None)):
+        loss_fn.load_state_dict(state["loss_fn"])
     return int(progress["step"]), list(progress["history"])
 
 
@@ -180,7 +189,7 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
     ckpt = _checkpoint_dir(out_dir)
     step, history = 0, []
     if (ckpt / "progress.json").exists():
-        step, history = _load_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, fingerprint)
+        step, history = _load_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, fingerprint, loss_fn)
         log.info("resuming %s from step %d (%s)", desc, step, ckpt)
     resumed_from = step
     model.train()
@@ -212,7 +221,8 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
             if step % cfg.save_every == 0 or step == total:
-                _save_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, step, history, fingerprint)
+                _save_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, step, history, fingerprint,
+                                 loss_fn)
             if step >= total or (stop_after is not None and step >= stop_after):
                 break
         else:
