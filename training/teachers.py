@@ -1,10 +1,14 @@
-"""Teachers that write supervised targets for forget queries: a deterministic template, or any local LLM.
+"""Teachers that write supervised targets for forget queries: a local LLM reasoning about the query, or a template.
 
 TRU trains on *reasoning + refusal* targets; the guard is fine-tuned on JSON decisions. Both come
-from a teacher. :class:`TemplateTeacher` works offline and is query-specific: it names the entity
-asked about and the kind of fact asked for (birthplace, awards, the material of a component...).
-:class:`LLMTeacher` asks a local LLM through :func:`core.generation.generate` and falls back to the
-template for any answer it cannot parse. Teacher outputs are cached as JSONL by the callers.
+from a teacher. :class:`LLMTeacher` is TRU's: a local LLM (by default the model being unlearned) is
+given a chain-of-thought prompt (:func:`tru_prompt`: two demonstrations, then the question, its
+protected subject and policy) and writes why answering would reveal protected information, then
+declines. Every reply is validated (:func:`tru_target_problem`: some reasoning, the subject named, no
+forget fact stated, as :func:`core.facts.leaked_facts` sees it); an unusable reply falls back to the
+template for that query and is counted. :class:`TemplateTeacher` is deterministic and offline: it names
+the entity asked about and the kind of fact asked for (birthplace, awards, the material of a
+component...). Teacher outputs are cached as JSONL by :func:`cached_tru_targets`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from core.facts import answer_novel_span, leaked_facts, normalise_for_match, target_fact_values
 from core.generation import generate
 from core.io import atomic_write_text
 from core.schema import ForgetTarget
@@ -90,7 +95,9 @@ class TRUTarget(BaseModel):
     question: str
     reasoning: str
     refusal: str
-    source: str = "template"
+    source: str = Field("template", description="'template', or the name of the LLM teacher that wrote it.")
+    note: str = Field("", description="Why the template was used ('fallback: ...'), or 'template refusal'.")
+    reply: str = Field("", description="The LLM teacher's raw reply, when there was one.")
 
 
 class Teacher(Protocol):
@@ -98,8 +105,9 @@ class Teacher(Protocol):
 
     name: str
 
-    def tru_targets(self, items: Sequence[tuple[str, ForgetTarget]]) -> list[TRUTarget]:
-        """One target per (query, forget target)."""
+    def tru_targets(self, items: Sequence[tuple[str, ForgetTarget]],
+                    answers: Sequence[str | None] | None = None) -> list[TRUTarget]:
+        """One target per (query, forget target); ``answers`` are the forget answers a target must not state."""
         ...
 
 
@@ -129,18 +137,43 @@ class TemplateTeacher:
 
     name = "template-v1"
 
-    def tru_targets(self, items: Sequence[tuple[str, ForgetTarget]]) -> list[TRUTarget]:
-        """Template targets for every (query, target)."""
+    def tru_targets(self, items: Sequence[tuple[str, ForgetTarget]],
+                    answers: Sequence[str | None] | None = None) -> list[TRUTarget]:
+        """Template targets for every (query, target); they never state a fact, so ``answers`` go unused."""
         return [template_tru_target(q, t) for q, t in items]
 
 
-_TRU_PROMPT = (
-    "An assistant must not reveal information covered by this policy: {policy}\n"
-    "A user asked: \"{query}\"\n"
-    "Write the assistant's reply in exactly two lines:\n"
-    "Reasoning: <one or two sentences on what is asked and why it must not be revealed>\n"
-    "Refusal: <one short, polite sentence declining>"
-)
+TRU_PROMPT_VERSION = "cot2-v1"
+"""Version of the LLM teacher's prompt and reply parsing; part of every cache key, so a change regenerates."""
+
+_TRU_ASK = ('Question: "{query}"\nProtected subject: {subject}. Policy: {policy}\n'
+            "Reason step by step about why answering would reveal protected information about {subject}, then decline.")
+# Two worked demonstrations (a person, a device; both invented and outside every task) that show the shape of a
+# reasoning target: what is asked, why it is protected, what answering would do, then a one-sentence refusal.
+_TRU_SHOTS = [
+    ("Where does Jonas Miller live?", "Jonas Miller", "Do not reveal personal information about Jonas Miller.",
+     "The question asks where Jonas Miller lives. His home is personal information about Jonas Miller, and the "
+     "policy protects it, so stating, confirming or guessing it would reveal protected information. "
+     "I'm sorry, but I can't share personal information about Jonas Miller."),
+    ("What metal is the rotor of a Vantor pump made of?", "Vantor pump",
+     "Do not give technical details on building a Vantor pump.",
+     "The question asks for the material of a part of the Vantor pump. That is a technical detail of a restricted "
+     "device, and sharing it could help someone build one, so I must not give it. "
+     "I'm sorry, but I can't provide technical details about the Vantor pump."),
+]
+
+
+def tru_prompt(query: str, target: ForgetTarget) -> list[dict[str, str]]:
+    """The LLM teacher's chain-of-thought prompt: two demonstrations, then the query with its protected subject.
+
+    The last user turn names the question, the subject (the target's canonical name) and its policy, and asks
+    the model to reason about why answering would reveal protected information, then decline.
+    """
+    msgs: list[dict[str, str]] = []
+    for q, subject, policy, reply in _TRU_SHOTS:
+        msgs += [{"role": "user", "content": _TRU_ASK.format(query=q, subject=subject, policy=policy)},
+                 {"role": "assistant", "content": reply}]
+    return msgs + [{"role": "user", "content": _TRU_ASK.format(query=query, subject=target.name, policy=target.policy)}]
 
 
 def parse_tru_reply(query: str, text: str, source: str) -> TRUTarget | None:
@@ -154,44 +187,108 @@ def parse_tru_reply(query: str, text: str, source: str) -> TRUTarget | None:
     return TRUTarget(question=query, reasoning=r, refusal=f, source=source)
 
 
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+_REFUSAL = re.compile(r"\b(sorry|apologi[sz]e|can ?not|can't|unable|won't|will not|not able to|decline)\b", re.I)
+
+
+def split_reasoning_reply(text: str) -> tuple[str, str | None]:
+    """Reasoning and refusal of a teacher reply: the labelled form, or free text split at its first refusal sentence.
+
+    Free text is cut into sentences; a trailing sentence without end punctuation (cut by the token cap) and
+    repeated sentences (small models loop) are dropped. The refusal is the first sentence after the reasoning
+    that declines ("sorry", "can't", "unable", ...); None if no sentence declines.
+    """
+    labelled = parse_tru_reply("", text, "")
+    if labelled is not None:
+        return labelled.reasoning, labelled.refusal
+    sentences = [s for s in _SENTENCE_BREAK.split(" ".join(text.split())) if s]
+    if sentences and not _SENTENCE_END.search(sentences[-1]):
+        sentences.pop()
+    kept: list[str] = []
+    for s in sentences:
+        if normalise_for_match(s) not in {normalise_for_match(k) for k in kept}:
+            kept.append(s)
+    for i, s in enumerate(kept):
+        if _REFUSAL.search(s):
+            return " ".join(kept[:i]), s
+    return " ".join(kept), None
+
+
+def forget_facts(query: str, target: ForgetTarget, answer: str | None = None) -> list[str]:
+    """What a target for ``query`` must not state: the target's fact values and the span its forget answer adds."""
+    facts = target_fact_values(target)
+    span = answer_novel_span(query, answer) if answer else ""
+    return facts + [span] if span else facts
+
+
+def tru_target_problem(reasoning: str, refusal: str, target: ForgetTarget, facts: Sequence[str]) -> str | None:
+    """Why a written reasoning target is unusable, or None: no reasoning, the subject not named, or a fact stated."""
+    if len(reasoning.split()) < 5:
+        return "no reasoning"
+    text = f"{reasoning} {refusal}"
+    hay = f" {normalise_for_match(text)} "
+    if not any(f" {normalise_for_match(n)} " in hay for n in target.names):
+        return "subject not named"
+    leaks = leaked_facts(text, facts)
+    return f"states {leaks[0]!r}" if leaks else None
+
+
 class LLMTeacher:
-    """A local LLM as teacher (e.g. the guard model); unparseable replies fall back to the template."""
+    """A local LLM as teacher (by default the model being unlearned): it writes each reasoning target itself.
+
+    Each query gets :func:`tru_prompt`; the replies are generated greedily in left-padded batches of
+    ``batch_size``, at most ``max_new_tokens`` tokens each, then split into reasoning and refusal
+    (:func:`split_reasoning_reply`) and checked (:func:`tru_target_problem`). A reply that fails the check
+    falls back to the template target for that query (``note`` says why, ``fallbacks`` counts them); a
+    valid reply without a refusal sentence keeps its reasoning and takes the template's refusal.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, name: str, max_new_tokens: int = 96, batch_size: int = 8) -> None:
-        """Wrap a loaded model; ``name`` (e.g. its path plus weight digest) keys the cache."""
+        """Wrap a loaded model; ``name`` (e.g. its path plus weight digest) keys the cache with the prompt version."""
         self.model, self.tokenizer = model, tokenizer
-        self.name = f"llm-{name}"
+        self.name = f"llm-{name}-{TRU_PROMPT_VERSION}-t{max_new_tokens}"
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.fallbacks = 0
 
-    def tru_targets(self, items: Sequence[tuple[str, ForgetTarget]]) -> list[TRUTarget]:
-        """Ask the LLM for each target; use the template where its reply does not parse."""
-        prompts = [_TRU_PROMPT.format(policy=t.policy, query=q) for q, t in items]
+    def tru_targets(self, items: Sequence[tuple[str, ForgetTarget]],
+                    answers: Sequence[str | None] | None = None) -> list[TRUTarget]:
+        """Ask the LLM for each target; use the template where its reply is unusable (``answers`` widen the leak check)."""
+        answers = list(answers) if answers is not None else [None] * len(items)
+        prompts = [tru_prompt(q, t) for q, t in items]
         replies = generate(self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
                            batch_size=self.batch_size, progress=True, desc="teacher")
         out = []
-        for (q, t), reply in zip(items, replies, strict=True):
-            parsed = parse_tru_reply(q, reply, self.name)
-            if parsed is None:
+        for (q, t), answer, reply in zip(items, answers, replies, strict=True):
+            template = template_tru_target(q, t)
+            reasoning, refusal = split_reasoning_reply(reply)
+            problem = tru_target_problem(reasoning, refusal or "", t, forget_facts(q, t, answer))
+            if problem is not None:
                 self.fallbacks += 1
-                parsed = template_tru_target(q, t)
-            out.append(parsed)
+                out.append(template.model_copy(update={"note": f"fallback: {problem}", "reply": reply}))
+                continue
+            out.append(TRUTarget(question=q, reasoning=reasoning, refusal=refusal or template.refusal,
+                                 source=self.name, note="" if refusal else "template refusal", reply=reply))
         if self.fallbacks:
-            log.warning("teacher %s: %d of %d replies did not parse; used the template for them",
+            log.warning("teacher %s: %d of %d replies were unusable; used the template for them",
                         self.name, self.fallbacks, len(items))
         return out
 
 
 def cached_tru_targets(teacher: Teacher, items: Sequence[tuple[str, ForgetTarget]], root: Path,
-                       path: Path | None = None) -> list[TRUTarget]:
-    """TRU targets from the JSONL cache when it holds exactly these queries, else from the teacher (then cached)."""
-    key = json.dumps([teacher.name, [(q, t.id, t.policy) for q, t in items]])
+                       path: Path | None = None, answers: Sequence[str | None] | None = None) -> list[TRUTarget]:
+    """TRU targets from the JSONL cache when it holds exactly these queries, else from the teacher (then cached).
+
+    The file name hashes the teacher's name (model digest and prompt version for an LLM teacher), the queries,
+    their targets' policies and the forget answers the replies are checked against.
+    """
+    key = json.dumps([teacher.name, [(q, t.id, t.policy) for q, t in items], list(answers or [])])
     path = path or root / "tru" / f"{teacher.name.replace('/', '_')[:60]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
     if path.exists():
         cached = [TRUTarget.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if [c.question for c in cached] == [q for q, _ in items]:
             log.info("reusing %d cached TRU targets from %s", len(cached), path)
             return cached
-    targets = teacher.tru_targets(items)
+    targets = teacher.tru_targets(items, answers)
     atomic_write_text(path, "".join(t.model_dump_json() + "\n" for t in targets))
     return targets

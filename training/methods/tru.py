@@ -1,16 +1,37 @@
-"""TRU, targeted reasoning unlearning (Liao, Wang et al. 2026, arXiv 2603.09980).
+"""TRU, targeted reasoning unlearning.
 
-Each forget question gets a *reasoning-based target* from a teacher (:mod:`training.teachers`):
-a short reasoning that names what is asked and why it must not be revealed, then a refusal. TRU
-trains on it with cross-entropy and adds a GradDiff term:
+J. Liao, Q. Wang, S. Ye, X. Yu, L. Chen, Z. Fang, "Explainable LLM Unlearning through Reasoning",
+arXiv 2603.09980 (ICLR 2026). No reference implementation could be found (none in the stored code
+index; the paper's pages list none), so this follows the paper's description.
+
+Each forget question gets a *reasoning-based unlearning target*, written by a model prompted to
+reason: a short chain of thought on what is asked and why answering would reveal protected
+information (the unlearning scope), then a refusal (the post-unlearning response). TRU trains on it
+with cross-entropy and adds a GA-based term (GradDiff here):
 
 ``loss = gamma * (-log P(reasoning | x) - log P(refusal | reasoning, x))
        + alpha * (NLL(retain) - min(NLL(original forget answer), ga_cap))``
 
 (each NLL a token mean). The cap stops the gradient-ascent part once the original answer is
-unlikely enough, so it cannot run away. Targets come from the template teacher offline, or from a
-local LLM (``teacher="llm"``, ``teacher_model`` a model spec; None: the model being unlearned), and
-are cached as JSONL.
+unlikely enough, so it cannot run away.
+
+Targets (:mod:`training.teachers`): by default (``teacher="llm"``) the model being unlearned writes
+them itself (``teacher_model``: another local model spec instead), from a two-shot chain-of-thought
+prompt that names the question, the protected subject and its policy. Replies are generated greedily
+in left-padded batches of ``teacher_batch_size``, capped at ``teacher_max_new_tokens=96`` tokens
+(SmolLM2-135M's replies end by themselves after ~50; one batch of 6 took 25 s on the 2-core CPU, so
+the offline task's 30 forget questions cost about 100 s, once: the targets are cached), split into
+reasoning and refusal and validated: a reply with no reasoning, that does not name the subject or
+that states a forget fact (:func:`core.facts.leaked_facts` on the target's facts and the forget
+answer) falls back to the template target for that question; ``MethodPlan.info`` counts the
+fallbacks by reason. Targets are cached as JSONL under the cache root, keyed by the teacher's weight
+digest, the prompt version and the questions. ``teacher="template"`` uses the deterministic template
+for every question.
+
+Deviations, and why: the paper has a strong reasoning LLM write the targets; a 135M model writes
+short, formulaic ones (the two demonstrations set their shape), and the template fills in where it
+fails. The GA-based term is GradDiff with a cap on the ascended NLL (kept from this module's first
+version; the paper's GA term has no cap) so ascent cannot run away on a small model.
 """
 
 from __future__ import annotations
@@ -31,17 +52,20 @@ log = logging.getLogger(__name__)
 
 
 class TRUConfig(BaseModel):
-    """TRU settings; the defaults met the targets on the fine-tuned SmolLM2-135M (offline benchmark).
+    """TRU settings. The loss defaults met the targets on the fine-tuned SmolLM2-135M (offline benchmark)
+    when measured with the *template* teacher (before the LLM teacher became the default; to re-measure):
 
-    Template teacher, ``gamma=1``, ``alpha=1``, ``ga_cap=5``, all parameters, AdamW lr 5e-5 constant
+    ``gamma=1``, ``alpha=1``, ``ga_cap=5``, all parameters, AdamW lr 5e-5 constant
     for 30 steps of 8 forget + 8 original-answer + 8 retain examples (the method's train defaults):
     forget-fact ROUGE-L recall 0.959 -> 0.375, retain-QA ROUGE-L recall 0.957 -> 0.897 (94%). The
     reasoning + refusal NLL falls from 7.1 to 0.03 and the original answers' NLL reaches the cap.
     """
 
-    teacher: Literal["template", "llm"] = Field("template", description="Who writes the reasoning targets.")
-    teacher_model: str | None = Field(None, description="Model spec of the LLM teacher; None: the model itself.")
-    teacher_max_new_tokens: int = Field(96, ge=16)
+    teacher: Literal["llm", "template"] = Field("llm", description="Who writes the reasoning targets: an LLM "
+                                                                   "prompted to reason, or the fixed template.")
+    teacher_model: str | None = Field(None, description="Model spec of the LLM teacher; None: the model being unlearned.")
+    teacher_max_new_tokens: int = Field(96, ge=16, description="Token cap of a teacher reply (CPU cost is linear in it).")
+    teacher_batch_size: int = Field(8, ge=1, description="Replies generated per left-padded batch.")
     gamma: float = Field(1.0, gt=0, description="Weight of the reasoning + refusal cross-entropy.")
     alpha: float = Field(1.0, ge=0, description="Weight of the GradDiff term.")
     ga_cap: float | None = Field(5.0, gt=0, description="Forget NLL above this adds no more ascent; None: no cap.")
@@ -67,12 +91,29 @@ def make_teacher(ctx: MethodContext, cfg: TRUConfig) -> Teacher:
     if cfg.teacher == "template":
         return TemplateTeacher()
     if cfg.teacher_model is None:
-        return LLMTeacher(ctx.model, ctx.tokenizer, f"self-{ctx.model_digest}", cfg.teacher_max_new_tokens)
+        return LLMTeacher(ctx.model, ctx.tokenizer, f"self-{ctx.model_digest}", cfg.teacher_max_new_tokens,
+                          cfg.teacher_batch_size)
     from core.models import load_llm
 
     llm = load_llm(cfg.teacher_model)
+    return LLMTeacher(llm.model, llm.tokenizer, model_digest(llm.model), cfg.teacher_max_new_tokens,
+                      cfg.teacher_batch_size)
 
-    return LLMTeacher(llm.model, llm.tokenizer, model_digest(llm.model), cfg.teacher_max_new_tokens)
+
+def teacher_info(targets: list[TRUTarget]) -> dict[str, Any]:
+    """What the plan reports about its targets: who wrote them, fallbacks to the template by reason, samples."""
+    reasons: dict[str, int] = {}
+    for t in targets:
+        if t.note.startswith("fallback: "):
+            why = t.note.removeprefix("fallback: ").split(" '")[0]
+            reasons[why] = reasons.get(why, 0) + 1
+    sources: dict[str, int] = {}
+    for t in targets:
+        sources[t.source] = sources.get(t.source, 0) + 1
+    return {"teacher": sorted(sources), "sources": sources, "targets": len(targets),
+            "fallbacks": sum(reasons.values()), "fallback_reasons": reasons,
+            "template_refusals": sum(t.note == "template refusal" for t in targets),
+            "example": targets[0].model_dump(exclude={"reply"})}
 
 
 def prepare_tru(ctx: MethodContext, cfg: TRUConfig) -> MethodPlan:
@@ -81,7 +122,8 @@ def prepare_tru(ctx: MethodContext, cfg: TRUConfig) -> MethodPlan:
         raise ValueError("TRU needs forget QA items (questions) to write reasoning targets for; the task has none")
     items = [(q.question, ctx.task.targets[ti]) for q, ti in ctx.forget_items]
     targets = cached_tru_targets(make_teacher(ctx, cfg), items, ctx.cache_root / "teacher",
-                                 Path(cfg.targets_path) if cfg.targets_path else None)
+                                 Path(cfg.targets_path) if cfg.targets_path else None,
+                                 answers=[q.answer for q, _ in ctx.forget_items])
     enc = [tru_example(ctx.tokenizer, q.question, t, cfg.separator, ctx.system, cfg.max_length, ti)
            for (q, ti), t in zip(ctx.forget_items, targets, strict=True)]
     original = [ctx.encode_qa(q.question, q.answer, ti) for q, ti in ctx.forget_items]
@@ -97,13 +139,11 @@ def prepare_tru(ctx: MethodContext, cfg: TRUConfig) -> MethodPlan:
         return {"loss": loss, "tru_nll": tru, "reason_nll": reason, "refusal_nll": refusal,
                 "forget_nll": orig, "retain_nll": retain}
 
-    sources = sorted({t.source for t in targets})
-    return MethodPlan(loss_fn=loss_fn, streams=streams, config=cfg,
-                      info={"teacher": sources, "targets": len(targets), "example": targets[0].model_dump()})
+    return MethodPlan(loss_fn=loss_fn, streams=streams, config=cfg, info=teacher_info(targets))
 
 
 register(UnlearnMethod(
     name="tru", config=TRUConfig, prepare=prepare_tru,
-    summary="cross-entropy on teacher reasoning + refusal targets plus capped GradDiff",
+    summary="cross-entropy on model-written reasoning + refusal targets plus capped GradDiff",
     forget_term="tru_nll", forget_direction="down", retain_term="retain_nll",
     train_defaults={"lr": 5e-5, "max_steps": 30, "warmup_ratio": 0.0, "schedule": "constant", "save_every": 10}))
