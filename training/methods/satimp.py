@@ -35,14 +35,13 @@ the authors tuned. Not yet measured on the offline benchmark.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
 from training.methods.common import MethodContext, MethodPlan, UnlearnMethod, register
-from training.methods.ga import retain_term
-from training.methods.wga import answer_token_nll, weighted_token_mean
+from training.methods.wga import weighted_ascent_plan
 
 
 class SatImpConfig(BaseModel):
@@ -65,18 +64,7 @@ def satimp_weights(nll: torch.Tensor, beta1: float, beta2: float) -> torch.Tenso
 
 def prepare_satimp(ctx: MethodContext, cfg: SatImpConfig) -> MethodPlan:
     """SatImp pairs forget and retain batches; a KL retain term uses the frozen original."""
-    if cfg.retain_loss == "kl":
-        ctx.reference()
-
-    def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
-        nll, mask = answer_token_nll(model, batch["forget"])
-        f = weighted_token_mean(nll, mask, satimp_weights(nll, cfg.beta1, cfg.beta2))
-        r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        plain = (nll.sum() / mask.sum().clamp(min=1)).detach()
-        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_wnll": f.detach(), "forget_nll": plain,
-                f"retain_{cfg.retain_loss}": r}
-
-    return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)
+    return weighted_ascent_plan(ctx, cfg, lambda nll: satimp_weights(nll, cfg.beta1, cfg.beta2))
 
 
 register(UnlearnMethod(

@@ -30,6 +30,7 @@ Defaults are open-unlearning's ``WGA.yaml`` (beta=1, gamma=1, alpha=1, NLL retai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -67,20 +68,27 @@ def weighted_token_mean(nll: torch.Tensor, mask: torch.Tensor, weights: torch.Te
     return (weights * nll * m).sum() / m.sum().clamp(min=1)
 
 
-def prepare_wga(ctx: MethodContext, cfg: WGAConfig) -> MethodPlan:
-    """WGA pairs forget and retain batches; a KL retain term uses the frozen original."""
+def weighted_ascent_plan(ctx: MethodContext, cfg: Any,
+                         weights: Callable[[torch.Tensor], torch.Tensor]) -> MethodPlan:
+    """The loss WGA and SatImp share: ascent on the token-weighted forget NLL (``weights(nll)``, detached) plus the
+    retain term; a KL retain term uses the frozen original."""
     if cfg.retain_loss == "kl":
         ctx.reference()
 
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         nll, mask = answer_token_nll(model, batch["forget"])
-        f = weighted_token_mean(nll, mask, wga_weights(nll, cfg.beta))
+        f = weighted_token_mean(nll, mask, weights(nll))
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
         plain = (nll.sum() / mask.sum().clamp(min=1)).detach()
         return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_wnll": f.detach(), "forget_nll": plain,
                 f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)
+
+
+def prepare_wga(ctx: MethodContext, cfg: WGAConfig) -> MethodPlan:
+    """WGA pairs forget and retain batches; a KL retain term uses the frozen original."""
+    return weighted_ascent_plan(ctx, cfg, lambda nll: wga_weights(nll, cfg.beta))
 
 
 register(UnlearnMethod(
