@@ -30,6 +30,9 @@ class GuardConfig(_Cfg):
     guard_max_new_tokens: int = Field(128, ge=32, le=1024, description="The guard model's token budget; with "
                                       "constrained decoding its instruction is capped at this less 20 characters, so "
                                       "the decision always closes within it.")
+    guard_stop_at_refusal: bool = Field(True, description="Stop the guard model's generation as soon as it has "
+                                        "decoded \"requires_refusal\": true: the refusal needs no instruction, so "
+                                        "the refusal path costs the decision's few tokens instead of a whole answer.")
     guard_timeout_s: float = Field(30.0, gt=0, description="Guard generation later than this uses the template.")
     detector_timeout_s: float = Field(10.0, gt=0, description="A detector call later than this is a failure.")
     detector_batch_window_ms: float = Field(0.0, ge=0, le=1000, description="Async path (the server): how long an idle "

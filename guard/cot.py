@@ -12,6 +12,7 @@ the parser live in :mod:`core.guard_format`, shared with guard fine-tuning.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,19 @@ def refusal_text(targets: Sequence[ForgetTarget], config: GuardConfig) -> str:
     return " ".join([config.refusal_message, *reasons]).strip()
 
 
+# Stop strings that end the guard's generation at a refusal decision: with the whole JSON generated (constrained
+# decoding) the key and the value, compact or spaced; after the forced prefix the value alone, with its comma.
+REFUSAL_STOPS_SCHEMA = ('"requires_refusal": true', '"requires_refusal":true')
+REFUSAL_STOPS_PREFIX = ("true,", "true ,")
+EARLY_REFUSAL_NOTE = "(none: the guard decided to refuse and its generation stopped there)"
+
+
+def early_refusal(raw: str, finish_reason: str | None) -> bool:
+    """Whether a guard output was cut at a refusal stop string: stopped with nothing but the JSON's opening before
+    the cut (an instruction that merely contains the words is cut later, and is read as the truncated decision)."""
+    return finish_reason == "stop" and raw.strip() in ("{", JSON_PREFIX.strip())
+
+
 def decision_schema(max_new_tokens: int, overhead: int = 20) -> dict[str, Any]:
     """The decision schema for constrained decoding within a token budget: the instruction is capped at one character
     per token left after the JSON around it (``overhead`` tokens), so the grammar closes the string and the object
@@ -83,8 +97,10 @@ class CoTGuard:
         p = GenParams(max_new_tokens=self.config.guard_max_new_tokens, temperature=0.0)
         if self.backend is not None and self.backend.supports_json_schema:
             p.json_schema = decision_schema(self.config.guard_max_new_tokens, self._overhead())
+            p.stop = list(REFUSAL_STOPS_SCHEMA) if self.config.guard_stop_at_refusal else []
         elif self.backend is not None and self.backend.supports_prefix:
             p.assistant_prefix = JSON_PREFIX
+            p.stop = list(REFUSAL_STOPS_PREFIX) if self.config.guard_stop_at_refusal else []
         return p
 
     def _overhead(self) -> int:
@@ -97,12 +113,19 @@ class CoTGuard:
             return 20
 
     def raw_batch(self, user_texts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]]) -> list[str]:
-        """The guard LLM's raw outputs for a batch (the forced prefix put back in front), before any parsing."""
+        """The guard LLM's raw outputs for a batch (the forced prefix put back in front), before any parsing; an
+        output cut at the refusal stop ends in the value it stopped at, so it reads as the decision it is."""
         if self.backend is None:
             raise RuntimeError("no guard backend")
         p = self.params()
         outs = self.backend.generate_batch([self.prompt_fn(u, t) for u, t in zip(user_texts, targets, strict=True)], p)
-        return [(p.assistant_prefix or "") + o.text for o in outs]
+        raws = []
+        for o in outs:
+            raw = (p.assistant_prefix or "") + o.text
+            if p.stop and early_refusal(raw, o.finish_reason):
+                raw = json.dumps({"requires_refusal": True, "cot_instruction": EARLY_REFUSAL_NOTE})
+            raws.append(raw)
+        return raws
 
     def decide_batch(self, user_texts: Sequence[str], targets: Sequence[Sequence[ForgetTarget]]
                      ) -> list[tuple[GuardDecision, str, str | None]]:

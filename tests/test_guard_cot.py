@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from core.guard_format import GUARD_JSON_SCHEMA, JSON_PREFIX, guard_messages, parse_decision
 from core.schema import ForgetTarget
+from guard.backends.base import GenOutput
 from guard.backends.scripted import ScriptedBackend
 from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text, template_instruction
@@ -146,3 +147,63 @@ def test_custom_guard_prompt_format() -> None:
     guard = CoTGuard(be, prompt_fn=lambda text, targets: [{"role": "user", "content": f"Q: {text} T: {targets[0].id}"}])
     dec, source, _ = guard.decide("hello", [T])
     assert source == "llm" and be.calls[0][0] == [{"role": "user", "content": "Q: hello T: person-000"}]
+
+
+def _stopping(reply: str):
+    """A scripted reply that honours ``stop`` the way servers do: cut at the first stop string, finish 'stop'."""
+    from guard.backends.base import GenOutput
+
+    class Stopping(ScriptedBackend):
+        def generate_batch(self, batch, params):  # type: ignore[no-untyped-def]
+            outs = []
+            for m in batch:
+                text = self._one(m, params)
+                cuts = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+                outs.append(GenOutput(text=text[:min(cuts)] if cuts else text, finish_reason="stop"))
+            return outs
+
+    return Stopping(lambda m: reply, json_schema=True)
+
+
+def test_refusal_stop_ends_the_guard_at_its_decision() -> None:
+    """The guard asks the backend to stop at ``"requires_refusal": true``; an output cut there is the model's refusal
+    (no instruction needed), an answer that merely quotes the words later stays the answer it is, and the option off
+    sends no stop strings."""
+    be = _stopping('{"requires_refusal": true, "cot_instruction": "Decline to share her birth place."}')
+    guard = CoTGuard(be)
+    dec, source, reason = guard.decide("Where was Elara Voswick born?", [T])
+    assert (dec.requires_refusal, source, reason) == (True, "llm", None)
+    assert '"requires_refusal": true' in be.calls[0][1].stop and '"requires_refusal":true' in be.calls[0][1].stop
+    quoting = _stopping('{"requires_refusal": false, "cot_instruction": "Never set \\"requires_refusal\\": true here"}')
+    dec, source, _ = CoTGuard(quoting).decide("hello", [T])
+    assert dec.requires_refusal is False and source == "llm"
+    off = ScriptedBackend(lambda m: '{"requires_refusal": true, "cot_instruction": "Decline to share it."}',
+                          json_schema=True)
+    dec, _, _ = CoTGuard(off, GuardConfig(guard_stop_at_refusal=False)).decide("Where was she born?", [T])
+    assert off.calls[0][1].stop == [] and dec.cot_instruction == "Decline to share it."
+    prefixed = ScriptedBackend(lambda m: "", prefix=True)  # after the forced prefix: cut at once at "true,"
+    prefixed.generate_batch = lambda batch, p: [GenOutput(text="", finish_reason="stop") for _ in batch]  # type: ignore[method-assign]
+    p = CoTGuard(prefixed).params()
+    assert p.assistant_prefix == JSON_PREFIX and "true," in p.stop
+    dec, source, _ = CoTGuard(prefixed).decide("Where was she born?", [T])
+    assert dec.requires_refusal is True and source == "llm"
+
+
+def test_transformers_generation_stops_at_a_stop_string() -> None:
+    """A stop string ends the row's generation (fewer tokens generated), not only its text."""
+    from core.models import tiny_llm
+    from guard.backends.base import GenParams
+    from guard.backends.transformers import TransformersBackend
+
+    be = TransformersBackend(tiny_llm(seed=3), batch_size=4)
+    prompts = ["hi", "abc", "question 7?"]
+    # the random model must not end early by itself, nor write tokens that have no text (special ones)
+    no_eos = {str(i): -100.0 for i in {*be._eos_ids(), *be.tokenizer.all_special_ids}}
+    full = be.complete_batch(prompts, GenParams(max_new_tokens=24, logit_bias=no_eos))
+    assert all(o.completion_tokens == 24 for o in full)
+    text = next(o.text for o in full if len(o.text.strip()) >= 10)
+    stop = text[5:8]
+    cut = be.complete_batch([prompts[[o.text for o in full].index(text)]],
+                            GenParams(max_new_tokens=24, logit_bias=no_eos, stop=[stop]))[0]
+    assert cut.text == text[:text.find(stop)] and cut.finish_reason == "stop"
+    assert cut.completion_tokens < 24

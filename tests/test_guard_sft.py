@@ -135,13 +135,18 @@ def test_held_out_pairs_are_scored_as_the_guard_serves():
     n = next(p for p in pairs if p.kind == "neighbour")
     b = next(p for p in pairs if p.kind == "benign")
     fact = fact_values(next(t for t in TASK.targets if t.id == f.target_ids[0]))[0]
-    replies = iter([f.decision_json(),  # valid, agrees, specific
+    replies = iter([f.decision_json(),  # valid, agrees (a refusal: no instruction to judge)
                     json.dumps({"requires_refusal": True, "cot_instruction": "Refuse this request now."}),  # wrong flag
                     "I cannot do JSON"])  # unreadable: the template fallback, not the model's decision
     be = ScriptedBackend(lambda m: next(replies), json_schema=True)
     res = evaluate_pairs(be, TASK, [f, n, b])
     assert res.n == 3 and res.valid_json_rate == pytest.approx(2 / 3) and res.decided_rate == pytest.approx(2 / 3)
-    assert res.refusal_agreement == pytest.approx(1 / 3) and res.specific_rate == pytest.approx(1 / 3)
+    assert res.refusal_agreement == pytest.approx(1 / 3) and res.specific_rate is None  # nothing answered
+    replies = iter([json.dumps({"requires_refusal": False, "cot_instruction": f"Answer about {n.entity} only."}),
+                    json.dumps({"requires_refusal": False, "cot_instruction": "Answer the question helpfully."})])
+    be.reply = lambda m: next(replies)
+    answered = evaluate_pairs(be, TASK, [n, b])
+    assert answered.refusal_agreement == 1.0 and answered.specific_rate == pytest.approx(1 / 2)
     assert res.by_kind["forget"]["agree"] == 1.0 and res.by_kind["benign"]["decided"] == 0.0
     sent = be.calls[0][1]
     assert sent.json_schema is not None and sent.max_new_tokens == 128  # the serving budget, constrained

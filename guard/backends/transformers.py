@@ -57,6 +57,25 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _StopOnStrings:
+    """A StoppingCriteria that ends a row once its generated text (never the prompt, as OpenAI's ``stop`` reads)
+    contains a stop string: each step decodes the row's last tokens, enough to hold the longest stop string (every
+    token writes at least one character), so a step costs a short decode whatever the answer's length."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.width = prompt_width
+        self.tail = max((len(s) for s in self.stop), default=0) + 1
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        new = input_ids[:, self.width:][:, -self.tail:].tolist()
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut text at the first stop string; report whether one was found."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
@@ -338,7 +357,7 @@ class TransformersBackend(Backend):
         """Generate from already-rendered prompt texts in length-sorted, left-padded batches: ``params.n`` choices
         per prompt (sampled, or one greedy answer repeated as vLLM does), usage totals on the first choice."""
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         ctl = ctl if ctl is not None else self._controls(params)
         if params.seed is not None:
@@ -364,6 +383,8 @@ class TransformersBackend(Backend):
             procs = ctl.processors(width)
             if procs:
                 kw["logits_processor"] = LogitsProcessorList(procs)
+            if params.stop:  # each row ends at its stop string (its text is still cut there after decoding)
+                kw["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(tok, params.stop, width)])
             if k > 1:
                 kw["num_return_sequences"] = k
             if want_lp:
