@@ -69,7 +69,7 @@ def _ms(xs: list[float]) -> dict[str, float]:
 
 def single_latency(bare: Backend, guarded: GuardedLLM, prompts: list[str], params: GenParams) -> dict[str, Any]:
     """One prompt at a time: bare vs guarded wall time, and the guard's own stages from the trace."""
-    bare_t, guard_t, det_t, cot_t, chk_t = [], [], [], [], []
+    bare_t, guard_t, det_t, cot_t, chk_t, refused = [], [], [], [], [], []
     for q in prompts:
         t0 = time.perf_counter()
         bare.generate([{"role": "user", "content": q}], params)
@@ -80,8 +80,12 @@ def single_latency(bare: Backend, guarded: GuardedLLM, prompts: list[str], param
         det_t.append(res.trace.timings_ms.get("detect", 0.0))
         cot_t.append(res.trace.timings_ms.get("guard", 0.0))
         chk_t.append(res.trace.timings_ms.get("output_check", 0.0))
+        refused.append(bool(res.trace.requires_refusal))
     added = [g - b for g, b in zip(guard_t, bare_t, strict=True)]
-    return {"bare": _ms(bare_t), "guarded": _ms(guard_t), "added": _ms(added), "detect": _ms(det_t),
+    # the two flagged paths cost differently: a refusal skips the target, an answer waits for the instruction
+    by_decision = {name: _ms([a for a, r in zip(added, refused, strict=True) if r == want])
+                   for name, want in (("added_refused", True), ("added_answered", False))}
+    return {"bare": _ms(bare_t), "guarded": _ms(guard_t), "added": _ms(added), **by_decision, "detect": _ms(det_t),
             "guard_generation": _ms(cot_t), "output_check": _ms(chk_t)}
 
 
@@ -188,8 +192,10 @@ def table(rep: dict[str, Any]) -> str:
                          f" output check {L['output_check'].get('mean_ms', 0):.1f} ms (n={L['bare']['n']})")
     for name, L in rep.get("flagged_latency_by_guard", {}).items():
         if L["bare"].get("n"):
+            split = "; ".join(f"{k.split('_')[1]} n={L[k]['n']}: {L[k]['mean_ms']:+.0f} ms" for k in
+                              ("added_refused", "added_answered") if L.get(k, {}).get("n"))
             lines.append(f"flagged, guard {Path(name).name}: added {L['added']['mean_ms']:+.0f} ms mean "
-                         f"(median {L['added']['median_ms']:+.0f}, p90 {L['added']['p90_ms']:+.0f}; bare "
+                         f"(median {L['added']['median_ms']:+.0f}, p90 {L['added']['p90_ms']:+.0f}; {split}; bare "
                          f"{L['bare']['mean_ms']:.0f} ms; guard gen {L['guard_generation'].get('mean_ms', 0):.0f} ms)")
     b = rep["batch_seconds"]
     lines.append(f"batched run of {b['prompts']} prompts: bare {b['bare']} s, guarded {b['guarded']} s")
