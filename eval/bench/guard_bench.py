@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              TransformersConfig(model=g, batch_size=args.batch_size)))
               for g in guard_models}
     guarded = next(iter(guards.values()))
+    if args.stop_baseline:  # the same guards generating whole decisions (the baseline of guard_stop_at_refusal)
+        whole = gcfg.model_copy(update={"guard_stop_at_refusal": False})
+        guards.update({f"{name} (whole decision)": GuardedLLM(target, det, config=whole, targets=task, guard=g.cot.backend)
+                       for name, g in list(guards.items())})
     params = GenParams(max_new_tokens=args.max_new_tokens)
 
     lim = args.limit or None
@@ -194,9 +198,17 @@ def table(rep: dict[str, Any]) -> str:
         if L["bare"].get("n"):
             split = "; ".join(f"{k.split('_')[1]} n={L[k]['n']}: {L[k]['mean_ms']:+.0f} ms" for k in
                               ("added_refused", "added_answered") if L.get(k, {}).get("n"))
-            lines.append(f"flagged, guard {Path(name).name}: added {L['added']['mean_ms']:+.0f} ms mean "
+            lines.append(f"flagged, guard {name if name.startswith('default') else Path(name).name}: added {L['added']['mean_ms']:+.0f} ms mean "
                          f"(median {L['added']['median_ms']:+.0f}, p90 {L['added']['p90_ms']:+.0f}; {split}; bare "
                          f"{L['bare']['mean_ms']:.0f} ms; guard gen {L['guard_generation'].get('mean_ms', 0):.0f} ms)")
+    by_guard = rep.get("flagged_latency_by_guard", {})
+    for name, L in by_guard.items():
+        base = by_guard.get(f"{name} (whole decision)")
+        if base and L["guarded"].get("n") and base["guarded"].get("n"):
+            lines.append(f"stop at refusal, guard {name if name == 'default' else Path(name).name}: guarded "
+                         f"{L['guarded']['mean_ms']:.0f} ms vs {base['guarded']['mean_ms']:.0f} ms whole "
+                         f"(ratio {L['guarded']['mean_ms'] / base['guarded']['mean_ms']:.2f}); guard gen "
+                         f"{L['guard_generation'].get('mean_ms', 0):.0f} vs {base['guard_generation'].get('mean_ms', 0):.0f} ms")
     b = rep["batch_seconds"]
     lines.append(f"batched run of {b['prompts']} prompts: bare {b['bare']} s, guarded {b['guarded']} s")
     return "\n".join(lines)
@@ -216,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="At most this many questions per set (0: all).")
     p.add_argument("--latency-prompts", type=int, default=6)
+    p.add_argument("--stop-baseline", action="store_true", help="also time each guard generating its whole decision "
+                   "(guard_stop_at_refusal off), in the same run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
