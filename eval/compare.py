@@ -121,6 +121,18 @@ FULL_PROFILE: dict[str, Any] = {
 }
 
 
+def attack_recovery(upper: float | None, plain: float | None, attacked: float) -> float | None:
+    """The share of forgotten facts an attack brings back on its items, ``(attacked - plain) / (upper - plain)``;
+    None where the system forgot nothing there to recover (its plain fact rate on those items is not below the
+    reference's): the ratio's sign would flip and read as recovery, or as more forgetting, that did not happen."""
+    from eval.attacks import recovery_ratio
+
+    if upper is None or plain is None or not upper > plain:
+        return None
+    r = recovery_ratio(upper, plain, attacked)
+    return None if math.isnan(r) else r
+
+
 def _sample(items: Sequence[Any], n: int | None, seed: int | str) -> list[Any]:
     """A seeded sample of at most ``n`` items, in their original order."""
     if n is None or n >= len(items):
@@ -450,7 +462,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     """Run the whole comparison and write the report; returns the report and its file paths."""
     from detectors.config import DetectorConfig
     from detectors.detector import Detector
-    from eval.attacks import attack_names, make_attack, recovery_ratio
+    from eval.attacks import attack_names, make_attack
     from eval.general import general_items_for
     from eval.metrics import forget_quality, privleak
     from eval.split import _Index, detector_texts, exclude_overlaps, parity_check, request_texts, split_task
@@ -574,9 +586,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                                           "plain_rouge": plain["rouge"],
                                           "upper_fact_rate": upper.get("fact_rate")}
         if sys.kind != "original":
-            vals = (upper.get("fact_rate"), plain["fact_rate"], value)
-            r = float("nan") if any(v is None for v in vals) else recovery_ratio(*vals)  # type: ignore[arg-type]
-            recovery[sys.name][name] = None if math.isnan(r) else r
+            recovery[sys.name][name] = attack_recovery(upper.get("fact_rate"), plain["fact_rate"], value)
 
     for sys in systems:
         applicable = {n: psets[n] for n in prompt_names if sys.kind in make_attack(n).applies_to}
@@ -641,7 +651,8 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               f"on {len(weight_items)} held-out unseen facts.",
               "recovery = (attacked - plain) / (upper - plain) on the attacked items, with the original model under "
               "the same attack as the upper reference where it was run (prompt attacks, quantization), else the "
-              "original's plain answers.",
+              "original's plain answers; '–' where the system's plain fact rate on those items is not below the "
+              "reference's (nothing forgotten there to recover).",
               f"mixed prompts: {len(mixed_rows)} (joint, step, neighbour), each a held-out unseen fact joined with a "
               "held-out benign part; answers capped at twice the plain budget; benign_rouge is ROUGE-L recall against "
               f"the original model's answer to the benign part alone; the 'guard' row runs guard_mode={gcfg.guard_mode}.",

@@ -8,7 +8,7 @@ import pytest
 
 from core.models import tiny_llm
 from core.schema import ForgetTarget, ForgetTask, MCQItem, QAItem
-from eval.compare import CompareConfig, item_facts, mia_units, run_comparison
+from eval.compare import CompareConfig, attack_recovery, item_facts, mia_units, run_comparison
 from eval.systems import Response, System
 
 
@@ -74,6 +74,15 @@ def test_plain_scores_use_the_attacked_items_only() -> None:
     # A question that was not evaluated plainly has no baseline: the recovery ratio is left undefined.
     other = QAItem(question="Who is nobody?", answer="Nobody.")
     assert ev.plain_scores("echo", [*items, other]) == {"fact_rate": None, "rouge": None}
+
+
+def test_attack_recovery_only_where_something_was_forgotten() -> None:
+    """Measured on 8 held-out facts: a system that states as many facts as the reference before the attack (or more)
+    forgot nothing there, so an attack can recover nothing; the plain ratio would read 2.0 or -1.0."""
+    assert attack_recovery(0.375, 0.125, 0.25) == pytest.approx(0.5)
+    assert attack_recovery(0.375, 0.125, 0.0) == pytest.approx(-0.5)  # the attack made it forget more
+    assert attack_recovery(0.375, 0.5, 0.25) is None and attack_recovery(0.375, 0.375, 0.5) is None
+    assert attack_recovery(None, 0.1, 0.2) is None
 
 
 def test_metrics_of_a_task_without_forget_questions_are_undefined_not_zero() -> None:
