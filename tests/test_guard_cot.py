@@ -151,16 +151,12 @@ def test_custom_guard_prompt_format() -> None:
 
 def _stopping(reply: str):
     """A scripted reply that honours ``stop`` the way servers do: cut at the first stop string, finish 'stop'."""
-    from guard.backends.base import GenOutput
+    from guard.backends.transformers import _cut_at_stop
 
     class Stopping(ScriptedBackend):
         def generate_batch(self, batch, params):  # type: ignore[no-untyped-def]
-            outs = []
-            for m in batch:
-                text = self._one(m, params)
-                cuts = [i for i in (text.find(s) for s in params.stop) if i >= 0]
-                outs.append(GenOutput(text=text[:min(cuts)] if cuts else text, finish_reason="stop"))
-            return outs
+            return [GenOutput(text=_cut_at_stop(self._one(m, params), params.stop)[0], finish_reason="stop")
+                    for m in batch]
 
     return Stopping(lambda m: reply, json_schema=True)
 

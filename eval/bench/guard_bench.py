@@ -173,6 +173,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_single_prompt": latency, "flagged_latency_by_guard": by_guard, "examples_forget": examples}
 
 
+def _guard_label(name: str) -> str:
+    """A guard's name in the table: 'default', or the model directory's last part (with any ' (whole decision)')."""
+    return name if name.startswith("default") else Path(name).name
+
+
 def table(rep: dict[str, Any]) -> str:
     """A plain-text summary table."""
     r = rep["rows"]
@@ -194,18 +199,18 @@ def table(rep: dict[str, Any]) -> str:
                          f" added {L['added']['mean_ms']:+.0f} ms (median {L['added']['median_ms']:+.0f}); detect "
                          f"{L['detect']['mean_ms']:.1f} ms, guard gen {L['guard_generation'].get('mean_ms', 0):.0f} ms,"
                          f" output check {L['output_check'].get('mean_ms', 0):.1f} ms (n={L['bare']['n']})")
-    for name, L in rep.get("flagged_latency_by_guard", {}).items():
+    by_guard = rep.get("flagged_latency_by_guard", {})
+    for name, L in by_guard.items():
         if L["bare"].get("n"):
             split = "; ".join(f"{k.split('_')[1]} n={L[k]['n']}: {L[k]['mean_ms']:+.0f} ms" for k in
                               ("added_refused", "added_answered") if L.get(k, {}).get("n"))
-            lines.append(f"flagged, guard {name if name.startswith('default') else Path(name).name}: added {L['added']['mean_ms']:+.0f} ms mean "
+            lines.append(f"flagged, guard {_guard_label(name)}: added {L['added']['mean_ms']:+.0f} ms mean "
                          f"(median {L['added']['median_ms']:+.0f}, p90 {L['added']['p90_ms']:+.0f}; {split}; bare "
                          f"{L['bare']['mean_ms']:.0f} ms; guard gen {L['guard_generation'].get('mean_ms', 0):.0f} ms)")
-    by_guard = rep.get("flagged_latency_by_guard", {})
     for name, L in by_guard.items():
         base = by_guard.get(f"{name} (whole decision)")
         if base and L["guarded"].get("n") and base["guarded"].get("n"):
-            lines.append(f"stop at refusal, guard {name if name == 'default' else Path(name).name}: guarded "
+            lines.append(f"stop at refusal, guard {_guard_label(name)}: guarded "
                          f"{L['guarded']['mean_ms']:.0f} ms vs {base['guarded']['mean_ms']:.0f} ms whole "
                          f"(ratio {L['guarded']['mean_ms'] / base['guarded']['mean_ms']:.2f}); guard gen "
                          f"{L['guard_generation'].get('mean_ms', 0):.0f} vs {base['guard_generation'].get('mean_ms', 0):.0f} ms")
