@@ -40,7 +40,40 @@ def demo(full: bool = typer.Option(False, "--full", help="The main methods, the 
     _run(CompareConfig(profile="full" if full else "default", out=str(out)))
 
 
+def worst_case(method: str = typer.Option(..., "--method", help="Unlearning method (training.methods)."),
+               k: int = typer.Option(5, "--k", help="Size of the forget subset (QA items of the request)."),
+               rounds: int = typer.Option(2, help="Bi-level rounds (one unlearning run each)."),
+               config: Path | None = typer.Option(None, help="YAML CompareConfig (task, split, method_params)."),
+               set_: list[str] = typer.Option([], "--set", help="Override a CompareConfig field, e.g. "
+                                                                "--set worst_case.w_lr=1.0 --set task=offline:seed=1."),
+               out: Path = typer.Option(Path("runs/worst-case"), help="Output directory.")) -> None:
+    """Find the forget subset a method erases worst (arXiv 2403.07362) and score it beside a random subset."""
+    from core.config import load_config
+    from core.registry import UnknownNameError
+    from eval.compare import CompareConfig, run_worst_case
+    from eval.report import md_table
+    from training.methods import METHODS
+
+    try:
+        METHODS.get(method)
+    except UnknownNameError as e:
+        raise typer.BadParameter(str(e), param_hint="--method") from None
+    cfg = load_config(CompareConfig, config, [*set_, f"out={out}"])
+    wc = (cfg.worst_case.model_dump() if cfg.worst_case else {}) | {"methods": [method], "k": k, "rounds": rounds}
+    from eval.worst_case import WorstCaseConfig
+
+    cfg = cfg.model_copy(update={"worst_case": WorstCaseConfig.model_validate(wc)})
+    t0 = time.perf_counter()
+    try:
+        table, paths = run_worst_case(cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(f"{table.title}\n\n{table.legend}.\n\n{md_table(table.rows)}")
+    typer.echo(f"wall time: {time.perf_counter() - t0:.0f} s; written: " + ", ".join(str(p) for p in paths.values()))
+
+
 def register(app: typer.Typer) -> None:
-    """Attach `compare` and `demo` to the root app."""
+    """Attach `compare`, `demo` and `worst-case` to the root app."""
     app.command("compare")(compare)
     app.command("demo")(demo)
+    app.command("worst-case")(worst_case)

@@ -41,9 +41,11 @@ from eval.metrics.columns import (
     rouge_or_none,
     sheet_columns,
 )
-from eval.report import MetricSpec, Report, Sample, write_report
+from eval.report import MetricSpec, Report, ReportTable, Sample, write_report
+from eval.robustness import RobustnessConfig
 from eval.split import HELDOUT_GROUPS, SplitConfig, TaskSplit
 from eval.systems import Response, System, guarded_system, model_system
+from eval.worst_case import WorstCaseConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,12 @@ class CompareConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     seed: int = 0
     out: str = "runs/compare"
+    robustness: RobustnessConfig | None = Field(
+        None, description="Also build the calibrated robustness table: each method plain and with each optimiser "
+                          "option (training.optim presets), mixed to one retain score, then weight-attacked "
+                          "(eval.robustness). Hours on a CPU for the default 4 x 4 variants.")
+    worst_case: WorstCaseConfig | None = Field(
+        None, description="Also judge methods on the worst-case forget subset beside a random one (eval.worst_case).")
     profile: Literal["default", "full", "all-methods"] = Field(
         "default", description="'full': more items, the main methods and the trained guard; 'all-methods': 'full' "
                                "with every registered unlearning method (hours on a CPU).")
@@ -233,15 +241,95 @@ def ensure_trained_guard(cfg: CompareConfig, request: ForgetTask) -> LoadedLLM:
     return load_llm(str(out))
 
 
-def _unlearned(cfg: CompareConfig, request: ForgetTask, method: str, target_path: str) -> LoadedLLM:
-    """Unlearn the forget request with ``method`` from the target model (or reuse the cached run) and load it."""
+def _unlearned(cfg: CompareConfig, request: ForgetTask, method: str, target_path: str, name: str | None = None,
+               params: dict[str, Any] | None = None) -> LoadedLLM:
+    """Unlearn the forget request with ``method`` from the target model (or reuse the cached run) and load it;
+    ``name`` is the cache entry (default ``unlearn-<method>``), ``params`` UnlearnConfig fields (default the
+    method's ``method_params``)."""
     from training.unlearn import UnlearnConfig, unlearn
 
     llm = load_llm(target_path)
-    ucfg = UnlearnConfig.model_validate({"method": method, "model": target_path, **cfg.method_params.get(method, {})})
-    out = run_dir(request.name, f"unlearn-{method}")
+    fields = cfg.method_params.get(method, {}) if params is None else params
+    ucfg = UnlearnConfig.model_validate({"method": method, "model": target_path, **fields})
+    out = run_dir(request.name, name or f"unlearn-{method}")
     unlearn(llm.model, llm.tokenizer, request, ucfg, out)
     return load_llm(str(out))
+
+
+def _train_seconds(request: ForgetTask, name: str) -> float | None:
+    """The training time a cached unlearning run recorded (None if it has none)."""
+    import json
+
+    f = run_dir(request.name, name) / "train_result.json"
+    return round(float(json.loads(f.read_text())["seconds"]), 1) if f.exists() else None
+
+
+def _robustness_section(cfg: CompareConfig, rcfg: RobustnessConfig, ev: _Eval, target: LoadedLLM, target_path: str,
+                        weight_items: list[QAItem], timings: dict[str, float]) -> tuple[ReportTable, dict[str, Any]]:
+    """Train every (method, option) variant, mix each to the shared retain level and attack it (eval.robustness)."""
+    from eval.robustness import (
+        calibration_items,
+        robustness_rows,
+        robustness_table,
+        variant_name,
+        variant_params,
+    )
+
+    request = ev.split.request
+    evaluated = [p for ps in ev.prompt_sets().values() for p in ps if isinstance(p, str)]
+    calib = calibration_items(ev.split, evaluated, rcfg.calib_items, cfg.seed)
+    variants, seconds = {}, {}
+    for m in rcfg.methods:
+        for opt in rcfg.options:
+            name = f"unlearn-{variant_name(m, opt)}"
+            with _Stage(timings, f"robustness: unlearn {variant_name(m, opt)}"):
+                variants[(m, opt)] = _unlearned(cfg, request, m, target_path, name,
+                                                variant_params(cfg.method_params.get(m, {}), opt))
+            seconds[(m, opt)] = _train_seconds(request, name)
+    with _Stage(timings, "robustness: mix + attacks"):
+        rows, shared = robustness_rows(rcfg, target, variants, request, weight_items, item_facts(ev.task, weight_items),
+                                       calib, ev.sets["c:retain"], ev.rouge, cfg.attack_params, cfg.max_new_tokens,
+                                       cfg.batch_size, seconds)
+    legend = (f"every variant mixed with the target, (1-a) target + a unlearned, a binary-searched so that its "
+              f"ROUGE-L on {shared['calib_items']} calibration retain questions (held-out retain people, in no "
+              f"evaluated set) reaches {rcfg.retain_ratio:g} x the target's {shared['target_calib_retain']:.3f} = "
+              f"{shared['level']:.3f} (a=1: already at or above it); fact rate on {shared['attacked_items']} held-out "
+              f"unseen facts (target: {shared['target_fact_rate']}), before and after each attack; recovery = "
+              f"(attacked - plain) / (upper - plain) with upper the target under the same attack where it applies "
+              f"({shared['upper_fact_rate']}); retain_rouge_c on the evaluated (c) retain set")
+    table = ReportTable(title="Calibrated robustness: methods x optimiser options, mixed to one retain score",
+                        legend=legend, rows=robustness_table(rows, rcfg.attacks))
+    return table, {"shared": shared, "rows": [r.model_dump(mode="json") for r in rows]}
+
+
+def _worst_case_section(cfg: CompareConfig, wcfg: WorstCaseConfig, ev: _Eval, target: LoadedLLM, target_path: str,
+                        holds: Callable[[str], str | None],
+                        timings: dict[str, float]) -> tuple[ReportTable, dict[str, Any]]:
+    """Select each method's worst-case forget subset and score it beside a random one (eval.worst_case)."""
+    from eval.worst_case import select_worst_case, subset_rows, subset_table
+
+    request = ev.split.request
+
+    def unlearn_fn(req: ForgetTask, method: str, name: str) -> LoadedLLM:
+        return _unlearned(cfg, req, method, target_path, name)
+
+    rephrased = [q for q in ev.split.rephrased.get("paraphrase", []) if holds(q.question) is None]
+    rows, selections = [], []
+    for m in wcfg.methods:
+        with _Stage(timings, f"worst-case: select {m}"):
+            sel = select_worst_case(wcfg, m, request, unlearn_fn, full_run_name=f"unlearn-{m}")
+        with _Stage(timings, f"worst-case: evaluate {m}"):
+            rows += subset_rows(sel, request, target, unlearn_fn, ev.task, rephrased, ev.sets["c:retain"],
+                                ev.sets["c:neighbour"], ev.rouge, cfg.max_new_tokens, cfg.batch_size,
+                                seconds_of=lambda name: _train_seconds(request, name))
+        selections.append(sel.model_dump(mode="json"))
+    legend = (f"each method unlearns a forget subset of k={wcfg.k} of the request's QA items from the target: the "
+              f"worst case chosen by {wcfg.rounds} bi-level round(s) (arXiv 2403.07362: the items the unlearned "
+              f"model still knows best), and a seeded random subset; fact rate on the subset's own questions (a) "
+              f"and on held-out rephrasings of the same facts, before (target) and after; utility on held-out "
+              f"retain and neighbour people (c)")
+    table = ReportTable(title="Worst-case vs random forget set", legend=legend, rows=subset_table(rows))
+    return table, {"selections": selections, "rows": [r.model_dump(mode="json") for r in rows]}
 
 
 def _rouge_fn(task: ForgetTask) -> tuple[Callable[[Sequence[str], Sequence[str]], Any], str]:
@@ -610,6 +698,16 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                 with _Stage(timings, f"attacks: {name}"):
                     values[sys.name]["probe_accuracy"] = float(attack.score(sys.llm, task).accuracy)
 
+    # ---- optional sections: calibrated robustness, worst-case forget sets ------------------------------
+    tables: list[ReportTable] = []
+    sections: dict[str, Any] = {}
+    if cfg.robustness is not None:
+        table, sections["robustness"] = _robustness_section(cfg, cfg.robustness, ev, target, target_path, weight_items, timings)
+        tables.append(table)
+    if cfg.worst_case is not None:
+        table, sections["worst_case"] = _worst_case_section(cfg, cfg.worst_case, ev, target, target_path, holds, timings)
+        tables.append(table)
+
     # ---- the parity check, over everything that was evaluated ---------------------------------------
     extra = {f"attack:{n}": [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in ps]
              for n, (ps, _) in psets.items()}
@@ -669,11 +767,40 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                             ideal=c.ideal, count=c.count) for c in present],
         values=values, attacks=prompt_names + weight_names, attack_values=attack_values, attack_recovery=recovery,
         attack_metric="forget_fact_rate", forget_axis="forget_fact_rate_b", utility_axis="utility_hm",
-        details={"systems": ev.details, "attacks": attack_details, "mixed": mixed_rows}, samples=samples,
+        details={"systems": ev.details, "attacks": attack_details, "mixed": mixed_rows, **sections},
+        tables=tables, samples=samples,
         mixed=mixed, timings=timings, notes=notes,
         split={**split.counts(), "evaluated": counts}, parity=parity.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"))
     return report, write_report(report, out)
+
+
+def run_worst_case(cfg: CompareConfig) -> tuple[ReportTable, dict[str, Path]]:
+    """Only the worst-case vs random forget-set section (``unlearn-guard worst-case``), on the comparison's split
+    and cached target; writes ``worst_case.json`` and ``worst_case.md`` into ``cfg.out``."""
+    from core.io import atomic_write_json, atomic_write_text
+    from eval.general import general_items_for
+    from eval.report import md_table
+    from eval.split import _Index, exclude_overlaps, request_texts, split_task
+    from eval.tasks.spec import load_task_spec
+
+    if cfg.worst_case is None:
+        raise ValueError("run_worst_case needs cfg.worst_case (a WorstCaseConfig)")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    task = load_task_spec(cfg.task)
+    split = split_task(task, cfg.split, general_items_for(task))
+    retain = ensure_finetuned(cfg, task, "retain") if cfg.target_from == "retain" else None
+    target = ensure_finetuned(cfg, task, "target", retain)
+    stores = [request_texts(split.request, "unlearners")]
+    split = exclude_overlaps(split, stores)
+    ev = _Eval(cfg, split)
+    table, data = _worst_case_section(cfg, cfg.worst_case, ev, target, str(target.path), _Index(stores).hit, timings)
+    data = {**data, "timings": timings, "config": cfg.worst_case.model_dump(mode="json"), "split": split.counts()}
+    atomic_write_json(out / "worst_case.json", data)
+    atomic_write_text(out / "worst_case.md", f"# {table.title}\n\n{table.legend}.\n\n{md_table(table.rows)}\n")
+    return table, {"worst_case.json": out / "worst_case.json", "worst_case.md": out / "worst_case.md"}
 
 
 def _calibration_note(detector: Any) -> str:

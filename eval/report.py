@@ -50,6 +50,14 @@ class Sample(BaseModel):
     label: str = ""
 
 
+class ReportTable(BaseModel):
+    """A section's table already rendered to strings (header row first), with the legend that says how to read it."""
+
+    title: str
+    legend: str = ""
+    rows: list[list[str]]
+
+
 class Report(BaseModel):
     """Everything a comparison run measured; the tables and plots are views of this."""
 
@@ -68,6 +76,7 @@ class Report(BaseModel):
     details: dict = Field(default_factory=dict, description="Per-system and per-attack breakdowns (by group, ROUGE).")
     mixed: dict[str, dict[str, dict[str, float | None]]] = Field(
         default_factory=dict, description="system -> mixed-prompt kind (joint, step, neighbour, all) -> metric")
+    tables: list[ReportTable] = Field(default_factory=list, description="Optional sections (robustness, worst case).")
     samples: list[Sample] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
@@ -134,7 +143,7 @@ def _mixed_tables(report: Report) -> list[tuple[str, list[list[str]]]]:
     return out
 
 
-def _md_table(t: list[list[str]]) -> str:
+def md_table(t: list[list[str]]) -> str:
     """Render a table as GitHub markdown."""
     lines = ["| " + " | ".join(t[0]) + " |", "|" + "---|" * len(t[0])]
     lines += ["| " + " | ".join(r) + " |" for r in t[1:]]
@@ -235,7 +244,7 @@ def render_markdown(report: Report, images: list[str] | None = None) -> str:
     parts = [f"# {report.title}", ""]
     parts += ["## Systems x metrics", ""]
     for title, table in _metric_tables(report):
-        parts += [f"### {title}", "", _md_table(table), ""]
+        parts += [f"### {title}", "", md_table(table), ""]
     legend = [f"- `{m.name}`: {m.description} ({m.direction()})" for m in report.metrics]
     parts += legend + [""]
     if report.split:
@@ -246,13 +255,15 @@ def render_markdown(report: Report, images: list[str] | None = None) -> str:
                   "system.", ""]
     if report.attacks:
         parts += [f"## Systems x attacks ({report.attack_metric} under attack)", "",
-                  _md_table(_table(report.systems, report.attacks, report.attack_values, "system")), "",
+                  md_table(_table(report.systems, report.attacks, report.attack_values, "system")), "",
                   "### Recovery ratio (attacked - plain) / (original under the same attack - plain)", "",
-                  _md_table(_table(report.systems, report.attacks, report.attack_recovery, "system")), ""]
+                  md_table(_table(report.systems, report.attacks, report.attack_recovery, "system")), ""]
     if report.mixed:
         parts += ["## Mixed prompts", "", MIXED_LEGEND + ".", ""]
         for title, table in _mixed_tables(report):
-            parts += [f"### {title}", "", _md_table(table), ""]
+            parts += [f"### {title}", "", md_table(table), ""]
+    for t in report.tables:
+        parts += [f"## {t.title}", "", t.legend + ".", "", md_table(t.rows), ""]
     for img in images or []:
         parts += [f"![{img}]({img})", ""]
     if report.samples:
@@ -283,6 +294,8 @@ def render_html(report: Report, images: list[str] | None = None) -> str:
         body += ["<h2>Mixed prompts</h2>", f"<p>{html.escape(MIXED_LEGEND)}.</p>"]
         for title, table in _mixed_tables(report):
             body += [f"<h3>{html.escape(title)}</h3>", _html_table(table)]
+    for t in report.tables:
+        body += [f"<h2>{html.escape(t.title)}</h2>", f"<p>{html.escape(t.legend)}.</p>", _html_table(t.rows)]
     body += [f'<p><img src="{html.escape(i)}" alt="{html.escape(i)}"></p>' for i in images or []]
     if report.samples:
         body.append("<h2>Sample answers</h2>")
