@@ -40,6 +40,14 @@ def demo(full: bool = typer.Option(False, "--full", help="The main methods, the 
     _run(CompareConfig(profile="full" if full else "default", out=str(out)))
 
 
+def _echo_tables(tables) -> None:  # noqa: ANN001 - list[eval.report.ReportTable]
+    """Print each section table with its legend."""
+    from eval.report import md_table
+
+    for t in tables:
+        typer.echo(f"{t.title}\n\n{t.legend}.\n\n{md_table(t.rows)}\n")
+
+
 def worst_case(method: str = typer.Option(..., "--method", help="Unlearning method (training.methods)."),
                k: int = typer.Option(5, "--k", help="Size of the forget subset (QA items of the request)."),
                rounds: int = typer.Option(2, help="Bi-level rounds (one unlearning run each)."),
@@ -50,8 +58,7 @@ def worst_case(method: str = typer.Option(..., "--method", help="Unlearning meth
     """Find the forget subset a method erases worst (arXiv 2403.07362) and score it beside a random subset."""
     from core.config import load_config
     from core.registry import UnknownNameError
-    from eval.compare import CompareConfig, run_worst_case
-    from eval.report import md_table
+    from eval.compare import CompareConfig, run_sections
     from training.methods import METHODS
 
     try:
@@ -65,15 +72,44 @@ def worst_case(method: str = typer.Option(..., "--method", help="Unlearning meth
     cfg = cfg.model_copy(update={"worst_case": WorstCaseConfig.model_validate(wc)})
     t0 = time.perf_counter()
     try:
-        table, paths = run_worst_case(cfg)
+        tables, paths = run_sections(cfg)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    typer.echo(f"{table.title}\n\n{table.legend}.\n\n{md_table(table.rows)}")
+    _echo_tables(tables)
+    typer.echo(f"wall time: {time.perf_counter() - t0:.0f} s; written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def robustness(methods: str = typer.Option("rmu,npo,simnpo,wga", help="Comma-separated unlearning methods."),
+               options: str = typer.Option("plain,sam,hybrid,gru", help="Comma-separated: plain and training.optim "
+                                                                       "presets."),
+               config: Path | None = typer.Option(None, help="YAML CompareConfig (task, split, method_params)."),
+               set_: list[str] = typer.Option([], "--set", help="Override a CompareConfig field, e.g. "
+                                                                "--set robustness.retain_ratio=0.95."),
+               out: Path = typer.Option(Path("runs/robustness"), help="Output directory.")) -> None:
+    """The calibrated robustness table alone: each method x option, mixed to one retain score, then attacked."""
+    from pydantic import ValidationError
+
+    from core.config import load_config
+    from eval.compare import CompareConfig, run_sections
+    from eval.robustness import RobustnessConfig
+
+    cfg = load_config(CompareConfig, config, [*set_, f"out={out}"])
+    fields = (cfg.robustness.model_dump() if cfg.robustness else {}) | {
+        "methods": [m.strip() for m in methods.split(",") if m.strip()],
+        "options": [o.strip() for o in options.split(",") if o.strip()]}
+    try:
+        cfg = cfg.model_copy(update={"robustness": RobustnessConfig.model_validate(fields)})
+    except ValidationError as e:
+        raise typer.BadParameter(str(e), param_hint="--options") from None
+    t0 = time.perf_counter()
+    tables, paths = run_sections(cfg)
+    _echo_tables(tables)
     typer.echo(f"wall time: {time.perf_counter() - t0:.0f} s; written: " + ", ".join(str(p) for p in paths.values()))
 
 
 def register(app: typer.Typer) -> None:
-    """Attach `compare`, `demo` and `worst-case` to the root app."""
+    """Attach `compare`, `demo`, `worst-case` and `robustness` to the root app."""
     app.command("compare")(compare)
     app.command("demo")(demo)
     app.command("worst-case")(worst_case)
+    app.command("robustness")(robustness)

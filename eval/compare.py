@@ -775,20 +775,22 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     return report, write_report(report, out)
 
 
-def run_worst_case(cfg: CompareConfig) -> tuple[ReportTable, dict[str, Path]]:
-    """Only the worst-case vs random forget-set section (``unlearn-guard worst-case``), on the comparison's split
-    and cached target; writes ``worst_case.json`` and ``worst_case.md`` into ``cfg.out``."""
+def run_sections(cfg: CompareConfig) -> tuple[list[ReportTable], dict[str, Path]]:
+    """Only the optional sections configured (``robustness``, ``worst_case``), without the rest of the comparison
+    (``unlearn-guard robustness`` and ``worst-case``): same split and cached target, the evaluation sets cleared of
+    what the unlearners train on (these sections score weights only). Writes ``<section>.json`` and ``.md`` into
+    ``cfg.out``."""
     from core.io import atomic_write_json, atomic_write_text
     from eval.general import general_items_for
     from eval.report import md_table
     from eval.split import _Index, exclude_overlaps, request_texts, split_task
     from eval.tasks.spec import load_task_spec
 
-    if cfg.worst_case is None:
-        raise ValueError("run_worst_case needs cfg.worst_case (a WorstCaseConfig)")
+    if cfg.worst_case is None and cfg.robustness is None:
+        raise ValueError("run_sections needs cfg.robustness and/or cfg.worst_case")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    save_config(cfg, out / "compare_config.yaml")
     task = load_task_spec(cfg.task)
     split = split_task(task, cfg.split, general_items_for(task))
     retain = ensure_finetuned(cfg, task, "retain") if cfg.target_from == "retain" else None
@@ -796,11 +798,25 @@ def run_worst_case(cfg: CompareConfig) -> tuple[ReportTable, dict[str, Path]]:
     stores = [request_texts(split.request, "unlearners")]
     split = exclude_overlaps(split, stores)
     ev = _Eval(cfg, split)
-    table, data = _worst_case_section(cfg, cfg.worst_case, ev, target, str(target.path), _Index(stores).hit, timings)
-    data = {**data, "timings": timings, "config": cfg.worst_case.model_dump(mode="json"), "split": split.counts()}
-    atomic_write_json(out / "worst_case.json", data)
-    atomic_write_text(out / "worst_case.md", f"# {table.title}\n\n{table.legend}.\n\n{md_table(table.rows)}\n")
-    return table, {"worst_case.json": out / "worst_case.json", "worst_case.md": out / "worst_case.md"}
+    tables, paths = [], {}
+    for key, sub in (("robustness", cfg.robustness), ("worst_case", cfg.worst_case)):
+        if sub is None:
+            continue
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if key == "robustness":
+            table, data = _robustness_section(cfg, sub, ev, target, str(target.path), ev.sets["b:unseen_fact"],
+                                              timings)
+        else:
+            table, data = _worst_case_section(cfg, sub, ev, target, str(target.path), _Index(stores).hit, timings)
+        timings["total"] = round(time.perf_counter() - t0, 1)
+        data = {**data, "timings": timings, "config": sub.model_dump(mode="json"), "split": split.counts()}
+        atomic_write_json(out / f"{key}.json", data)
+        atomic_write_text(out / f"{key}.md", f"# {table.title}\n\n{table.legend}.\n\n{md_table(table.rows)}\n\n"
+                                             + "\n".join(f"- {k}: {v:.1f} s" for k, v in timings.items()) + "\n")
+        tables.append(table)
+        paths.update({f"{key}.json": out / f"{key}.json", f"{key}.md": out / f"{key}.md"})
+    return tables, paths
 
 
 def _calibration_note(detector: Any) -> str:

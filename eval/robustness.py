@@ -56,6 +56,8 @@ class RobustnessConfig(BaseModel):
     @field_validator("options")
     @classmethod
     def _known_options(cls, v: list[str]) -> list[str]:
+        if all(o == PLAIN for o in v):
+            return v
         from training.optim import OPTIM_PRESETS
 
         bad = [o for o in v if o != PLAIN and o not in OPTIM_PRESETS]

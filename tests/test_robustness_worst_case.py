@@ -179,3 +179,32 @@ def test_worst_case_command_on_tiny_models(tmp_path, monkeypatch):
     assert "| ga | worst-case | 3 |" in (tmp_path / "wc" / "worst_case.md").read_text()
     bad = CliRunner().invoke(app, [*args[:3], "--k", "99", *args[5:]])
     assert bad.exit_code != 0 and "must be smaller than the pool" in bad.output
+
+
+@pytest.mark.slow
+def test_robustness_command_on_tiny_models(tmp_path, monkeypatch):
+    """`unlearn-guard robustness` alone: the mixing weight, the attacks and the recovery ratio are consistent."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from eval.compare import attack_recovery
+
+    monkeypatch.setenv("UNLEARN_GUARD_CACHE", str(tmp_path / "cache"))
+    llm = tiny_llm(0)
+    llm.model.save_pretrained(tmp_path / "target")
+    llm.tokenizer.save_pretrained(tmp_path / "target")
+    args = ["robustness", "--methods", "ga,rmu", "--options", "plain", "--out", str(tmp_path / "rb"),
+            "--set", f"target_model={tmp_path / 'target'}", "--set", "method_params.ga.train.max_steps=2",
+            "--set", "method_params.rmu.train.max_steps=2", "--set", "max_new_tokens=4",
+            "--set", "robustness.attacks=[quantize-4bit]", "--set", "robustness.mix_iter=2"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "rb" / "robustness.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["ga", "rmu"]
+    upper = data["shared"]["upper_fact_rate"]["quantize-4bit"]
+    for r in data["rows"]:
+        assert 0.0 <= r["a"] <= 1.0 and r["train_seconds"] is not None
+        assert r["recovery"]["quantize-4bit"] == attack_recovery(upper, r["fact_rate"], r["attacked"]["quantize-4bit"])
+    assert "Calibrated robustness" in res.output and (tmp_path / "rb" / "robustness.md").exists()
+    bad = CliRunner().invoke(app, [*args[:3], "--options", "plain,nonsense", *args[5:]])
+    assert bad.exit_code != 0 and "unknown robustness option" in bad.output
