@@ -278,18 +278,23 @@ def _robustness_section(cfg: CompareConfig, rcfg: RobustnessConfig, ev: _Eval, t
     request = ev.split.request
     evaluated = [p for ps in ev.prompt_sets().values() for p in ps if isinstance(p, str)]
     calib = calibration_items(ev.split, evaluated, rcfg.calib_items, cfg.seed)
-    variants, seconds = {}, {}
-    for m in rcfg.methods:
-        for opt in rcfg.options:
-            name = f"unlearn-{variant_name(m, opt)}"
-            with _Stage(timings, f"robustness: unlearn {variant_name(m, opt)}"):
-                variants[(m, opt)] = _unlearned(cfg, request, m, target_path, name,
-                                                variant_params(cfg.method_params.get(m, {}), opt))
-            seconds[(m, opt)] = _train_seconds(request, name)
-    with _Stage(timings, "robustness: mix + attacks"):
-        rows, shared = robustness_rows(rcfg, target, variants, request, weight_items, item_facts(ev.task, weight_items),
+
+    def variant(m: str, opt: str) -> tuple[LoadedLLM, float | None]:
+        name = f"unlearn-{variant_name(m, opt)}"
+        with _Stage(timings, f"robustness: unlearn {variant_name(m, opt)}"):
+            llm = _unlearned(cfg, request, m, target_path, name, variant_params(cfg.method_params.get(m, {}), opt))
+        return llm, _train_seconds(request, name)
+
+    def partial(rows: list[Any], shared: dict[str, Any]) -> None:  # a long run leaves what it has measured
+        from core.io import atomic_write_json
+
+        atomic_write_json(Path(cfg.out) / "robustness.partial.json",
+                          {"shared": shared, "rows": [r.model_dump(mode="json") for r in rows], "timings": timings})
+
+    with _Stage(timings, "robustness: total (training included)"):
+        rows, shared = robustness_rows(rcfg, target, variant, request, weight_items, item_facts(ev.task, weight_items),
                                        calib, ev.sets["c:retain"], ev.rouge, cfg.attack_params, cfg.max_new_tokens,
-                                       cfg.batch_size, seconds)
+                                       cfg.batch_size, on_row=partial)
     legend = (f"every variant mixed with the target, (1-a) target + a unlearned, a binary-searched so that its "
               f"ROUGE-L on {shared['calib_items']} calibration retain questions (held-out retain people, in no "
               f"evaluated set) reaches {rcfg.retain_ratio:g} x the target's {shared['target_calib_retain']:.3f} = "

@@ -119,13 +119,18 @@ def _fact_rate_on(llm: LoadedLLM, items: Sequence[QAItem], facts: Sequence[list[
     return fact_rate(model_system("m", llm).answer([q.question for q in items], tokens, batch), facts)
 
 
-def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variants: dict[tuple[str, str], LoadedLLM],
+VariantFn = Callable[[str, str], tuple[LoadedLLM, float | None]]  # (method, option) -> unlearned model, train s
+
+
+def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variant: VariantFn,
                     request: ForgetTask, items: Sequence[QAItem], facts: Sequence[list[str]],
                     calib: Sequence[QAItem], retain_eval: Sequence[QAItem],
                     rouge: Callable[[list[str], list[str]], Any], attack_params: dict[str, dict[str, Any]],
                     max_new_tokens: int = 32, batch_size: int = 32,
-                    train_seconds: dict[tuple[str, str], float] | None = None) -> tuple[list[RobustnessRow], dict]:
-    """Mix every variant to the shared retain level, attack it, and return the rows plus the shared figures."""
+                    on_row: Callable[[list[RobustnessRow], dict], None] | None = None) -> tuple[list[RobustnessRow],
+                                                                                                 dict]:
+    """Train (or reuse) each variant, mix it to the shared retain level and attack it, one row at a time
+    (``on_row`` sees the rows so far, so a long run leaves a partial table); returns the rows and shared figures."""
     from tqdm.auto import tqdm
 
     from eval.attacks import make_attack
@@ -150,7 +155,9 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variants: dict[tup
               "target_fact_rate": _fact_rate_on(target, items, facts, max_new_tokens, batch_size),
               "calib_items": len(calib), "attacked_items": len(items)}
     rows: list[RobustnessRow] = []
-    for (method, option), llm in tqdm(variants.items(), desc="robustness rows"):
+    pairs = [(m, o) for m in cfg.methods for o in cfg.options]
+    for method, option in tqdm(pairs, desc="robustness rows"):
+        llm, train_s = variant(method, option)
         t0 = time.perf_counter()
         work = copy.deepcopy(target.model)  # left holding the calibrated mixture
         mix = calibrate_mixing(target.model, llm.model, retain_score, level, tol=cfg.mix_tol, max_iter=cfg.mix_iter,
@@ -161,7 +168,7 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variants: dict[tup
         row = RobustnessRow(method=method, option=option, a=mix.a, reached=mix.reached, calib_retain=mix.score,
                             retain_rouge_c=float(rouge(answers, [q.answer for q in retain_eval]).value)
                             if retain_eval else None, fact_rate=plain,
-                            train_seconds=(train_seconds or {}).get((method, option)))
+                            train_seconds=train_s)
         for name in cfg.attacks:
             attack = make_attack(name, attack_params.get(name))
             attacked = attack.apply(mixed, request)  # an attacker relearns from the public request
@@ -173,7 +180,9 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variants: dict[tup
         log.info("robustness %s: a=%.3f fact %.3f -> %s", variant_name(method, option), mix.a, plain or 0,
                  row.attacked)
         rows.append(row)
-        del mixed
+        if on_row is not None:
+            on_row(rows, shared)
+        del mixed, llm
     return rows, shared
 
 

@@ -12,8 +12,11 @@ and projects onto the capped simplex by bisection; the selection is the top-``k`
 Here the pool is the forget request's trained QA items (kind ``fact``), the lower level is the method itself
 (any registered objective, unchanged), and ``loss_i`` is the answer NLL of item ``i`` (teacher-forced, mean over
 answer tokens). Deviations, each for this harness: (1) the lower level cannot weight examples inside 19 different
-losses, so it trains on each item ``round(w_i * copies)`` times (the first round, at uniform ``w``, is the
-method's ordinary run on the whole request, shared with the comparison's cache); (2) the losses are z-scored
+losses, so it trains on each item ``1 + round(w_i * (copies - 1))`` times: every item at least once, because an
+item the lower level skips keeps its low loss only for being skipped, and the first-order step would then select
+exactly the skipped items (measured: with ``round(w_i * copies)`` RMU's second round selected the 5 items it had
+not trained on); the first round, at uniform ``w``, is the method's ordinary run on the whole request, shared with
+the comparison's cache; (2) the losses are z-scored
 before the step so that one ``w_lr`` fits every method's loss scale (the reference tunes ``w_lr`` per model); (3)
 two rounds by default instead of the reference's tens of epochs, because each round is a whole unlearning run on
 a CPU. Texts are not split into subsets: a subset request carries only its QA items.
@@ -49,7 +52,8 @@ class WorstCaseConfig(BaseModel):
     rounds: int = Field(2, ge=1, le=20, description="Bi-level rounds: lower-level unlearning runs per method.")
     w_lr: float = Field(0.5, gt=0, description="Step size of the upper level on z-scored losses.")
     gamma: float = Field(0.0, ge=0, description="L2 weight on w (the reference's gamma).")
-    copies: int = Field(3, ge=1, le=10, description="Times an item of weight 1 is trained on in the lower level.")
+    copies: int = Field(3, ge=1, le=10, description="Times an item of weight 1 is trained on in the lower level "
+                                                    "(weight 0: once).")
     seed: int = 0
 
 
@@ -132,7 +136,7 @@ def select_worst_case(cfg: WorstCaseConfig, method: str, request: ForgetTask, un
     w = [cfg.k / n] * n
     sel = Selection(method=method, k=cfg.k, pool=[q.question for q in pool], worst=[], random=[])
     for r in tqdm(range(cfg.rounds), desc=f"worst-case {method}"):
-        counts = {q.question: round(wi * cfg.copies) for q, wi in zip(pool, w, strict=True)}
+        counts = {q.question: 1 + round(wi * (cfg.copies - 1)) for q, wi in zip(pool, w, strict=True)}
         uniform = r == 0 and len(set(counts.values())) == 1
         if uniform:  # the first round at uniform w is the method's ordinary run on the whole request
             counts = {q: 1 for q in counts}

@@ -58,6 +58,7 @@ def test_selector_puts_weight_on_what_unlearning_leaves_known(monkeypatch) -> No
     assert calls[0] == ("unlearn-ga", qs)  # uniform w: the shared full-request run
     second = calls[1][1]
     assert second.count(qs[1]) > second.count(qs[0]) and calls[1][0].startswith("worst-ga-")
+    assert set(second) == set(qs)  # every item is still unlearned: none is "known" only for being skipped
     assert len(sel.weights) == 2 and all(sum(w) == pytest.approx(2.0) for w in sel.weights)
     assert len(sel.random) == 2 and set(sel.random) <= set(qs)
     with pytest.raises(ValueError, match="must be smaller than the pool"):
@@ -134,7 +135,7 @@ def test_comparison_with_robustness_and_worst_case_sections(tmp_path, monkeypatc
     assert "## Calibrated robustness" in md and "## Worst-case vs random forget set" in md
     assert "| ga | gru |" in md
     data = json.loads(paths["report.json"].read_text())
-    assert data["parity"]["overlaps"] == {} and "robustness: mix + attacks" in data["timings"]
+    assert data["parity"]["overlaps"] == {} and "robustness: total (training included)" in data["timings"]
     assert robustness_table([], ["relearn"])[0][-3:] == ["relearn", "relearn recovery", "train s"]
 
 
