@@ -51,7 +51,8 @@ def train_cmd(
     out: Annotated[Path | None, typer.Option(help="Output dir (default: the cache's runs/<task>/unlearn-<method>).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML UnlearnConfig (method params under `params:`).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field, e.g. --set params.layer=7 "
-                                                                 "--set train.lr=1e-4.")] = None,
+                                                                 "--set train.lr=1e-4 --set optim.rectify=gru "
+                                                                 "--set optim.mask=salun:0.5.")] = None,
     evaluate: bool = typer.Option(False, "--eval", help="Unlearn the comparison's forget request only and report "
                                                          "ROUGE-L before and after on (a) the request's questions, (b) "
                                                          "held-out facts, (c) held-out people."),

@@ -3,7 +3,10 @@
 A method supplies ``loss_fn(model, batch) -> dict`` (the dict holds ``"loss"`` and any named terms
 for the progress bar); the loop owns everything else: seeding, the trainable-parameter set or
 LoRA, gradient accumulation, clipping, the LR schedule, progress, atomic checkpoints, resume after
-interruption, and an ordinary ``save_pretrained`` output. It runs through ``accelerate``, so the
+interruption, and an ordinary ``save_pretrained`` output. A non-default ``optim``
+(:class:`training.optim.OptimConfig`: GRU, masks, SAM family, weight averaging, sign / zeroth-order
+optimisers) replaces ``backward + step`` by :class:`training.optim.step.RobustStep`; the default
+takes the plain path below, bit for bit. It runs through ``accelerate``, so the
 same code runs on CPU here and on one or several GPUs.
 """
 
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 
 from core.config import save_config
 from core.io import atomic_dir, atomic_write_json
+from training.optim.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +110,12 @@ def _checkpoint_dir(out_dir: Path) -> Path:
 
 
 def _save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, step: int,
-                     history: list[dict[str, float]], fingerprint: str, loss_fn: Any = None) -> None:
+                     history: list[dict[str, float]], fingerprint: str, loss_fn: Any = None,
+                     robust: Any = None) -> None:
     """Write trainable weights, optimizer, RNG and loss state atomically (the old checkpoint survives a crash).
 
-    A loss with ``state_dict()`` (e.g. PDU's dual variable) has it saved too, so resume continues it.
+    A loss with ``state_dict()`` (e.g. PDU's dual variable) has it saved too, so resume continues it, and
+    so does the optimiser-level state of a :class:`~training.optim.step.RobustStep` (``state["optim"]``).
     """
     import torch
     from safetensors.torch import save_file
@@ -121,13 +127,15 @@ def _save_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, ste
                  "rng": torch.get_rng_state()}
         if callable(getattr(loss_fn, "state_dict", None)):
             state["loss_fn"] = loss_fn.state_dict()
+        if robust is not None:
+            state["optim"] = robust.state_dict()
         torch.save(state, tmp / "state.pt")
         atomic_write_json(tmp / "progress.json", {"version": CHECKPOINT_VERSION, "step": step,
                                                   "history": history, "fingerprint": fingerprint})
 
 
 def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str,
-                     loss_fn: Any = None) -> tuple[int, list]:
+                     loss_fn: Any = None, robust: Any = None) -> tuple[int, list]:
     """Restore a checkpoint written by :func:`_save_checkpoint`; returns (step, history)."""
     import torch
     from safetensors.torch import load_file
@@ -149,18 +157,24 @@ def _load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, fin
     torch.set_rng_state(state["rng"])
     if "loss_fn" in state and callable(getattr(loss_fn, "load_state_dict", None)):
         loss_fn.load_state_dict(state["loss_fn"])
+    if robust is not None:
+        if "optim" not in state:
+            raise ValueError(f"{ckpt}: checkpoint has no optimiser-level state for this run's optim options; "
+                             "delete it to restart")
+        robust.load_state_dict(state["optim"])
     return int(progress["step"]), list(progress["history"])
 
 
 def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]],
           loss_fn: LossFn, cfg: TrainConfig, out_dir: str | Path, desc: str = "train",
           run_config: BaseModel | None = None, fingerprint: str = "",
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, optim: OptimConfig | None = None) -> TrainResult:
     """Optimise ``loss_fn`` over ``dataset`` and save an ordinary Hugging Face checkpoint to ``out_dir``.
 
     An interrupted run resumes from ``<out_dir>.ckpt`` when called again with the same
     ``fingerprint`` (a hash of config and data chosen by the caller); ``stop_after`` ends the run
-    after that many steps without writing the output (used to test resume).
+    after that many steps without writing the output (used to test resume). ``optim`` selects the
+    optimiser-level options (:mod:`training.optim`); None or the default config is plain AdamW.
     """
     import torch
     from accelerate import Accelerator
@@ -182,15 +196,28 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
                                          generator=gen, collate_fn=lambda idx: collate([dataset[i] for i in idx]))
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    robust = None
+    if optim is None or optim.is_default():
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        from training.optim.step import RobustStep, build_optimizer
+
+        if accel.num_processes > 1:
+            raise ValueError("the optim options take gradients with torch.autograd.grad, outside DDP's all-reduce; "
+                             "run them in one process")
+        optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, optim)
+        robust = RobustStep(optim, params, cfg.grad_accum, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     model, optimizer, scheduler = accel.prepare(model, optimizer, scheduler)
 
     ckpt = _checkpoint_dir(out_dir)
     step, history = 0, []
     if (ckpt / "progress.json").exists():
-        step, history = _load_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, fingerprint, loss_fn)
+        step, history = _load_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, fingerprint, loss_fn,
+                                         robust)
         log.info("resuming %s from step %d (%s)", desc, step, ckpt)
+    if robust is not None and not robust.ready:
+        robust.setup(model, lambda stream: _setup_batches(dataset, collate, stream, cfg.batch_size))
     resumed_from = step
     model.train()
     t0 = time.perf_counter()
@@ -205,11 +232,19 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
             if i < skip:
                 continue
             with accel.accumulate(model):
-                out = loss_fn(model, batch)
-                accel.backward(out["loss"])
-                if accel.sync_gradients and cfg.max_grad_norm:
-                    accel.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                if robust is None:
+                    out = loss_fn(model, batch)
+                    accel.backward(out["loss"])
+                    if accel.sync_gradients and cfg.max_grad_norm:
+                        accel.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                else:
+                    out = robust.micro(model, batch, loss_fn)
+                    if accel.sync_gradients:
+                        robust.apply_gradients()
+                        if cfg.max_grad_norm:
+                            accel.clip_grad_norm_(params, cfg.max_grad_norm)
+                        robust.optimizer_step(optimizer)
                 scheduler.step()
                 optimizer.zero_grad()
             micro += 1
@@ -222,7 +257,7 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
             if step % cfg.save_every == 0 or step == total:
                 _save_checkpoint(ckpt, accel.unwrap_model(model), optimizer, scheduler, step, history, fingerprint,
-                                 loss_fn)
+                                 loss_fn, robust)
             if step >= total or (stop_after is not None and step >= stop_after):
                 break
         else:
@@ -235,6 +270,8 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
         epoch += 1
     bar.close()
     seconds = time.perf_counter() - t0
+    if robust is not None:
+        robust.finalize()
     final = accel.unwrap_model(model)
     if cfg.lora is not None:
         final = final.merge_and_unload()
@@ -250,6 +287,15 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
                 save_config(run_config, tmp / "run_config.yaml")
         shutil.rmtree(ckpt, ignore_errors=True)
     return result
+
+
+def _setup_batches(dataset: Sequence[Any], collate: Callable[[list[Any]], dict[str, Any]], stream: str,
+                   batch_size: int) -> Any:
+    """Batches covering each example of ``stream`` once, in order (for set-up passes such as SalUn's mask)."""
+    streams = getattr(dataset, "streams", None)
+    n = len(streams[stream]) if isinstance(streams, dict) and stream in streams else len(dataset)
+    for i in range(0, n, batch_size):
+        yield collate([dataset[j] for j in range(i, min(n, i + batch_size))])
 
 
 def finished_run(out_dir: str | Path, fingerprint: str) -> TrainResult | None:

@@ -28,11 +28,13 @@ from training.methods import METHODS
 from training.methods.common import (
     Example,
     MethodContext,
+    MethodPlan,
     PairedStreams,
     UnlearnMethod,
     collate_streams,
     model_digest,
 )
+from training.optim.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class UnlearnConfig(BaseModel):
     max_length: int = Field(128, ge=16)
     system: str | None = Field(None, description="System prompt for chat-formatted examples (None: template default).")
     cache_dir: str | None = Field(None, description="Where traces/teacher targets are cached (default: the cache root).")
+    optim: OptimConfig = Field(default_factory=OptimConfig,
+                               description="Optimiser-level options (GRU, masks, SAM family, WA, sign/ZO optimisers); "
+                                           "the default is plain AdamW. See training.optim.")
 
 
 class UnlearnResult(BaseModel):
@@ -137,8 +142,12 @@ def effective_train(method: UnlearnMethod, cfg: TrainConfig) -> TrainConfig:
 
 
 def _fingerprint(cfg: UnlearnConfig, digest: str, streams: dict[str, list[Example]]) -> str:
-    """A hash of effective config, model weights and every example's tokens."""
-    h = hashlib.sha256(cfg.model_dump_json().encode())
+    """A hash of effective config, model weights and every example's tokens.
+
+    A default ``optim`` is left out of the hash, so runs from before the field existed keep their
+    fingerprint (and their cached outputs are reused); any non-default option changes it.
+    """
+    h = hashlib.sha256(cfg.model_dump_json(exclude={"optim"} if cfg.optim.is_default() else None).encode())
     h.update(digest.encode())
     for name in sorted(streams):
         h.update(name.encode())
@@ -154,9 +163,14 @@ def default_cache_root() -> Path:
     return cache_dir() / "unlearn"
 
 
-def unlearn(model: Any, tokenizer: Any, task: ForgetTask, cfg: UnlearnConfig, out_dir: str | Path,
-            desc: str | None = None, stop_after: int | None = None) -> UnlearnResult:
-    """Unlearn ``task`` from ``model`` with ``cfg.method`` and save the result to ``out_dir`` (reused if identical)."""
+def prepare_plan(model: Any, tokenizer: Any, task: ForgetTask, cfg: UnlearnConfig
+                 ) -> tuple[MethodPlan, UnlearnConfig, str]:
+    """Set ``cfg.method`` up on ``model``: its plan, the effective config (resolved params and train settings) and
+    the model's weight digest. :func:`unlearn` trains on the plan; tests call its loss directly.
+
+    An optim option that needs a retain reference (GRU, DGS) adds the default ``retain`` stream to the plan
+    of a method that has none (GA, GA-TS, CE-U, UNDIAL without retain term): the method's loss ignores it.
+    """
     method = METHODS.get(cfg.method)
     params = method.config.model_validate(cfg.params)
     train_cfg = effective_train(method, cfg.train)
@@ -171,7 +185,19 @@ def unlearn(model: Any, tokenizer: Any, task: ForgetTask, cfg: UnlearnConfig, ou
     plan = method.prepare(ctx, params)
     if train_cfg.trainable is None and train_cfg.lora is None and plan.trainable is not None:
         train_cfg = train_cfg.model_copy(update={"trainable": plan.trainable})
+    if cfg.optim.needs_retain_stream() and "retain" not in plan.streams:
+        plan.streams = {**plan.streams, "retain": ctx.streams["retain"]}
+        log.info("%s: optim %s needs a retain reference; the retain stream is batched alongside", cfg.method,
+                 cfg.optim.model_dump(exclude_defaults=True))
     eff = cfg.model_copy(update={"params": plan.config.model_dump(mode="json"), "train": train_cfg})
+    return plan, eff, digest
+
+
+def unlearn(model: Any, tokenizer: Any, task: ForgetTask, cfg: UnlearnConfig, out_dir: str | Path,
+            desc: str | None = None, stop_after: int | None = None) -> UnlearnResult:
+    """Unlearn ``task`` from ``model`` with ``cfg.method`` and save the result to ``out_dir`` (reused if identical)."""
+    plan, eff, digest = prepare_plan(model, tokenizer, task, cfg)
+    train_cfg = eff.train
     fp = _fingerprint(eff, digest, plan.streams)
     done = finished_run(out_dir, fp)
     if done is not None:
@@ -182,5 +208,6 @@ def unlearn(model: Any, tokenizer: Any, task: ForgetTask, cfg: UnlearnConfig, ou
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = PairedStreams(plan.streams, seed=train_cfg.seed)
     res = train(model, tokenizer, dataset, lambda b: collate_streams(b, pad_id), plan.loss_fn, train_cfg, out_dir,
-                desc=desc or f"unlearn {cfg.method}", run_config=eff, fingerprint=fp, stop_after=stop_after)
+                desc=desc or f"unlearn {cfg.method}", run_config=eff, fingerprint=fp, stop_after=stop_after,
+                optim=eff.optim)
     return UnlearnResult(method=cfg.method, train=res, config=eff.model_dump(mode="json"), info=plan.info)

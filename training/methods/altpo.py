@@ -166,8 +166,9 @@ def prepare_altpo(ctx: MethodContext, cfg: AltPOConfig) -> MethodPlan:
         f = dpo_loss(t.margin, cfg.beta)
         alt = t.win_mean_nll
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        loss = cfg.gamma * f + cfg.alpha * r + (cfg.alt_nll * alt if cfg.alt_nll else 0.0)
-        return {"loss": loss, "altpo": f, "margin": t.margin.mean().detach(), "forget_nll": t.lose_mean_nll,
+        forget = cfg.gamma * f + (cfg.alt_nll * alt if cfg.alt_nll else 0.0)
+        loss = forget + cfg.alpha * r
+        return {"loss": loss, "forget_loss": forget, "altpo": f, "margin": t.margin.mean().detach(), "forget_nll": t.lose_mean_nll,
                 "alt_nll": alt.detach(), f"retain_{cfg.retain_loss}": r}
 
     info = {"pairs": len(lose), "questions": len(items) - skipped, "dropped_alternates": dropped,

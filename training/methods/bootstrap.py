@@ -208,7 +208,7 @@ def prepare_bst(ctx: MethodContext, cfg: BSTConfig) -> MethodPlan:
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f, nll = forget_terms(model, batch["forget"], "bs-t", cfg.lambda_bst, cfg.top_k)
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        return {"loss": cfg.gamma * f + cfg.alpha * r, "bs_t": f.detach(), "forget_nll": nll,
+        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_loss": cfg.gamma * f, "bs_t": f.detach(), "forget_nll": nll,
                 f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)
@@ -231,7 +231,7 @@ def prepare_bss(ctx: MethodContext, cfg: BSSConfig) -> MethodPlan:
         fb, belief_nll = forget_terms(model, batch["forget_belief"], cfg.forget_loss, cfg.lambda_bst, cfg.top_k)
         forget = (1.0 - cfg.lambda_bss) * f + cfg.lambda_bss * fb
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        return {"loss": cfg.gamma * forget + cfg.alpha * r, "bs_s": forget.detach(), "forget_nll": nll,
+        return {"loss": cfg.gamma * forget + cfg.alpha * r, "forget_loss": cfg.gamma * forget, "bs_s": forget.detach(), "forget_nll": nll,
                 "belief_nll": belief_nll, f"retain_{cfg.retain_loss}": r}
 
     info = {"samples": len(beliefs), "example": records[0].model_dump()}

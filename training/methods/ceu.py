@@ -83,7 +83,8 @@ def prepare_ceu(ctx: MethodContext, cfg: CEUConfig) -> MethodPlan:
         labels = drop_first_answer_tokens(fb["labels"], cfg.ignore_first_n_answer_tokens)
         f = ceu_loss(full[:, :-1], labels[:, 1:])
         nll, mask = token_nll(full, fb["labels"])
-        return {"loss": cfg.gamma * f, "ce_u": f, "forget_nll": (nll.sum() / mask.sum().clamp(min=1)).detach()}
+        loss = cfg.gamma * f
+        return {"loss": loss, "forget_loss": loss, "ce_u": f, "forget_nll": (nll.sum() / mask.sum().clamp(min=1)).detach()}
 
     return MethodPlan(loss_fn=loss_fn, streams={"forget": ctx.streams["forget"]}, config=cfg)
 

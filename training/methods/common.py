@@ -6,7 +6,9 @@ before unlearning, its tokenizer, the task, the default forget and retain exampl
 frozen reference) and returns the loss function over a batch ``{"forget": ..., "retain": ...,
 <extra streams>}`` plus the streams it wants batched. The loss follows open-unlearning's contract
 ``loss = gamma * forget_term + alpha * retain_term`` and returns its named terms for the progress
-bar. :func:`training.unlearn.unlearn` does the rest through :func:`training.loop.train`.
+bar, among them ``forget_loss``: the undetached, already-weighted forget part of ``loss`` (so
+``loss - forget_loss`` is the retain part), which the optimiser-level options of
+:mod:`training.optim` (GRU, SAM, masks) act on. :func:`training.unlearn.unlearn` does the rest through :func:`training.loop.train`.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def prepare_idkdpo(ctx: MethodContext, cfg: IdkDPOConfig) -> MethodPlan:
         t = pairs(model, batch["forget"])
         f = dpo_loss(t.margin, cfg.beta)
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        return {"loss": cfg.gamma * f + cfg.alpha * r, "dpo": f, "margin": t.margin.mean().detach(),
+        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_loss": cfg.gamma * f, "dpo": f, "margin": t.margin.mean().detach(),
                 "forget_nll": t.lose_mean_nll, "idk_nll": t.win_mean_nll.detach(), f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams={"forget": lose, "retain": ctx.streams["retain"]}, config=cfg,

@@ -42,7 +42,8 @@ def prepare_ga(ctx: MethodContext, cfg: GAConfig) -> MethodPlan:
 
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f = mean_nll(model, batch["forget"])
-        return {"loss": -cfg.gamma * f, "forget_nll": f}
+        loss = -cfg.gamma * f
+        return {"loss": loss, "forget_loss": loss, "forget_nll": f}
 
     return MethodPlan(loss_fn=loss_fn, streams={"forget": ctx.streams["forget"]}, config=cfg)
 
@@ -55,7 +56,8 @@ def prepare_graddiff(ctx: MethodContext, cfg: GradDiffConfig) -> MethodPlan:
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f = mean_nll(model, batch["forget"])
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_nll": f, f"retain_{cfg.retain_loss}": r}
+        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_loss": -cfg.gamma * f, "forget_nll": f,
+                f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)
 

@@ -48,7 +48,7 @@ def prepare_idk(ctx: MethodContext, cfg: IdkNLLConfig) -> MethodPlan:
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f = mean_nll(model, batch["forget"])
         r = mean_nll(model, batch["retain"])
-        return {"loss": cfg.gamma * f + cfg.alpha * r, "idk_nll": f, "retain_nll": r}
+        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_loss": cfg.gamma * f, "idk_nll": f, "retain_nll": r}
 
     return MethodPlan(loss_fn=loss_fn, streams={"forget": forget, "retain": ctx.streams["retain"]}, config=cfg)
 

@@ -51,7 +51,7 @@ def prepare_npo(ctx: MethodContext, cfg: NPOConfig) -> MethodPlan:
         nll, lengths = sequence_nll(model, batch["forget"])
         f = npo_loss(nll, ref_nll(batch["forget"]), cfg.beta)
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        return {"loss": cfg.gamma * f + cfg.alpha * r, "npo": f,
+        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_loss": cfg.gamma * f, "npo": f,
                 "forget_nll": (nll.sum() / lengths.sum().clamp(min=1)).detach(), f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)
@@ -64,7 +64,7 @@ def prepare_simnpo(ctx: MethodContext, cfg: SimNPOConfig) -> MethodPlan:
         nll, lengths = sequence_nll(model, batch["forget"])
         f = simnpo_loss(nll, lengths, cfg.beta, cfg.delta)
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
-        return {"loss": cfg.gamma * f + cfg.alpha * r, "simnpo": f,
+        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_loss": cfg.gamma * f, "simnpo": f,
                 "forget_nll": (nll.sum() / lengths.sum().clamp(min=1)).detach(), f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)

@@ -100,7 +100,7 @@ class PrimalDualLoss:
         nll, mask = token_nll(logits.detach(), forget["labels"])
         r = retain_term(model, self.ctx, batch["retain"], self.cfg.retain_loss)
         lam = self.dual
-        out = {"loss": self.cfg.gamma * f + lam * (r - self.eps), "forget_flat": f,
+        out = {"loss": self.cfg.gamma * f + lam * (r - self.eps), "forget_loss": self.cfg.gamma * f, "forget_flat": f,
                "forget_nll": nll.sum() / mask.sum().clamp(min=1), f"retain_{self.cfg.retain_loss}": r,
                "dual": lam, "constraint": (r - self.eps).detach()}
         self.step(float(r.detach()))

@@ -115,7 +115,7 @@ def prepare_r2mu(ctx: MethodContext, cfg: R2MUConfig) -> MethodPlan:
         tf = core.forget_mse(model, "forget_trace", batch["forget_trace"])
         tr = core.retain_mse(model, "retain_trace", batch["retain_trace"])
         loss = cfg.gamma * f + cfg.alpha * r + cfg.trace_gamma * tf + cfg.trace_alpha * tr
-        return {"loss": loss, "forget_mse": f, "retain_mse": r, "trace_forget_mse": tf, "trace_retain_mse": tr}
+        return {"loss": loss, "forget_loss": cfg.gamma * f + cfg.trace_gamma * tf, "forget_mse": f, "retain_mse": r, "trace_forget_mse": tf, "trace_retain_mse": tr}
 
     info = {"layer": core.layer, "c": round(core.c, 4), "mean_norm": core.norm,
             "traces": {"forget": len(streams["forget_trace"]), "retain": len(streams["retain_trace"])},

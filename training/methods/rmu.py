@@ -180,7 +180,7 @@ def prepare_rmu(ctx: MethodContext, cfg: RMUConfig) -> MethodPlan:
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f = core.forget_mse(model, "forget", batch["forget"])
         r = core.retain_mse(model, "retain", batch["retain"])
-        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_mse": f, "retain_mse": r}
+        return {"loss": cfg.gamma * f + cfg.alpha * r, "forget_loss": cfg.gamma * f, "forget_mse": f, "retain_mse": r}
 
     info = {"layer": core.layer, "c": round(core.c, 4), "mean_norm": core.norm}
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=core.config, trainable=core.trainable(cfg), info=info)

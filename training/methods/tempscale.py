@@ -74,7 +74,8 @@ def prepare_ga_ts(ctx: MethodContext, cfg: GATSConfig) -> MethodPlan:
 
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f, plain = forget_terms(model, batch["forget"], cfg.tau)
-        return {"loss": -cfg.gamma * f, "forget_nll_ts": f.detach(), "forget_nll": plain}
+        loss = -cfg.gamma * f
+        return {"loss": loss, "forget_loss": loss, "forget_nll_ts": f.detach(), "forget_nll": plain}
 
     return MethodPlan(loss_fn=loss_fn, streams={"forget": ctx.streams["forget"]}, config=cfg)
 
@@ -86,7 +87,7 @@ def prepare_kl_ts(ctx: MethodContext, cfg: KLTSConfig) -> MethodPlan:
     def loss_fn(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         f, plain = forget_terms(model, batch["forget"], cfg.tau)
         r = kl_to_reference(model, reference, batch["retain"])
-        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_nll_ts": f.detach(), "forget_nll": plain,
+        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_loss": -cfg.gamma * f, "forget_nll_ts": f.detach(), "forget_nll": plain,
                 "retain_kl": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)

@@ -136,7 +136,7 @@ def prepare_tru(ctx: MethodContext, cfg: TRUConfig) -> MethodPlan:
         ga = torch.clamp(orig, max=cfg.ga_cap) if cfg.ga_cap is not None else orig
         tru = reason + refusal
         loss = cfg.gamma * tru + cfg.alpha * (retain - ga)
-        return {"loss": loss, "tru_nll": tru, "reason_nll": reason, "refusal_nll": refusal,
+        return {"loss": loss, "forget_loss": cfg.gamma * tru - cfg.alpha * ga, "tru_nll": tru, "reason_nll": reason, "refusal_nll": refusal,
                 "forget_nll": orig, "retain_nll": retain}
 
     return MethodPlan(loss_fn=loss_fn, streams=streams, config=cfg, info=teacher_info(targets))

@@ -105,12 +105,12 @@ def prepare_undial(ctx: MethodContext, cfg: UNDIALConfig) -> MethodPlan:
         f = undial_loss(full[:, :-1], ref[:, :-1], fb["labels"][:, 1:], cfg.beta)
         nll, mask = token_nll(full, fb["labels"])
         out = {"undial": f, "forget_nll": (nll.sum() / mask.sum().clamp(min=1)).detach()}
-        loss = cfg.gamma * f
+        loss = forget = cfg.gamma * f
         if cfg.alpha > 0:
             r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
             out[f"retain_{cfg.retain_loss}"] = r
             loss = loss + cfg.alpha * r
-        return {"loss": loss, **out}
+        return {"loss": loss, "forget_loss": forget, **out}
 
     streams = ctx.streams if cfg.alpha > 0 else {"forget": ctx.streams["forget"]}
     return MethodPlan(loss_fn=loss_fn, streams=streams, config=cfg)

@@ -80,7 +80,7 @@ def weighted_ascent_plan(ctx: MethodContext, cfg: Any,
         f = weighted_token_mean(nll, mask, weights(nll))
         r = retain_term(model, ctx, batch["retain"], cfg.retain_loss)
         plain = (nll.sum() / mask.sum().clamp(min=1)).detach()
-        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_wnll": f.detach(), "forget_nll": plain,
+        return {"loss": -cfg.gamma * f + cfg.alpha * r, "forget_loss": -cfg.gamma * f, "forget_wnll": f.detach(), "forget_nll": plain,
                 f"retain_{cfg.retain_loss}": r}
 
     return MethodPlan(loss_fn=loss_fn, streams=ctx.streams, config=cfg)
