@@ -18,7 +18,6 @@ Every stage is timed; fine-tuned and unlearned models are reused when their conf
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import time
@@ -31,12 +30,14 @@ from pydantic import BaseModel, Field
 from core.config import save_config
 from core.models import LoadedLLM, load_llm, run_dir
 from core.schema import ForgetTask, QAItem
+from eval.attacks.base import attack_recovery
 from eval.metrics.columns import (
     C_SETS,
     COLUMNS,
     MIN_MIA_UNITS,
     AnswerSheet,
     fact_rate,
+    item_facts,
     mean_or_none,
     rouge_or_none,
     sheet_columns,
@@ -129,43 +130,12 @@ FULL_PROFILE: dict[str, Any] = {
 }
 
 
-def attack_recovery(upper: float | None, plain: float | None, attacked: float) -> float | None:
-    """The share of forgotten facts an attack brings back on its items, ``(attacked - plain) / (upper - plain)``;
-    None where the system forgot nothing there to recover (its plain fact rate on those items is not below the
-    reference's): the ratio's sign would flip and read as recovery, or as more forgetting, that did not happen."""
-    from eval.attacks import recovery_ratio
-
-    if upper is None or plain is None or not upper > plain:
-        return None
-    r = recovery_ratio(upper, plain, attacked)
-    return None if math.isnan(r) else r
-
-
 def _sample(items: Sequence[Any], n: int | None, seed: int | str) -> list[Any]:
     """A seeded sample of at most ``n`` items, in their original order."""
     if n is None or n >= len(items):
         return list(items)
     idx = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in idx]
-
-
-def item_facts(task: ForgetTask, items: Sequence[QAItem]) -> list[list[str]]:
-    """Per QA item, the target fact values its reference answer states: what a leaking answer would repeat.
-
-    ROUGE-L recall of full-sentence answers has a floor from the shared template ("X was born in ..."), so
-    the report also counts answers that state the very fact: the target's listed fact values found in the
-    reference answer, else the words the reference answer adds to its question; [] when neither gives any.
-    """
-    from core.facts import answer_novel_span, leaked_facts, target_fact_values
-
-    by_name = {n.casefold(): t for t in task.targets for n in t.names}
-    out = []
-    for q in items:
-        target = by_name.get((q.subject or "").casefold())
-        facts = leaked_facts(q.answer, target_fact_values(target)) if target else []
-        span = answer_novel_span(q.question, q.answer)
-        out.append(facts or ([span] if len(span) >= 3 else []))
-    return out
 
 
 def mia_units(forget: Sequence[str], holdout: Sequence[str],
@@ -331,8 +301,9 @@ def _worst_case_section(cfg: CompareConfig, wcfg: WorstCaseConfig, ev: _Eval, ta
     legend = (f"each method unlearns a forget subset of k={wcfg.k} of the request's QA items from the target: the "
               f"worst case chosen by {wcfg.rounds} bi-level round(s) (arXiv 2403.07362: the items the unlearned "
               f"model still knows best), and a seeded random subset; fact rate on the subset's own questions (a) "
-              f"and on held-out rephrasings of the same facts, before (target) and after; utility on held-out "
-              f"retain and neighbour people (c)")
+              f"and on held-out rephrasings of the same facts, before (target) and after; the mean answer NLL of "
+              f"the subset's items (teacher-forced; higher: more erased); utility on held-out retain and "
+              f"neighbour people (c)")
     table = ReportTable(title="Worst-case vs random forget set", legend=legend, rows=subset_table(rows))
     return table, {"selections": selections, "rows": [r.model_dump(mode="json") for r in rows]}
 

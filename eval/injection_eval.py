@@ -134,8 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from detectors.detector import Detector
-    from eval.compare import CompareConfig, ensure_finetuned, item_facts
+    from eval.compare import CompareConfig, ensure_finetuned
     from eval.general import general_items_for
+    from eval.metrics.columns import item_facts
     from eval.split import detector_texts, exclude_overlaps, split_task
     from eval.systems import guarded_system, model_system
     from eval.tasks.spec import load_task_spec

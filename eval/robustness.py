@@ -133,9 +133,8 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variant: VariantFn
     (``on_row`` sees the rows so far, so a long run leaves a partial table); returns the rows and shared figures."""
     from tqdm.auto import tqdm
 
-    from eval.attacks import make_attack
+    from eval.attacks import attack_recovery, make_attack
     from eval.attacks.weights import copy_llm
-    from eval.compare import attack_recovery
     from eval.systems import model_system
     from training.mixing import calibrate_mixing
 

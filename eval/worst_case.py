@@ -175,6 +175,8 @@ class SubsetRow(BaseModel):
     fact_rate_rephrased: float | None = Field(description="Held-out rephrasings of the subset's facts.")
     target_fact_rate_a: float | None = Field(description="The target model on the same questions (before).")
     target_fact_rate_rephrased: float | None
+    nll_a: float = Field(description="Mean answer NLL of the subset's items after unlearning it (higher: more erased).")
+    target_nll_a: float = Field(description="The same, under the target model.")
     retain_rouge_c: float | None
     neighbour_rouge_c: float | None
     n_rephrased: int = 0
@@ -187,8 +189,7 @@ def subset_rows(selection: Selection, request: ForgetTask, target: LoadedLLM, un
                 max_new_tokens: int = 32, batch_size: int = 32,
                 seconds_of: Callable[[str], float | None] | None = None) -> list[SubsetRow]:
     """Unlearn the worst-case and the random subset from the target and score both on what they hold out."""
-    from eval.compare import item_facts
-    from eval.metrics.columns import fact_rate
+    from eval.metrics.columns import fact_rate, item_facts
     from eval.systems import model_system
 
     by_q = {q.question: q for q in pool_items(request)}
@@ -216,6 +217,8 @@ def subset_rows(selection: Selection, request: ForgetTask, target: LoadedLLM, un
                               fact_rate_a=facts_rate(model, items), fact_rate_rephrased=facts_rate(model, reph),
                               target_fact_rate_a=facts_rate(target, items),
                               target_fact_rate_rephrased=facts_rate(target, reph),
+                              nll_a=round(sum(item_nll(model, items)) / len(items), 4),
+                              target_nll_a=round(sum(item_nll(target, items)) / len(items), 4),
                               retain_rouge_c=rouge_of(model, retain_eval),
                               neighbour_rouge_c=rouge_of(model, neighbour_eval), n_rephrased=len(reph),
                               train_seconds=seconds_of(name) if seconds_of else None))
@@ -228,10 +231,12 @@ def subset_table(rows: Sequence[SubsetRow]) -> list[list[str]]:
     def f(v: float | None) -> str:
         return "–" if v is None else f"{v:.3f}"
 
-    out = [["method", "forget set", "k", "fact rate (a) before", "fact rate (a) after", "rephrased before",
-            "rephrased after", "n rephrased", "retain_rouge_c", "neighbour_rouge_c", "train s"]]
+    out = [["method", "forget set", "k", "fact rate (a) before", "fact rate (a) after", "answer NLL (a) before",
+            "answer NLL (a) after", "rephrased before", "rephrased after", "n rephrased", "retain_rouge_c",
+            "neighbour_rouge_c", "train s"]]
     for r in rows:
-        out.append([r.method, r.subset, str(r.k), f(r.target_fact_rate_a), f(r.fact_rate_a),
+        out.append([r.method, r.subset, str(r.k), f(r.target_fact_rate_a), f(r.fact_rate_a), f(r.target_nll_a),
+                    f(r.nll_a),
                     f(r.target_fact_rate_rephrased), f(r.fact_rate_rephrased), str(r.n_rephrased),
                     f(r.retain_rouge_c), f(r.neighbour_rouge_c),
                     "–" if r.train_seconds is None else f"{r.train_seconds:.0f}"])

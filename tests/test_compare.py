@@ -8,7 +8,9 @@ import pytest
 
 from core.models import tiny_llm
 from core.schema import ForgetTarget, ForgetTask, MCQItem, QAItem
-from eval.compare import CompareConfig, attack_recovery, item_facts, mia_units, run_comparison
+from eval.attacks import attack_recovery
+from eval.compare import CompareConfig, mia_units, run_comparison
+from eval.metrics.columns import item_facts
 from eval.systems import Response, System
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from core.generation import turn_text
 from eval.attacks.injection import INJECTION_STRINGS, INJECTION_STYLES
-from eval.compare import item_facts
 from eval.injection_eval import InjectionEvalConfig, injected_prompts, run_injection
+from eval.metrics.columns import item_facts
 from eval.systems import System
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from eval.compare import item_facts
 from eval.general import GeneralItem
 from eval.metrics import rouge_l_recall
+from eval.metrics.columns import item_facts
 from eval.mixed import MIXED_KINDS, STEP_TASKS, MixedItem, benign_answered, build_mixed, score_mixed
 from eval.split import split_task
 from eval.tasks.offline import BenchmarkConfig, generate_benchmark

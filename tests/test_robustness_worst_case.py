@@ -177,6 +177,7 @@ def test_worst_case_command_on_tiny_models(tmp_path, monkeypatch):
     w = dict(zip(sel["pool"], sel["weights"][-1], strict=True))
     assert min(w[q] for q in sel["worst"]) >= max(w[q] for q in sel["pool"] if q not in sel["worst"]) - 1e-9
     assert [r["subset"] for r in data["rows"]] == ["worst-case", "random"]
+    assert all(r["nll_a"] > 0 and r["target_nll_a"] > 0 for r in data["rows"])
     assert "| ga | worst-case | 3 |" in (tmp_path / "wc" / "worst_case.md").read_text()
     bad = CliRunner().invoke(app, [*args[:3], "--k", "99", *args[5:]])
     assert bad.exit_code != 0 and "must be smaller than the pool" in bad.output
@@ -188,7 +189,7 @@ def test_robustness_command_on_tiny_models(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from cli.main import app
-    from eval.compare import attack_recovery
+    from eval.attacks import attack_recovery
 
     monkeypatch.setenv("UNLEARN_GUARD_CACHE", str(tmp_path / "cache"))
     llm = tiny_llm(0)

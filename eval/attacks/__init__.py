@@ -27,6 +27,7 @@ from eval.attacks.base import (
     SystemKind,
     WeightAttack,
     attack_names,
+    attack_recovery,
     attacks_for,
     find_entity,
     make_attack,
@@ -64,6 +65,6 @@ __all__ = [
     "KeywordEmphasisAttack", "LinearProbeAttack", "MultiHopAttack", "OODFinetuneAttack", "ObfuscationAttack",
     "ParaphraseAttack", "ProbeAttack", "ProbeData", "ProbeResult", "PromptAttack", "PromptInjectionAttack",
     "Quantize4bitAttack", "Quantize8bitAttack", "RelearnAttack", "SplitTurnAttack", "SystemKind", "TranslationAttack",
-    "WeightAttack", "attack_names", "attacks_for", "find_entity", "fit_probe", "hidden_features",
+    "WeightAttack", "attack_names", "attack_recovery", "attacks_for", "find_entity", "fit_probe", "hidden_features",
     "make_attack", "quantize_dequantize", "quantize_model", "recovery_ratio", "register_attack", "run_prompt_attack",
 ]

@@ -300,3 +300,13 @@ def recovery_ratio(original: float, unlearned: float, attacked: float, eps: floa
     if abs(denom) <= eps:
         return float("nan")
     return (vals[2] - vals[1]) / denom
+
+
+def attack_recovery(upper: float | None, plain: float | None, attacked: float) -> float | None:
+    """The share of forgotten facts an attack brings back on its items, ``(attacked - plain) / (upper - plain)``;
+    None where the system forgot nothing there to recover (its plain fact rate on those items is not below the
+    reference's): the ratio's sign would flip and read as recovery, or as more forgetting, that did not happen."""
+    if upper is None or plain is None or not upper > plain:
+        return None
+    r = recovery_ratio(upper, plain, attacked)
+    return None if math.isnan(r) else r

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 def fact_rate(llm: Any, task: Any, items: list[Any], max_new_tokens: int = 32) -> float:
     """Share of greedy answers that state their item's fact (the comparison's forget_fact_rate)."""
     from core.generation import generate
-    from eval.compare import item_facts
     from eval.metrics.columns import fact_rate as rate
+    from eval.metrics.columns import item_facts
 
     ans = generate(llm.model, llm.tokenizer, [q.question for q in items], max_new_tokens=max_new_tokens, batch_size=32)
     value = rate(ans, item_facts(task, items))

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from core.facts import leaked_facts
+from core.facts import answer_novel_span, leaked_facts, target_fact_values
 from core.registry import Registry
+from core.schema import ForgetTask, QAItem
 from eval.metrics.behaviour import gibberish_rate, is_refusal, trace_leakage
 
 Needs = Literal["answers", "guard", "white_box", "cross_system", "attack"]
@@ -40,6 +41,23 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1 / v for v in values)
+
+
+def item_facts(task: ForgetTask, items: Sequence[QAItem]) -> list[list[str]]:
+    """Per QA item, the target fact values its reference answer states: what a leaking answer would repeat.
+
+    ROUGE-L recall of full-sentence answers has a floor from the shared template ("X was born in ..."), so
+    the report also counts answers that state the very fact: the target's listed fact values found in the
+    reference answer, else the words the reference answer adds to its question; [] when neither gives any.
+    """
+    by_name = {n.casefold(): t for t in task.targets for n in t.names}
+    out = []
+    for q in items:
+        target = by_name.get((q.subject or "").casefold())
+        facts = leaked_facts(q.answer, target_fact_values(target)) if target else []
+        span = answer_novel_span(q.question, q.answer)
+        out.append(facts or ([span] if len(span) >= 3 else []))
+    return out
 
 
 def fact_rate(answers: Sequence[str], facts: Sequence[list[str]]) -> float | None:
