@@ -251,7 +251,8 @@ def train(model: Any, tokenizer: Any, dataset: Sequence[Any], collate: Callable[
             if not accel.sync_gradients:
                 continue
             step += 1
-            terms = {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in out.items()}
+            terms = {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in out.items()
+                     if k != "forget_loss"}  # a part of "loss" kept for the optim options, not a term of its own
             history.append({"step": step, **terms})
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
