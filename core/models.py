@@ -305,15 +305,25 @@ def find_embedded_encoder(name: str) -> Path:
     return found.parent
 
 
-def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str = "cpu") -> Any:
+def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str = "cpu", backend: str = "torch",
+                 threads: int | None = None) -> Any:
     """Load a sentence-transformers encoder from an embedded name, a local directory or a hub id (or ``"hashing"``,
-    the model-free test encoder of :mod:`core.hashing`)."""
+    the model-free test encoder of :mod:`core.hashing`); ``backend`` "onnx", "onnx-int8" or "openvino" runs a local
+    export of it (:mod:`core.encoder_export`, made once and cached), "torch" the model itself."""
+    from core.encoder_export import (
+        ENCODER_BACKENDS,
+        ExportedEncoderModel,
+        ensure_export,
+        export_dir,
+        has_export,
+        require_backend,
+    )
     from core.hashing import NAME, HashingModel
 
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"unknown encoder backend {backend!r}; accepted: {', '.join(ENCODER_BACKENDS)}")
     if name_or_path == NAME:
         return HashingModel()
-    from sentence_transformers import SentenceTransformer
-
     p = Path(name_or_path).expanduser()
     if name_or_path in EMBEDDED_ENCODERS:
         src = str(find_embedded_encoder(name_or_path))
@@ -325,6 +335,21 @@ def load_encoder(name_or_path: str = DEFAULT_ENCODER, device: str = "cpu") -> An
         raise ModelNotFoundError(
             f"no encoder directory or embedded encoder called {name_or_path!r}. Offline you can use "
             f"{', '.join(EMBEDDED_ENCODERS)} or a local sentence-transformers directory.")
+    if backend != "torch":
+        if device != "cpu":
+            raise ValueError(f"encoder backend {backend!r} runs on the CPU only; use backend='torch' for {device!r}")
+        require_backend(backend)
+        out = export_dir(cache_dir(), src, name_or_path)
+        if not has_export(out, backend):
+            ensure_export(_load_sentence_transformer(name_or_path, src, device), out, backend)
+        return ExportedEncoderModel(out, backend, threads=threads)
+    return _load_sentence_transformer(name_or_path, src, device)
+
+
+def _load_sentence_transformer(name_or_path: str, src: str, device: str) -> Any:
+    """``SentenceTransformer(src)`` offline unless ``src`` is a hub id, with a clear error."""
+    from sentence_transformers import SentenceTransformer
+
     try:
         return SentenceTransformer(src, device=device, local_files_only=not (src == name_or_path and "/" in src))
     except OSError as e:

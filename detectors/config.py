@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from detectors.index import DEFAULT_ANN_THRESHOLD
+from detectors.index import DEFAULT_ANN_THRESHOLD, DEFAULT_NPROBE
 
 
 class DetectorConfig(BaseModel):
@@ -15,6 +15,12 @@ class DetectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder: str = Field("minilm-l6", description="Sentence encoder: embedded name, local dir or hub id.")
+    encoder_backend: Literal["torch", "onnx", "onnx-int8", "openvino"] = Field(
+        "onnx", description="Encoder runtime: a local ONNX Runtime export of the encoder (fp32, the default: the same "
+                            "decisions as torch at ~2x the speed), its int8 version, OpenVINO (the openvino extra) or "
+                            "the torch model itself. Exports are made once and cached. 'onnx' and 'openvino' give "
+                            "torch's embeddings; after switching to or from 'onnx-int8', rebuild the detector (its "
+                            "thresholds are calibrated on its own runtime's embeddings).")
     target_fpr: float = Field(0.01, gt=0.0, lt=0.5, description="False-positive rate the threshold guarantees (alpha).")
     calibration: Literal["group", "pooled"] = Field(
         "group", description="'group': threshold = max of pooled and per-negative-group conformal thresholds.")
@@ -25,7 +31,14 @@ class DetectorConfig(BaseModel):
     top_k: int = Field(16, ge=2, le=256, description="Neighbours retrieved from the forget store per query.")
     ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=1000,
                                description="Vectors above which a bank moves from exact flat search to IVF.")
-    ivf_nprobe: int = Field(32, ge=1, description="IVF lists probed per query (recall vs latency; 32 of ~sqrt(n)).")
+    ivf_nprobe: int = Field(DEFAULT_NPROBE, ge=1, description="IVF lists probed per query (recall vs latency; 256 "
+                            "of ~4 sqrt(n) lists: recall@1 0.997 at 1M, eval/bench/detector_bench.py).")
+    ann_index: Literal["ivf", "hnsw"] = Field(
+        "ivf", description="Approximate structure above ann_threshold: 'ivf' (inverted lists, native removal) or "
+                           "'hnsw' (graph; removals are tombstones, compacted when a quarter is dead). HNSW found the "
+                           "true neighbour of only 25% of hard queries at 1M (eval/bench/detector_bench.py).")
+    hnsw_m: int = Field(32, ge=4, le=128, description="HNSW links per node (recall and RAM grow with it).")
+    hnsw_ef_search: int = Field(64, ge=8, description="HNSW candidates kept per search (recall vs latency).")
     keep_raw_text: bool = Field(False, description="Keep forget questions/answers/texts; False keeps embeddings only.")
     paraphrase_frames: int = Field(3, ge=0, le=6, description="Conversational frames generated per forget question.")
     name_probes: bool = Field(True, description="Add 'Who is X?'-style probes per target name.")

@@ -106,7 +106,7 @@ class Detector:
               negatives: Sequence[NegativeItem] | None = None) -> Detector:
         """Build the store from ``task``, train both channels and calibrate their thresholds."""
         cfg = config or DetectorConfig()
-        enc = encoder or Encoder.load(cfg.encoder, cfg.batch_size)
+        enc = encoder or Encoder.from_config(cfg)
         t0 = time.perf_counter()
         store = ForgetStore.from_task(task, enc, cfg, negatives)
         det = cls(store, cfg, meta={"task": task.name, "encoder": enc.name})

@@ -6,9 +6,14 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from core.encoder_export import DEFAULT_ENCODER_BACKEND
+
+if TYPE_CHECKING:
+    from detectors.config import DetectorConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +34,18 @@ class Encoder:
         self.dim = int(dim) if dim else int(self._raw([" "]).shape[1])
 
     @classmethod
-    def load(cls, name: str = "minilm-l6", batch_size: int = 64) -> Encoder:
+    def load(cls, name: str = "minilm-l6", batch_size: int = 64, backend: str = DEFAULT_ENCODER_BACKEND) -> Encoder:
         """Load an encoder through :func:`core.models.load_encoder` (embedded models need no network; ``"hashing"``
-        is the model-free encoder of :mod:`core.hashing`, for tests and smoke runs)."""
+        is the model-free encoder of :mod:`core.hashing`, for tests and smoke runs); ``backend`` picks the runtime
+        (torch, or a cached ONNX / int8 / OpenVINO export of the same model)."""
         from core.models import load_encoder
 
-        return cls(load_encoder(name), name=name, batch_size=batch_size)
+        return cls(load_encoder(name, backend=backend), name=name, batch_size=batch_size)
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> Encoder:
+        """The encoder a detector configuration names (model, runtime and batch size)."""
+        return cls.load(cfg.encoder, cfg.batch_size, cfg.encoder_backend)
 
     def _raw(self, texts: Sequence[str]) -> np.ndarray:
         """One encoder call for all ``texts``."""

@@ -246,7 +246,7 @@ def cross_validate(task: ForgetTask, config: DetectorConfig | None = None, encod
                    progress: Callable[[int, int], None] | None = None) -> EvalReport:
     """Build one detector per fold and report held-out TPR/FPR per group, pooled over folds."""
     cfg = config or DetectorConfig()
-    enc = encoder or Encoder.load(cfg.encoder, cfg.batch_size)
+    enc = encoder or Encoder.from_config(cfg)
     t0 = time.perf_counter()
     pool = _Pool()
     thresholds, cal_fpr = [], []

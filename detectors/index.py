@@ -2,14 +2,23 @@
 
 Below ``ann_threshold`` vectors the index is an exact ``IndexFlatIP`` inside an ``IndexIDMap2``
 (removal by id is supported and cheap at that size). Above it the vectors move to an
-``IndexIVFFlat`` (inner product): removal by id is native, adding needs no rebuild, and building
-it over 1M x 384 took 47 s on the shared 2-core CPU, where HNSW (M=16, efConstruction=40) took
-109 s for only 100k vectors and cannot remove ids.
+``IndexIVFFlat`` (inner product; ``ann="ivf"``, the default): removal by id is native, adding needs no
+rebuild, scores are exact. ``ann="hnsw"`` uses an HNSW graph instead, with removals kept as
+tombstones that every search skips (faiss graphs cannot delete) and a rebuild once a quarter is dead;
+a saved graph keeps its removed entries, so the detector's loader tombstones every id its metadata
+no longer has (:meth:`VectorIndex.retain_only`).
 
-The default threshold (100k) comes from ``eval/bench/detector_bench.py``: exact single-query
-search cost 3.2 ms per 10k vectors there, so it stays under 10% of one encoder call up to about
-110k vectors, with perfect recall; above that IVF (nlist ~ sqrt(n), nprobe 32) answers in ~2 ms
-at 100k with recall@1 0.955 on random unit vectors (the hard case: real embeddings cluster).
+Figures from ``eval/bench/detector_bench.py --index-only`` (2026-12-03, 2-core CPU, one faiss thread,
+dim 384, random unit vectors, queries noisy copies at cosine 0.8 of stored ones, the hard case):
+IVF with ~4 sqrt(n) lists (4000 at 1M) and nprobe 256 answers in 5.2 ms p50 at 1M with recall@1
+0.985 (nprobe 128: 2.9 ms, 0.970); at 100k in 1.7 ms with recall 1.0. Flat search at 1M takes 69 ms.
+HNSW (M=32, efConstruction 40) took 296 s to build at 1M and found the true neighbour of only 25%
+of these queries at efSearch 64 (38% at 128): random high-dimensional data defeats the graph, so it
+is an option, not the default. Against a 1M bank of vectors mixed from real embeddings, real prompts
+got the exact neighbour and the same detector decision at every nprobe from 64 (1.6 ms).
+The default threshold (100k) is older than these figures: exact search costs ~0.63 ms per 10k
+vectors here, so at 100k (6.3 ms) it costs more than one encoder call (4.4 ms on ONNX); lowering it
+trades exactness for speed between ~10k and 100k and is left for a measured change.
 All vectors must be L2-normalised, so inner product = cosine.
 """
 
@@ -17,16 +26,22 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-IndexKind = Literal["flat", "ivf"]
+IndexKind = Literal["flat", "ivf", "hnsw"]
+AnnKind = Literal["ivf", "hnsw"]
 DEFAULT_ANN_THRESHOLD = 100_000
 _TRAIN_PER_LIST = 64
+DEFAULT_NPROBE = 256
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_SEARCH = 64
+DEFAULT_EF_CONSTRUCTION = 40
+_MAX_DEAD_SHARE = 0.25
 
 
 class VectorIndexError(RuntimeError):
@@ -57,26 +72,41 @@ def set_faiss_threads(n: int | None) -> None:
 
 
 def ivf_nlist(n: int) -> int:
-    """Number of IVF lists for ``n`` vectors: about sqrt(n), within [16, 4096]."""
-    return int(min(4096, max(16, round(math.sqrt(n)))))
+    """Number of IVF lists for ``n`` vectors: about 4 sqrt(n), within [16, 4096] (4000 lists at 1M)."""
+    return int(min(4096, max(16, round(4 * math.sqrt(n)))))
+
+
+def index_options(cfg: Any) -> dict[str, Any]:
+    """The :class:`VectorIndex` settings of a :class:`detectors.config.DetectorConfig`."""
+    return {"ann_threshold": cfg.ann_threshold, "nprobe": cfg.ivf_nprobe, "ann": cfg.ann_index,
+            "hnsw_m": cfg.hnsw_m, "ef_search": cfg.hnsw_ef_search}
 
 
 class VectorIndex:
     """Top-k inner-product search with ids; switches flat -> IVF above ``ann_threshold`` vectors."""
 
-    def __init__(self, dim: int, ann_threshold: int = DEFAULT_ANN_THRESHOLD, nprobe: int = 32,
-                 kind: IndexKind | Literal["auto"] = "auto") -> None:
-        """Create an empty index; ``kind="auto"`` picks flat or IVF by size on every change."""
+    def __init__(self, dim: int, ann_threshold: int = DEFAULT_ANN_THRESHOLD, nprobe: int = DEFAULT_NPROBE,
+                 kind: IndexKind | Literal["auto"] = "auto", ann: AnnKind = "ivf", hnsw_m: int = DEFAULT_HNSW_M,
+                 ef_search: int = DEFAULT_EF_SEARCH, ef_construction: int = DEFAULT_EF_CONSTRUCTION) -> None:
+        """Create an empty index; ``kind="auto"`` picks flat or the ``ann`` structure by size on every change."""
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         if ann_threshold < 1000:
             raise ValueError(f"ann_threshold must be >= 1000 (IVF needs enough vectors to train), got {ann_threshold}")
+        if ann not in ("ivf", "hnsw"):
+            raise ValueError(f"ann must be 'ivf' or 'hnsw', got {ann!r}")
+        if min(hnsw_m, ef_search, ef_construction) < 1:
+            raise ValueError("hnsw_m, ef_search and ef_construction must be >= 1")
         self.dim = dim
         self.ann_threshold = ann_threshold
         self.nprobe = nprobe
         self.mode = kind
+        self.ann: AnnKind = "hnsw" if kind == "hnsw" else "ivf" if kind == "ivf" else ann
+        self.hnsw_m, self.ef_search, self.ef_construction = hnsw_m, ef_search, ef_construction
         self._index: faiss.Index = self._new_flat()
         self._trained_size = 0
+        self._dead = np.zeros(0, dtype=np.int64)
+        """Ids removed from an HNSW graph (which cannot delete): skipped by every search, dropped at the next rebuild."""
 
     # -- construction helpers -------------------------------------------------------------------
     def _new_flat(self) -> faiss.Index:
@@ -100,15 +130,43 @@ class VectorIndex:
         self._trained_size = len(train)
         return ivf
 
+    def _new_hnsw(self) -> faiss.Index:
+        """An empty HNSW graph (flat vectors) with id mapping."""
+        hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = self.ef_construction
+        hnsw.hnsw.efSearch = self.ef_search
+        return faiss.IndexIDMap2(hnsw)
+
+    def _new_ann(self, train: np.ndarray) -> faiss.Index:
+        """An empty approximate index of the configured kind (IVF is trained on ``train``)."""
+        if self.ann == "hnsw":
+            self._trained_size = len(train)
+            return self._new_hnsw()
+        return self._new_ivf(train)
+
+    @property
+    def _index(self) -> faiss.Index:
+        return self._faiss
+
+    @_index.setter
+    def _index(self, index: faiss.Index) -> None:
+        """Swap the faiss structure and note its kind (searches read it; faiss's downcast costs per call)."""
+        self._faiss = index
+        if isinstance(index, faiss.IndexIVF):
+            self._kind: IndexKind = "ivf"
+        else:
+            inner = index.index if isinstance(index, faiss.IndexIDMap2) else index
+            self._kind = "hnsw" if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW) else "flat"
+
     @property
     def kind(self) -> IndexKind:
-        """Which structure is in use now: "flat" (exact) or "ivf" (approximate)."""
-        return "ivf" if isinstance(self._index, faiss.IndexIVF) else "flat"
+        """Which structure is in use now: "flat" (exact), "ivf" or "hnsw" (approximate)."""
+        return self._kind
 
     @property
     def ntotal(self) -> int:
-        """Number of stored vectors."""
-        return int(self._index.ntotal)
+        """Number of stored (live) vectors."""
+        return int(self._index.ntotal) - len(self._dead)
 
     def __len__(self) -> int:
         return self.ntotal
@@ -124,13 +182,14 @@ class VectorIndex:
             return
         n_after = self.ntotal + len(vec)
         if self.kind == "flat" and self.mode != "flat" and n_after >= 1000 and (
-                self.mode == "ivf" or n_after > self.ann_threshold):
+                self.mode in ("ivf", "hnsw") or n_after > self.ann_threshold):
             # Going approximate: train on everything at once instead of adding to flat first.
             old_ids, old_vecs = self.items()
             all_vecs = np.concatenate([old_vecs, vec]) if len(old_ids) else vec
             all_ids = np.concatenate([old_ids, idx]) if len(old_ids) else idx
-            log.info("vector index: building IVF over %d vectors", n_after)
-            self._index = self._new_ivf(all_vecs)
+            log.info("vector index: building %s over %d vectors", self.ann.upper(), n_after)
+            self._index = self._new_ann(all_vecs)
+            self._dead = np.zeros(0, dtype=np.int64)
             self._index.add_with_ids(all_vecs, all_ids)
             return
         self._index.add_with_ids(vec, idx)
@@ -141,19 +200,37 @@ class VectorIndex:
         idx = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if len(idx) == 0:
             return 0
-        n = int(self._index.remove_ids(faiss.IDSelectorBatch(idx)))
+        if self.kind == "hnsw":
+            live = np.setdiff1d(np.intersect1d(idx, self._stored_ids()), self._dead)
+            self._dead = np.union1d(self._dead, live)
+            n = len(live)
+            if len(self._dead) > _MAX_DEAD_SHARE * self._index.ntotal:
+                self._rebuild("hnsw")
+        else:
+            n = int(self._index.remove_ids(faiss.IDSelectorBatch(idx)))
         self._maybe_switch()
         return n
+
+    def _stored_ids(self) -> np.ndarray:
+        """Every id in the underlying structure (tombstoned ones included)."""
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def retain_only(self, ids: np.ndarray) -> None:
+        """Tombstone (HNSW) or remove every stored id not in ``ids``: how a reloaded graph forgets removed entries."""
+        stored = self._stored_ids() if self.kind != "ivf" else self.items()[0]
+        gone = np.setdiff1d(np.setdiff1d(stored, self._dead), np.asarray(ids, dtype=np.int64))
+        if len(gone):
+            self.remove(gone)
 
     def _maybe_switch(self) -> None:
         """Move to IVF when large, back to flat when small, retrain IVF after 4x growth."""
         if self.mode == "flat":
             return
         n = self.ntotal
-        want_ivf = self.mode == "ivf" or n > self.ann_threshold
-        if self.kind == "flat" and want_ivf and n >= 1000:
-            self._rebuild("ivf")
-        elif self.kind == "ivf" and self.mode == "auto" and n < self.ann_threshold // 2:
+        want_ann = self.mode in ("ivf", "hnsw") or n > self.ann_threshold
+        if self.kind == "flat" and want_ann and n >= 1000:
+            self._rebuild(self.ann)
+        elif self.kind != "flat" and self.mode == "auto" and n < self.ann_threshold // 2:
             self._rebuild("flat")
         elif self.kind == "ivf" and n > 4 * max(self._trained_size, 1):
             self._rebuild("ivf")
@@ -162,7 +239,8 @@ class VectorIndex:
         """Rebuild the index as ``kind`` from the stored vectors."""
         ids, vecs = self.items()
         log.info("vector index: rebuilding %d vectors as %s", len(ids), kind)
-        self._index = self._new_ivf(vecs) if kind == "ivf" else self._new_flat()
+        self._index = self._new_ivf(vecs) if kind == "ivf" else self._new_hnsw() if kind == "hnsw" else self._new_flat()
+        self._dead = np.zeros(0, dtype=np.int64)
         if len(ids):
             self._index.add_with_ids(vecs, ids)
 
@@ -175,7 +253,14 @@ class VectorIndex:
         if self.ntotal == 0 or len(q) == 0:
             return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
         kk = min(k, self.ntotal)
-        scores, ids = self._index.search(q, kk)
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(self.ef_search, kk)
+            if len(self._dead):
+                params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._dead))
+            scores, ids = self._index.search(q, kk, params=params)
+        else:
+            scores, ids = self._index.search(q, kk)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         if kk < k:
             scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
@@ -187,9 +272,12 @@ class VectorIndex:
         n = self.ntotal
         if n == 0:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
-        if self.kind == "flat":
-            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            vecs = self._index.index.reconstruct_n(0, n)
+        if self.kind in ("flat", "hnsw"):
+            ids = self._stored_ids()
+            vecs = self._index.index.reconstruct_n(0, self._index.ntotal)
+            if len(self._dead):
+                live = ~np.isin(ids, self._dead)
+                ids, vecs = ids[live], vecs[live]
         else:
             invlists = self._index.invlists
             id_parts, vec_parts = [], []
@@ -208,6 +296,8 @@ class VectorIndex:
         """An independent copy (for copy-on-write updates)."""
         out = VectorIndex.__new__(VectorIndex)
         out.dim, out.ann_threshold, out.nprobe, out.mode = self.dim, self.ann_threshold, self.nprobe, self.mode
+        out.ann, out.hnsw_m, out.ef_search, out.ef_construction = self.ann, self.hnsw_m, self.ef_search, self.ef_construction
+        out._dead = self._dead.copy()
         out._index = faiss.clone_index(self._index)
         if isinstance(out._index, faiss.IndexIVF):
             out._index.nprobe = self._index.nprobe
@@ -221,17 +311,25 @@ class VectorIndex:
         return self._index
 
     @classmethod
-    def from_faiss(cls, index: faiss.Index, ann_threshold: int = DEFAULT_ANN_THRESHOLD, nprobe: int = 32,
-                   kind: IndexKind | Literal["auto"] = "auto") -> VectorIndex:
-        """Wrap an index read by ``faiss.read_index`` (an IDMap2-wrapped flat index or an IVF index)."""
-        is_flat = isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index), faiss.IndexFlat)
-        if not (is_flat or isinstance(index, faiss.IndexIVFFlat)):
-            raise VectorIndexError(f"unsupported faiss index type {type(index).__name__}; expected IndexIDMap2(IndexFlatIP) or IndexIVFFlat")
+    def from_faiss(cls, index: faiss.Index, ann_threshold: int = DEFAULT_ANN_THRESHOLD, nprobe: int = DEFAULT_NPROBE,
+                   kind: IndexKind | Literal["auto"] = "auto", ann: AnnKind = "ivf", hnsw_m: int = DEFAULT_HNSW_M,
+                   ef_search: int = DEFAULT_EF_SEARCH, ef_construction: int = DEFAULT_EF_CONSTRUCTION) -> VectorIndex:
+        """Wrap an index read by ``faiss.read_index``: an IDMap2-wrapped flat or HNSW index, or an IVF index. A
+        graph keeps entries removed before it was saved: call :meth:`retain_only` with the live ids."""
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+        is_flat = isinstance(inner, faiss.IndexFlat)
+        is_hnsw = isinstance(inner, faiss.IndexHNSWFlat)
+        if not (is_flat or is_hnsw or isinstance(index, faiss.IndexIVFFlat)):
+            raise VectorIndexError(f"unsupported faiss index type {type(index).__name__}; expected IndexIDMap2("
+                                   "IndexFlatIP), IndexIDMap2(IndexHNSWFlat) or IndexIVFFlat")
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise VectorIndexError("faiss index does not use inner product; expected METRIC_INNER_PRODUCT")
-        out = cls(index.d, ann_threshold=ann_threshold, nprobe=nprobe, kind=kind)
-        if is_flat:
-            index.index = faiss.downcast_index(index.index)
+        out = cls(index.d, ann_threshold=ann_threshold, nprobe=nprobe, kind=kind,
+                  ann="hnsw" if is_hnsw else ann, hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction)
+        if is_flat or is_hnsw:
+            index.index = inner
+            if is_hnsw:
+                out._trained_size = int(index.ntotal)
         else:
             index.nprobe = min(nprobe, index.nlist)
             out._trained_size = int(index.ntotal)

@@ -63,7 +63,7 @@ from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
 from detectors.features import CHANNELS, FEATURES
-from detectors.index import VectorIndex, VectorIndexError
+from detectors.index import VectorIndex, VectorIndexError, index_options
 from detectors.store import (
     BANKS,
     FORGET_BANKS,
@@ -352,7 +352,7 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
         raise DetectorFormatError(path / "config.json", f"is not a valid DetectorConfig ({e})",
                                   "the config written by Detector.save") from e
     meta = _json(path / "meta.json")
-    enc = encoder or Encoder.load(cfg.encoder, cfg.batch_size)
+    enc = encoder or Encoder.from_config(cfg)
     if enc.dim != meta.get("dim"):
         raise DetectorFormatError(path / "meta.json", f"records embedding dimension {meta.get('dim')} but encoder "
                                   f"{enc.name!r} gives {enc.dim}", f"the encoder the detector was built with ({meta.get('encoder')})")
@@ -366,13 +366,15 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
     for b in BANKS:
         fpath = path / f"index_{b}.faiss"
         try:
-            index = VectorIndex.from_faiss(faiss.read_index(str(fpath)), cfg.ann_threshold, cfg.ivf_nprobe)
+            index = VectorIndex.from_faiss(faiss.read_index(str(fpath)), **index_options(cfg))
         except (RuntimeError, VectorIndexError) as e:
             raise DetectorFormatError(fpath, f"is not a usable faiss index ({e})", "an index written by faiss.write_index") from e
         try:
             fields = {f: arrays[f"{b}.{f}"].astype(_DTYPES[f]) for f in _BANK_FIELDS}
         except KeyError as e:
             raise DetectorFormatError(path / "arrays.safetensors", f"lacks array {e.args[0]!r}", "bank metadata arrays") from e
+        if index.kind == "hnsw":  # a graph cannot delete: entries removed before the save are tombstoned again
+            index.retain_only(fields["ids"])
         texts = tuple(store_json["banks"][b]["texts"])
         caps = tuple(tuple(c) for c in store_json["banks"][b]["caps"])
         if not (index.ntotal == len(fields["ids"]) == len(texts) == len(caps)):

@@ -50,7 +50,7 @@ from detectors.entities import (
     phrase_hash,
     value_hash,
 )
-from detectors.index import VectorIndex
+from detectors.index import VectorIndex, index_options
 from detectors.normalize import normalize, normalize_cased, proper_nouns, skeleton_tokens
 from detectors.paraphrase import name_probes, phrase_probes, question_variants, statement_variants
 
@@ -126,7 +126,7 @@ class Bank:
     @classmethod
     def empty(cls, dim: int, cfg: DetectorConfig) -> Bank:
         """A bank with no vectors."""
-        return cls(VectorIndex(dim, cfg.ann_threshold, cfg.ivf_nprobe), np.zeros(0, np.int64), np.zeros(0, np.int32),
+        return cls(VectorIndex(dim, **index_options(cfg)), np.zeros(0, np.int64), np.zeros(0, np.int32),
                    np.zeros(0, np.int64), np.zeros(0, np.int8), np.zeros((0, ENT_WIDTH), np.float32), (), ())
 
     def __len__(self) -> int:

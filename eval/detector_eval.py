@@ -102,23 +102,34 @@ def shaped_groups(split: TaskSplit) -> tuple[dict[str, list[Prompt]], dict[str, 
     return {k: v for k, v in pos.items() if v}, {k: v for k, v in neg.items() if v}
 
 
-def split_detector_eval(task: ForgetTask, config: DetectorConfig | None = None,
-                        split_config: SplitConfig | None = None, encoder: Encoder | None = None,
-                        general: Any = None, save_to: str | Path | None = None) -> tuple[EvalReport, TaskSplit]:
-    """Build the detector from ``task``'s forget request and score it on the held-out evaluation."""
+def prepare_split_eval(task: ForgetTask, config: DetectorConfig | None = None,
+                       split_config: SplitConfig | None = None, encoder: Encoder | None = None,
+                       general: Any = None) -> tuple[Detector, TaskSplit, dict[str, dict[str, list[Any]]]]:
+    """Build the detector from ``task``'s forget request; return it, the split and the held-out groups it is
+    scored on (``prompt_pos``, ``prompt_neg``, ``leak_pos``, ``leak_neg``; shaped prompts included)."""
     from eval.general import general_items_for
 
     cfg = config or DetectorConfig()
     split = split_task(task, split_config, general_items_for(task) if general is None else general)
     det = Detector.build(split.request, cfg, encoder)
     split = exclude_overlaps(split, [detector_texts(split.request, cfg), request_texts(split.request)])
-    if save_to is not None:
-        det.meta["split"] = {"task": task.name, **split.config.model_dump()}
-        det.save(save_to)
-    g = detector_groups(split)
+    g: dict[str, dict[str, list[Any]]] = dict(detector_groups(split))
     shaped_pos, shaped_neg = shaped_groups(split)
     g["prompt_pos"].update(shaped_pos)
     g["prompt_neg"].update(shaped_neg)
+    g["shaped"] = {k: [] for k in shaped_pos}
+    return det, split, g
+
+
+def split_detector_eval(task: ForgetTask, config: DetectorConfig | None = None,
+                        split_config: SplitConfig | None = None, encoder: Encoder | None = None,
+                        general: Any = None, save_to: str | Path | None = None) -> tuple[EvalReport, TaskSplit]:
+    """Build the detector from ``task``'s forget request and score it on the held-out evaluation."""
+    det, split, g = prepare_split_eval(task, config, split_config, encoder, general)
+    if save_to is not None:
+        det.meta["split"] = {"task": task.name, **split.config.model_dump()}
+        det.save(save_to)
+    shaped_pos = g.pop("shaped")
     a = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("a:")]
     b = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("b:") and k not in shaped_pos]
     c = [*g["prompt_neg"], *g["leak_neg"]]

@@ -169,6 +169,51 @@ def test_ivf_remove_and_clone_are_independent() -> None:
     assert got_ids.tolist() == list(range(2000)) and np.allclose(got, x)
 
 
+def test_hnsw_tombstones_search_items_clone_and_compaction() -> None:
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 2000)
+    idx = VectorIndex(32, ann_threshold=1000, kind="hnsw", ef_search=32)
+    idx.add(x, np.arange(2000))
+    assert idx.kind == "hnsw" and idx.ntotal == 2000
+    twin = idx.clone()
+    assert twin.remove(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 5000])) == 10
+    assert twin.remove(np.array([3])) == 0  # already gone
+    assert (idx.ntotal, twin.ntotal) == (2000, 1990)
+    _, ids = twin.search(x[:10], 5)
+    assert not np.isin(ids, np.arange(10)).any() and (ids >= 0).all()
+    assert twin.items()[0].tolist() == list(range(10, 2000))
+    _, ids = idx.search(x[:10], 1)  # the original still has them
+    assert ids[:, 0].tolist() == list(range(10))
+    twin.remove(np.arange(10, 600))  # over a quarter dead: the graph is rebuilt without them
+    assert twin.kind == "hnsw" and twin.ntotal == 1400 and twin.faiss_index.ntotal == 1400
+    np.testing.assert_allclose(twin.items()[1], x[600:])
+
+
+def test_hnsw_recall_switching_and_reload_forget_removed_entries(tmp_path) -> None:
+    import faiss
+
+    rng = np.random.default_rng(8)
+    x = _unit(rng, 3000)
+    q = x[:300] * 0.8 + _unit(rng, 300) * 0.6
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    idx = VectorIndex(32, ann_threshold=2000, ann="hnsw")
+    idx.add(x[:1500], np.arange(1500))
+    assert idx.kind == "flat"
+    idx.add(x[1500:], np.arange(1500, 3000))
+    assert idx.kind == "hnsw"
+    exact = VectorIndex(32, kind="flat")
+    exact.add(x, np.arange(3000))
+    assert np.mean(idx.search(q, 1)[1][:, 0] == exact.search(q, 1)[1][:, 0]) >= 0.99
+    idx.remove(np.arange(100))
+    faiss.write_index(idx.faiss_index, str(tmp_path / "i.faiss"))
+    back = VectorIndex.from_faiss(faiss.read_index(str(tmp_path / "i.faiss")), ann_threshold=2000)
+    assert back.kind == "hnsw" and back.ntotal == 3000  # the graph still holds the removed entries...
+    back.retain_only(np.arange(100, 3000))  # ...until told which ids are live, as the detector's loader does
+    assert back.ntotal == 2900 and not np.isin(back.search(x[:100], 3)[1], np.arange(100)).any()
+    idx.remove(np.arange(100, 2100))  # 900 left < threshold / 2: back to exact
+    assert idx.kind == "flat" and idx.items()[0].tolist() == list(range(2100, 3000))
+
+
 def test_small_groups_are_pooled_and_reported_not_guaranteed() -> None:
     rng = np.random.default_rng(4)
     big, a, b = rng.beta(1, 30, 400), rng.beta(3, 10, 30), rng.beta(3, 10, 80)

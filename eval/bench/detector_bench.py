@@ -37,7 +37,7 @@ from core.io import atomic_write_json
 from detectors.config import DetectorConfig
 from detectors.detector import Detector
 from detectors.encoder import Encoder
-from detectors.index import VectorIndex
+from detectors.index import VectorIndex, set_faiss_threads
 from detectors.normalize import normalize
 from eval.tasks.offline import generate_benchmark
 
@@ -67,7 +67,7 @@ class _CachedEncoder(Encoder):
 def bench_detector(n_single: int, n_batch: int) -> dict[str, Any]:
     """Single-prompt and batch timings of the detector and the bare encoder, interleaved."""
     cfg = DetectorConfig()
-    enc = Encoder.load(cfg.encoder, cfg.batch_size)
+    enc = Encoder.from_config(cfg)
     task = generate_benchmark()
     t0 = time.perf_counter()
     det = Detector.build(task, cfg, enc)
@@ -129,7 +129,7 @@ def bench_add_target(enc: Encoder | None = None) -> dict[str, Any]:
     from eval.tasks.offline import BenchmarkConfig
 
     cfg = DetectorConfig()
-    enc = enc or Encoder.load(cfg.encoder, cfg.batch_size)
+    enc = enc or Encoder.from_config(cfg)
     task = generate_benchmark()
     split = split_fold(task, 0, 4)
     det = Detector.build(split.train_task, cfg, enc, negatives=split.train_negatives)
@@ -180,8 +180,8 @@ def _time_queries(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[list
 
 
 def bench_index(sizes: list[int], n_queries: int, nprobes: list[int], dim: int = 384, k: int = 16,
-                seed: int = 0) -> list[dict[str, Any]]:
-    """Flat vs IVF single-query latency and IVF recall@1 at each size."""
+                seed: int = 0, hnsw_efs: list[int] | None = None) -> list[dict[str, Any]]:
+    """Flat vs IVF (and HNSW when ``hnsw_efs``) single-query latency, recall@1 and RAM at each size."""
     rng = np.random.default_rng(seed)
     data = _unit(rng, max(sizes), dim)
     src = rng.choice(min(sizes), n_queries, replace=False)
@@ -196,7 +196,8 @@ def bench_index(sizes: list[int], n_queries: int, nprobes: list[int], dim: int =
         flat_build = time.perf_counter() - t
         flat.search(queries[:2], k)
         f_times, f_top = _time_queries(flat, queries, k)
-        rows.append({**_pct(f_times), "n": n, "index": "flat (exact)", "build_s": round(flat_build, 2), "recall@1": 1.0})
+        rows.append({**_pct(f_times), "n": n, "index": "flat (exact)", "build_s": round(flat_build, 2), "recall@1": 1.0,
+                     "ram_mb": round(index_bytes(flat) / 2**20, 1)})
         del flat
         ivf = VectorIndex(dim, kind="ivf")
         t = time.perf_counter()
@@ -206,11 +207,109 @@ def bench_index(sizes: list[int], n_queries: int, nprobes: list[int], dim: int =
             ivf.faiss_index.nprobe = nprobe
             i_times, i_top = _time_queries(ivf, queries, k)
             rows.append({**_pct(i_times), "n": n, "index": f"ivf nlist={ivf.faiss_index.nlist} nprobe={nprobe}",
-                         "build_s": round(ivf_build, 2),
-                         "recall@1": round(float(np.mean(i_top == f_top)), 4)})
+                         "build_s": round(ivf_build, 2), "recall@1": round(float(np.mean(i_top == f_top)), 4),
+                         "ram_mb": round(index_bytes(ivf) / 2**20, 1)})
         del ivf
+        for ef in hnsw_efs or []:
+            if ef == hnsw_efs[0]:
+                hnsw = VectorIndex(dim, kind="hnsw")
+                t = time.perf_counter()
+                hnsw.add(data[:n], ids)
+                hnsw_build = time.perf_counter() - t
+            hnsw.ef_search = ef
+            h_times, h_top = _time_queries(hnsw, queries, k)
+            rows.append({**_pct(h_times), "n": n, "index": f"hnsw M={hnsw.hnsw_m} ef={ef}",
+                         "build_s": round(hnsw_build, 2), "recall@1": round(float(np.mean(h_top == f_top)), 4),
+                         "ram_mb": round(index_bytes(hnsw) / 2**20, 1)})
         log.info("index bench: %d vectors done", n)
     return rows
+
+
+def _filler(pool: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` unit vectors in the region real embeddings occupy: mixtures of two real embeddings plus noise."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, pool.shape[1]), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        a, b = pool[rng.integers(len(pool), size=m)], pool[rng.integers(len(pool), size=m)]
+        x = a + rng.uniform(0.2, 1.0, (m, 1)).astype(np.float32) * b + 0.35 * _unit(rng, m, pool.shape[1])
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onnx", seed: int = 0) -> dict[str, Any]:
+    """The detector's decisions with a query bank of ``n_filler`` extra vectors: exact search vs IVF per nprobe.
+
+    The detector is the offline benchmark's (``detector eval`` split); its query bank gets ``n_filler`` entries of
+    one extra stored target, vectors mixed from real embeddings of other texts (retain, neighbour, benign and
+    general questions) so that they crowd the region real prompts fall in. Every held-out prompt of the split is
+    scored with the bank searched exactly (flat) and with IVF at each ``nprobe``; agreement is per prompt.
+    """
+    from dataclasses import replace
+
+    from core.schema import ForgetTarget
+    from detectors.store import ENT_WIDTH, ROLE_CODE, Bank
+    from eval.detector_eval import prepare_split_eval
+    from eval.tasks.spec import load_task_spec
+
+    cfg = DetectorConfig(encoder_backend=backend)
+    task = load_task_spec("offline")
+    det, _split, groups = prepare_split_eval(task, cfg)
+    groups.pop("shaped", None)
+    prompts = [p for g in (groups["prompt_pos"], groups["prompt_neg"]) for v in g.values() for p in v]
+    det.add_target(ForgetTarget(id="filler", kind="privacy", names=["Filler Person"], policy="filler",
+                                qa=[{"question": "Where does Filler Person live?", "answer": "In Fillertown."}]))
+    others = ([q.question for q in task.retain_qa] + [q.question for q in task.neighbour_qa]
+              + list(task.benign_questions) + [q.answer for q in task.retain_qa])
+    pool = det.encoder.encode([normalize(t) for t in others])
+    t0 = time.perf_counter()
+    filler = _filler(pool, n_filler, seed)
+    gen_s = time.perf_counter() - t0
+    snap = det.store.snapshot()
+    base = snap.banks["query"]
+    num = snap.num_of["filler"]
+    base_ids, base_vecs = base.index.items()
+    ids = np.arange(int(base.ids.max()) + 1, int(base.ids.max()) + 1 + n_filler, dtype=np.int64)
+    all_vecs, all_ids = np.concatenate([base_vecs, filler]), np.concatenate([base_ids, ids])
+    meta = dict(target=np.concatenate([base.target, np.full(n_filler, num, base.target.dtype)]),
+                group=np.concatenate([base.group, np.full(n_filler, int(base.group.max()) + 1, base.group.dtype)]),
+                role=np.concatenate([base.role, np.full(n_filler, ROLE_CODE["question"], np.int8)]),
+                ent=np.concatenate([base.ent, np.zeros((n_filler, ENT_WIDTH), np.float32)]),
+                texts=base.texts + (None,) * n_filler, caps=base.caps + ((),) * n_filler)
+    rows: list[dict[str, Any]] = []
+    ref: list[bool] | None = None
+    ref_top: np.ndarray | None = None
+    E = det.encoder.encode([normalize(p) for p in prompts if isinstance(p, str)][:300])
+    for kind in ("flat", "ivf"):
+        index = VectorIndex(snap.dim, kind=kind)  # type: ignore[arg-type]
+        t = time.perf_counter()
+        index.add(all_vecs, all_ids)
+        build_s = time.perf_counter() - t
+        det.store._snap = replace(snap, banks={**snap.banks, "query": Bank(index, all_ids, **meta)})
+        for nprobe in ([0] if kind == "flat" else nprobes):
+            if nprobe:
+                index.faiss_index.nprobe = nprobe
+            flags = [d.flagged for d in det.detect_batch(prompts)]
+            times, top = _time_queries(index, E, 16)
+            if ref is None:
+                ref, ref_top = flags, top
+            label = "flat (exact)" if kind == "flat" else f"ivf nlist={index.faiss_index.nlist} nprobe={nprobe}"
+            rows.append({"index": label, "n": len(all_ids), "build_s": round(build_s, 1), **_pct(times),
+                         "recall@1_prompts": round(float(np.mean(top == ref_top)), 4),
+                         "decisions": len(flags), "flagged": int(sum(flags)),
+                         "agreement": round(float(np.mean(np.asarray(flags) == np.asarray(ref))), 5),
+                         "ram_mb": round(index_bytes(index) / 2**20, 1)})
+            log.info("index decisions: %s done", label)
+        det.store._snap = snap
+        del index
+    return {"filler": n_filler, "filler_gen_s": round(gen_s, 1), "prompts": len(prompts), "rows": rows}
+
+
+def index_bytes(index: VectorIndex) -> int:
+    """Bytes the faiss index takes in memory (its serialised size: vectors, lists, graph and ids)."""
+    import faiss
+
+    return int(faiss.serialize_index(index.faiss_index).nbytes)
 
 
 def crossover(small_sizes: list[int], encoder_single_ms: float, dim: int = 384, seed: int = 1) -> dict[str, Any]:
@@ -231,6 +330,26 @@ def crossover(small_sizes: list[int], encoder_single_ms: float, dim: int = 384, 
             "default_ann_threshold": DetectorConfig().ann_threshold}
 
 
+def render_index(res: dict[str, Any]) -> str:
+    """The vector-search tables as plain text."""
+    lines = ["Vector search (random unit vectors, dim 384, one query per call, k=16, 1 faiss thread; queries are "
+             "noisy copies, cosine 0.8, of stored vectors)",
+             f"{'n':>9} {'index':28} {'build s':>8} {'p50 ms':>9} {'p99 ms':>9} {'recall@1':>9} {'RAM MB':>8}"]
+    for r in res["index"]:
+        lines.append(f"{r['n']:9d} {r['index']:28} {r['build_s']:8.2f} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} "
+                     f"{r['recall@1']:9.4f} {r.get('ram_mb', 0):8.1f}")
+    d = res.get("index_decisions")
+    if d:
+        lines += ["", f"Detector decisions with {d['filler']} extra stored vectors in the query bank (offline task, "
+                      f"{d['prompts']} held-out prompts of the detector-eval split; recall@1 on 300 real prompts)",
+                  f"{'index':28} {'build s':>8} {'p50 ms':>9} {'recall@1':>9} {'flagged':>8} {'agreement':>10} "
+                  f"{'RAM MB':>8}"]
+        for r in d["rows"]:
+            lines.append(f"{r['index']:28} {r['build_s']:8.1f} {r['p50_ms']:9.3f} {r['recall@1_prompts']:9.4f} "
+                         f"{r['flagged']:8d} {r['agreement']:10.5f} {r['ram_mb']:8.1f}")
+    return "\n".join(lines)
+
+
 def render(res: dict[str, Any]) -> str:
     """The report as plain-text tables."""
     d = res["detector"]
@@ -244,11 +363,8 @@ def render(res: dict[str, Any]) -> str:
              f"batch of {b['n']}: encoder {b['encoder_prompts_per_s']:.1f} prompts/s, detector "
              f"{b['detector_prompts_per_s']:.1f} prompts/s (ratio {b['ratio']:.3f}; overhead alone "
              f"{b['overhead_only_s']:.3f}s = {b['overhead_share']:.3f} of the encoder)",
-             "", "Vector search (random unit vectors, dim 384, one query per call, k=16)",
-             f"{'n':>9} {'index':28} {'build s':>8} {'p50 ms':>9} {'p99 ms':>9} {'recall@1':>9}"]
-    for r in res["index"]:
-        lines.append(f"{r['n']:9d} {r['index']:28} {r['build_s']:8.2f} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} "
-                     f"{r['recall@1']:9.4f}")
+             ""]
+    lines += render_index(res).splitlines()
     a = res.get("add_target")
     if a:
         lines += ["", f"add_target ({a['facts']} facts): {a['add_target_s']:.2f}s to add, {a['to_first_flagged_s']:.2f}s "
@@ -272,15 +388,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single", type=int, default=200, help="Prompts timed one at a time.")
     p.add_argument("--batch", type=int, default=1000, help="Prompts in the batch.")
     p.add_argument("--queries", type=int, default=200, help="Search queries per index.")
+    p.add_argument("--nprobes", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128, 256],
+                   help="IVF nprobe values to time (comma-separated).")
+    p.add_argument("--hnsw", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help="Also time HNSW (M=32) at these efSearch values (slow to build: minutes at 1M).")
+    p.add_argument("--index-only", action="store_true", help="Only the vector-search parts (index, decisions).")
     p.add_argument("--out", type=Path, default=Path("runs/detector_bench.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    set_faiss_threads(1)  # the detector's default (DetectorConfig.faiss_threads)
     t0 = time.perf_counter()
+    if args.index_only:
+        sizes = [100_000] if args.quick else [100_000, 1_000_000]
+        res = {"index": bench_index(sizes, args.queries, args.nprobes, hnsw_efs=args.hnsw),
+               "index_decisions": bench_index_decisions(max(sizes), args.nprobes)}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        print(render_index(res))
+        atomic_write_json(args.out, res)
+        print(f"\nJSON written to {args.out}")
+        return 0
     res: dict[str, Any] = {"detector": bench_detector(min(args.single, 50) if args.quick else args.single,
                                                       200 if args.quick else args.batch)}
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
     res["add_target"] = bench_add_target()
-    res["index"] = bench_index(sizes, args.queries, [16, 32, 64])
+    res["index"] = bench_index(sizes, args.queries, args.nprobes, hnsw_efs=args.hnsw)
+    res["index_decisions"] = bench_index_decisions(max(sizes), args.nprobes)
     res["crossover"] = crossover([10_000, 25_000, 50_000], res["detector"]["single"]["encoder"]["p50_ms"])
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(render(res))

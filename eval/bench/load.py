@@ -63,6 +63,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.encoder_export import DEFAULT_ENCODER_BACKEND
+
 log = logging.getLogger("load_bench")
 
 FIXED_ANSWER = "This is the fixed answer of the fake upstream server."
@@ -104,6 +106,8 @@ class LoadConfig(BaseModel):
     startup_timeout_s: float = Field(600.0, gt=0)
     seed: int = 0
     encoder: str = "minilm-l6"
+    encoder_backend: str = Field(DEFAULT_ENCODER_BACKEND, description="DetectorConfig.encoder_backend of the "
+                                 "proxy's detector (torch, onnx, onnx-int8, openvino).")
     detector_dir: Path | None = Field(None, description="Saved detector; default: a cached build under run_dir.")
     rebuild_detector: bool = False
     out_dir: Path = Path("runs/bench/load")
@@ -257,7 +261,8 @@ def detector_path(cfg: LoadConfig) -> Path:
         return cfg.detector_dir
     from core.models import run_dir
 
-    return run_dir(benchmark_task(cfg).name, f"load-bench-detector-{cfg.encoder}")
+    return run_dir(benchmark_task(cfg).name, f"load-bench-detector-{cfg.encoder}"
+                   + f"-{cfg.encoder_backend}")
 
 
 def build_detector(cfg: LoadConfig) -> Path:
@@ -267,7 +272,7 @@ def build_detector(cfg: LoadConfig) -> Path:
 
     path = detector_path(cfg)
     t0 = time.perf_counter()
-    det = Detector.build(benchmark_task(cfg), DetectorConfig(encoder=cfg.encoder))
+    det = Detector.build(benchmark_task(cfg), DetectorConfig(encoder=cfg.encoder, encoder_backend=cfg.encoder_backend))
     det.save(path)
     log.info("detector built in %.1fs and saved to %s", time.perf_counter() - t0, path)
     return path
@@ -851,7 +856,7 @@ def run(cfg: LoadConfig) -> dict[str, Any]:
     atomic_write_json(cfg.out_dir / f"{name}.json", rep)
     note = (f"Guard proxy load benchmark ({name}); machine: {env['cpus']} CPUs, nice {env['niceness']}, "
             f"OMP_NUM_THREADS={env['omp_num_threads']}, load average at start {env['load_avg_at_start']}, "
-            f"commit {env['git_commit']}; proxy: encoder {cfg.encoder}, malloc_mmap_threshold_kb "
+            f"commit {env['git_commit']}; proxy: encoder {cfg.encoder} ({cfg.encoder_backend}), malloc_mmap_threshold_kb "
             f"{cfg.malloc_mmap_threshold_kb}, env {cfg.proxy_env or '{}'}.\n"
             "Added latency = proxy percentile - direct percentile, same requests, same concurrency, same run.\n\n")
     atomic_write_text(cfg.out_dir / f"{name}.md", note + table + "\n")
@@ -915,6 +920,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--encoder")
+    p.add_argument("--encoder-backend", choices=["torch", "onnx", "onnx-int8", "openvino"])
     p.add_argument("--detector-dir", type=Path)
     p.add_argument("--rebuild-detector", action="store_true", default=None)
     p.add_argument("--out-dir", type=Path, help="Results directory (default runs/bench/load).")
