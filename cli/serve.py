@@ -71,7 +71,8 @@ def serve(
                                           "refuse (flagged prompts get the refusal); default: guard.guard_mode, "
                                           "else llm."),
     watch: bool = typer.Option(True, "--watch/--no-watch", help="Reload the forget store when --detector's directory "
-                               "changes (an admin replica saving to it); checked every server.watch_interval_s."),
+                               "changes (an admin replica saving to it): polled every 0.25 s, fully re-checked every "
+                               "server.watch_interval_s."),
     oracle: bool = typer.Option(False, "--oracle", help="--detector is a task file; use the oracle detector (demo)."),
     config: Annotated[Path | None, typer.Option("--config", help="YAML with 'guard:' and 'server:' sections.")] = None,
     expose_trace: bool | None = typer.Option(None, "--expose-trace", help="Add the guard trace to responses."),

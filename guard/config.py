@@ -102,7 +102,8 @@ class ServerConfig(_Cfg):
                                     "change to the forget targets; unset: admin changes live in memory only.")
     watch_store: Path | None = Field(None, description="Detector directory to reload whenever its manifest changes "
                                      "(e.g. the store_path of an admin replica, on a shared volume); unset: no reload.")
-    watch_interval_s: float = Field(5.0, gt=0, description="How often watch_store's manifest is checked.")
+    watch_interval_s: float = Field(5.0, gt=0, description="How often watch_store fully re-checks the store (retries, "
+                                    "in-place edits); a new atomic save is seen sooner, by a 0.25 s stat() poll.")
     malloc_mmap_threshold_kb: int | None = Field(
         128, ge=1, le=32768, description="glibc only, set once by `unlearn-guard serve` at start: memory blocks of at "
         "least this size are mapped separately and handed back to the OS when freed, so the encoder's ever-changing "

@@ -8,14 +8,23 @@ were: the check runs before the change is made, and again just before the save, 
 made is undone in memory (an added target is removed; a removed one comes back with its names and
 policy, its question-and-answer embeddings only after a reload). ``POST /admin/store/reload`` loads the
 store on disk now; with ``{"force": true}`` also an older or foreign one.
+
+Replicas that share ``store_path`` on one volume also save one at a time: the last check and the save
+run under an exclusive ``flock`` on ``.<store>.lock`` beside the directory (:func:`writer_lock`), so a
+second writer's change is answered 409 instead of silently dropping the first one's. One writer is the
+intended set-up (README, "Several replicas"); the lock makes a second one safe, not fast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -32,6 +41,39 @@ from guard.types import AdminError
 log = logging.getLogger(__name__)
 
 router = APIRouter()
+
+WRITER_LOCK_TIMEOUT_S = 30.0  # how long a save waits for another replica's save before answering 409
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, timeout_s: float = WRITER_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<store>.lock`` beside ``path``, so that processes sharing the store save one
+    at a time (none where the lock file cannot be opened or flock is missing: the save reports its own error)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: only the in-process admin lock
+        yield
+        return
+    try:
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        log.warning("cannot open the writer lock beside %s (%s); saving without it", path, e.__class__.__name__)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ApiError(409, f"not saved: another process has been saving {path} for over {timeout_s:g} s; "
+                                   "repeat the change later", "conflict_error", None, "store_locked") from None
+                time.sleep(0.01)
+        yield  # closing the descriptor releases the lock, also when the process dies
+    finally:
+        os.close(fd)
 
 
 def disk_conflict(st: ServerState) -> str | None:
@@ -70,26 +112,33 @@ def persist(st: ServerState, undo: Callable[[], None] | None = None) -> None:
     When a newer store reached the disk since :func:`check_disk` ran, ``undo`` reverts the change in
     memory and the request is answered 409, so memory and disk do not diverge.
     """
-    cfg, watcher = st.config, st.watcher
+    cfg = st.config
     if cfg.store_path is None:
         return
     try:
-        check_disk(st)
-    except ApiError:
-        if undo is not None:
+        with writer_lock(cfg.store_path):  # no other replica saves between this check and this save
+            check_disk(st)
+            save(st, cfg.store_path)
+    except ApiError as e:
+        if undo is not None and e.status == 409:
             try:
                 undo()
-            except Exception as e:  # noqa: BLE001 - the 409 is answered either way; the log says what is live
+            except Exception as ue:  # noqa: BLE001 - the 409 is answered either way; the log says what is live
                 log.error("undoing the refused admin change failed (%s: %s); it stays live but unsaved",
-                          e.__class__.__name__, e)
+                          ue.__class__.__name__, ue)
         raise
+
+
+def save(st: ServerState, path: Path) -> None:
+    """Write the detector to ``path`` and tell this replica's watcher it wrote that version (500 when it fails)."""
+    watcher = st.watcher
     try:
-        st.guarded.detector.save(cfg.store_path)  # type: ignore[attr-defined]
-        if watcher is not None and cfg.store_path.resolve() == watcher.path.resolve():
+        st.guarded.detector.save(path)  # type: ignore[attr-defined]
+        if watcher is not None and path.resolve() == watcher.path.resolve():
             watcher.note_saved()
     except Exception as e:
         st.metrics.fault("store_save_error")
-        log.error("saving the forget store to %s failed: %s: %s", cfg.store_path, e.__class__.__name__, e)
+        log.error("saving the forget store to %s failed: %s: %s", path, e.__class__.__name__, e)
         raise ApiError(500, f"the change is live but saving the forget store failed ({e.__class__.__name__}: "
                        f"{e}); it will be lost on restart unless a later save succeeds", "store_save_error") from e
 

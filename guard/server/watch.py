@@ -7,6 +7,13 @@ with both generations, counted (``store_rollback_refused``, ``store_foreign_task
 loaded, unless an admin forces it (``POST /admin/store/reload`` with ``{"force": true}``). A version
 that does not verify or load yet (damaged, or half-copied by ``cp -r`` / rsync) is retried with
 exponential back-off until it loads, and reported as a pending reload meanwhile.
+
+How soon a replica sees a new version: :meth:`StoreWatcher.run` looks at the manifest's ``stat()`` every
+``poll_s`` seconds (``POLL_S``, 0.25 s; at most ``interval_s``) and checks at once when it changed (every
+atomic save swaps the directory in, so the manifest has a new inode), and makes a full check every
+``interval_s`` seconds anyway (retries, and an in-place rewrite a ``stat()`` might not tell apart). An
+idle replica costs one ``stat()`` per ``poll_s``; a new store is served within ``poll_s`` plus its load
+time (measured by ``eval/bench/replicas.py``), whatever ``interval_s`` is.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +38,20 @@ if TYPE_CHECKING:  # detectors.persistence imports faiss: only where a store is 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0  # retries of a failing version wait at most this long (and at most 8 check intervals)
+POLL_S = 0.25  # run() stats the manifest this often between full checks: a saved store is seen within it
 _MISSING = "<no manifest>"  # the failing "version" while the directory has no manifest
+
+Stamp = tuple[int, int, int, int]
+
+
+def _manifest_stamp(path: Path) -> Stamp | None:
+    """(device, inode, size, mtime in ns) of a store directory's manifest, or None while there is none: one
+    ``stat()`` that tells a saved version from the last one (an atomic save swaps the directory in: a new inode)."""
+    try:
+        st = os.stat(path / "manifest.json")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _manifest_digest(path: Path) -> str | None:
@@ -125,10 +146,16 @@ class StoreWatcher:
     """
 
     def __init__(self, guarded: GuardedLLM, path: Path, interval_s: float, metrics: Metrics,
-                 lock: threading.Lock, clock: Callable[[], float] = time.monotonic) -> None:
-        """Watch ``path``; ``lock`` is the admin lock, so a reload never interleaves with an admin change."""
+                 lock: threading.Lock, clock: Callable[[], float] = time.monotonic, poll_s: float = POLL_S) -> None:
+        """Watch ``path``; ``lock`` is the admin lock, so a reload never interleaves with an admin change.
+
+        ``run`` stats the manifest every ``poll_s`` seconds (at most ``interval_s``), so a new version is
+        picked up within ``poll_s`` however long ``interval_s`` is.
+        """
         self.guarded, self.path, self.interval_s, self.metrics, self.lock = guarded, Path(path), interval_s, metrics, lock
         self.clock = clock
+        self.poll_s = min(poll_s, interval_s)
+        self.stamp = _manifest_stamp(self.path)  # before the digest: a save in between is seen by the first poll
         self.max_backoff_s = max(interval_s, min(MAX_BACKOFF_S, 8 * interval_s))
         self.seen = _manifest_digest(self.path)
         self.failing: str | None = None  # manifest digest of the version that failed to load (pending), or _MISSING
@@ -244,11 +271,24 @@ class StoreWatcher:
         self.last_error = error
         return ReloadResult("failed", served.generation, f"the store on disk did not load: {error}")
 
+    def changed(self) -> bool:
+        """Whether the manifest's ``stat()`` differs from the last poll's (one system call; remembers the new one)."""
+        stamp = _manifest_stamp(self.path)
+        if stamp == self.stamp:
+            return False
+        self.stamp = stamp
+        return True
+
     async def run(self) -> None:
-        """Check every ``interval_s`` seconds until cancelled (the load runs in a worker thread)."""
+        """Until cancelled: check as soon as a poll sees the manifest change, and every ``interval_s`` seconds anyway
+        (the poll, the check and its load run in worker threads: a stalled network volume never blocks the event
+        loop, which goes on serving the store it has)."""
+        due = time.monotonic() + self.interval_s
         while True:
-            await asyncio.sleep(self.interval_s)
-            await asyncio.to_thread(self.check)
+            await asyncio.sleep(self.poll_s)
+            if await asyncio.to_thread(self.changed) or time.monotonic() >= due:
+                await asyncio.to_thread(self.check)
+                due = time.monotonic() + self.interval_s
 
     def note_saved(self) -> None:
         """Remember a version this process wrote itself, so it is not reloaded."""
