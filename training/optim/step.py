@@ -9,6 +9,12 @@ zeroth-order estimate of ``loss``. At the optimiser step :meth:`apply_gradients`
 updates the weight average. All state (GRU's EMA, masks, DGS scores, the WA sum, the step count that
 seeds ZO/RS noise) is in :meth:`state_dict` and goes into the checkpoint (``state.pt["optim"]``).
 
+In several processes (the loop's DDP-style launches) each process holds the whole model and its share of
+the micro-batch; ``reduce`` averages the accumulated parts over the processes before :meth:`apply_gradients`
+combines them, and SAM/GP's perturbation is taken along the averaged forget gradient, so every option acts
+on the global batch's gradients. Set-up passes (SalUn, DGS) run on the whole stream in every process, and
+ZO/RS draw the same seeded directions everywhere, so masks, noise and state agree between processes.
+
 Mechanisms, references (read for this module; ours is our own code) and deviations:
 
 - **GRU** (Y. Wang, Q. Wang, F. Liu, W. Huang, Y. Du, X. Du, B. Han, "GRU: Mitigating the Trade-off between
@@ -212,9 +218,16 @@ def _restore(loss_fn: Any, state: Any) -> None:
 class RobustStep:
     """One optimiser step with the options of an :class:`OptimConfig` (see the module docstring)."""
 
-    def __init__(self, cfg: OptimConfig, params: Tensors, grad_accum: int, total_steps: int) -> None:
-        """``params`` are the trainable tensors in the optimiser's order; ``total_steps`` the run's optimiser steps."""
+    def __init__(self, cfg: OptimConfig, params: Tensors, grad_accum: int, total_steps: int,
+                 reduce: Callable[[Tensors], None] | None = None) -> None:
+        """``params`` are the trainable tensors in the optimiser's order; ``total_steps`` the run's optimiser steps.
+
+        ``reduce`` averages a list of tensors in place over the processes of a multi-process run (None in one
+        process): the step averages its gradient parts with it before combining them (see :meth:`apply_gradients`).
+        """
         self.cfg, self.params, self.accum, self.total = cfg, list(params), grad_accum, total_steps
+        self.reduce = reduce
+        self._weight = 1.0
         self.steps = 0
         self.micro_index = 0
         self.ema: Tensors | None = None
@@ -266,16 +279,20 @@ class RobustStep:
         return "fo"
 
     def _add(self, key: str, grads: Tensors) -> None:
-        scale = 1.0 / self.accum
+        scale = self._weight / self.accum
         if key not in self._acc:
             self._acc[key] = [g * scale for g in grads]
         else:
             for a, g in zip(self._acc[key], grads, strict=True):
                 a.add_(g, alpha=scale)
 
-    def micro(self, model: Any, batch: dict[str, Any], loss_fn: Callable[[Any, dict[str, Any]], dict[str, Any]]
-              ) -> dict[str, Any]:
-        """Evaluate the loss on one micro-batch and accumulate the gradients the step needs; returns the loss dict."""
+    def micro(self, model: Any, batch: dict[str, Any], loss_fn: Callable[[Any, dict[str, Any]], dict[str, Any]],
+              weight: float = 1.0) -> dict[str, Any]:
+        """Evaluate the loss on one micro-batch and accumulate the gradients the step needs; returns the loss dict.
+
+        ``weight`` scales this process's share of a global micro-batch (the loop's ``_shard``; 1 in one process).
+        """
+        self._weight = weight
         mode = self.mode()
         if mode == "zo":
             out = self._zo_micro(model, batch, loss_fn)
@@ -353,6 +370,9 @@ class RobustStep:
                                                                    [n * cfg.rs_sigma for n in noise]), strict=True):
                     t.add_(g)
             return [t / cfg.rs_samples for t in total]
+        if self.reduce is not None:  # the perturbation follows the whole micro-batch's forget gradient
+            g_f = [g * self._weight for g in g_f]
+            self.reduce(g_f)
         norm = dot(g_f, g_f) ** 0.5
         if norm == 0:
             self.last["sam_eps_norm"] = 0.0
@@ -368,8 +388,15 @@ class RobustStep:
     # -- at the optimiser step --
 
     def apply_gradients(self) -> None:
-        """Combine the accumulated gradients (GRU, DGS, masks) into ``p.grad`` for clipping and the step."""
+        """Combine the accumulated gradients (GRU, DGS, masks) into ``p.grad`` for clipping and the step.
+
+        In several processes each part is first averaged over them, so the non-linear steps (GRU's projection,
+        DGS's ranking, sign optimisers) see the gradients of the global batch, as in one process.
+        """
         acc, self._acc = self._acc, {}
+        if self.reduce is not None:
+            for key in sorted(acc):
+                self.reduce(acc[key])
         if "total" in acc:
             grad = acc["total"]
         else:
