@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ class VLLMEngines:
         self.dtype = str(self.engine_kwargs.pop("dtype", dtype))
         self._live: dict[str, Any] = {}  # path -> VLLMBackend
         self._busy: Counter[str] = Counter()
-        self._saved: dict[int, Path] = {}  # id(model) -> the directory a path-less model was saved to
+        self._saved: dict[int, tuple[Path, weakref.ref[Any]]] = {}
+        """id(model) -> (the directory a path-less model was saved to, the model, weakly: ids are reused)"""
         self._lock = threading.RLock()
         self.starts = 0
         self.start_seconds = 0.0
@@ -130,13 +132,16 @@ class VLLMEngines:
         if llm.path is not None:
             return Path(llm.path)
         with self._lock:
-            saved = self._saved.get(id(llm.model))
-            if saved is None:
-                saved = Path(tempfile.mkdtemp(prefix="unlearn-guard-vllm-"))
-                llm.model.save_pretrained(saved)
-                llm.tokenizer.save_pretrained(saved)
-                self._saved[id(llm.model)] = saved
-                log.info("saved the in-memory weights of %s to %s for vllm", llm.source, saved)
+            entry = self._saved.get(id(llm.model))
+            if entry is not None and entry[1]() is llm.model:
+                return entry[0]
+            if entry is not None:  # a freed model's id, reused by another: never answer with the old weights
+                shutil.rmtree(entry[0], ignore_errors=True)
+            saved = Path(tempfile.mkdtemp(prefix="unlearn-guard-vllm-"))
+            llm.model.save_pretrained(saved)
+            llm.tokenizer.save_pretrained(saved)
+            self._saved[id(llm.model)] = (saved, weakref.ref(llm.model))
+            log.info("saved the in-memory weights of %s to %s for vllm", llm.source, saved)
             return saved
 
     def answer(self, llm: LoadedLLM, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
@@ -157,9 +162,9 @@ class VLLMEngines:
         """Remove a path-less model's saved copy; its engine (its weights in memory, never asked again) stops with the
         others when the pool next needs room (stopping it alone would stop them all: see the class)."""
         with self._lock:
-            saved = self._saved.pop(id(llm.model), None)
-            if saved is not None:
-                shutil.rmtree(saved, ignore_errors=True)
+            entry = self._saved.pop(id(llm.model), None)
+            if entry is not None:
+                shutil.rmtree(entry[0], ignore_errors=True)
 
     def backend(self, llm: LoadedLLM | str | Path) -> Backend:
         """A guard backend for ``llm`` (a loaded model or a model directory) whose engine starts when a call needs it."""
@@ -175,7 +180,7 @@ class VLLMEngines:
         with self._lock:
             self._busy.clear()
             self.stop_all()
-            for saved in self._saved.values():
+            for saved, _ in self._saved.values():
                 shutil.rmtree(saved, ignore_errors=True)
             self._saved.clear()
 

@@ -87,6 +87,26 @@ def test_engine_pool_stops_engines_together_and_frees_attacked_copies(monkeypatc
     assert not pool._live and _FakeEngine.log[-1] == "stop e"
 
 
+def test_engine_pool_never_answers_with_a_freed_models_weights(tmp_path: Path) -> None:
+    """``id()`` of a freed model can come back for another one: the saved copy of the old one must not be reused."""
+    import weakref
+
+    pool = VLLMEngines()
+    llm = tiny_llm(seed=1)
+    first = pool.model_dir(llm)
+    assert pool.model_dir(llm) == first  # the same live model: saved once
+
+    class _Gone:
+        pass
+
+    dead = weakref.ref(_Gone())  # a model that no longer exists, whose id the next one got
+    pool._saved[id(llm.model)] = (first, dead)
+    second = pool.model_dir(llm)
+    assert second != first and not first.exists() and second.exists()
+    pool.close()
+    assert not second.exists()
+
+
 def _require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm (optional extra) is not installed")
