@@ -113,6 +113,7 @@ def finetune_cmd(
     from eval.metrics.qa import answer_rouge
     from eval.tasks.offline import retain_training_qa, training_qa
     from training.finetune import FinetuneConfig, finetune
+    from training.loop import is_main_process
 
     if which not in {"target", "retain", "both"}:
         raise typer.BadParameter(f"--which {which!r}: accepted values are target, retain, both")
@@ -127,12 +128,16 @@ def finetune_cmd(
         items = training_qa(t) if what == "target" else retain_training_qa(t)
         res = finetune(llm.model, llm.tokenizer, items, cfg, out_dir, desc=f"finetune {what}", replay=replay_prompts(),
                        general=general_training_qa())
+        if not is_main_process():  # under accelerate launch the main process alone evaluates and reports
+            continue
         forget = answer_rouge(llm, [q for q in t.forget_qa if q.kind == "fact"], max_new_tokens=eval_max_tokens)
         retain = answer_rouge(llm, t.retain_qa, max_new_tokens=eval_max_tokens)
         rows[what] = {"out_dir": str(out_dir), "steps": res.steps, "train_seconds": round(res.seconds, 1),
                       "final_loss": res.final_terms.get("loss"), "forget_rougeL_recall": round(forget.value, 4),
                       "retain_rougeL_recall": round(retain.value, 4)}
         atomic_write_json(Path(out_dir).with_name(f"{what}_eval.json"), rows[what])
+    if not is_main_process():
+        return
     typer.echo(f"{'model':8} {'steps':>6} {'train s':>8} {'forget R-L':>11} {'retain R-L':>11}  out")
     for what, r in rows.items():
         typer.echo(f"{what:8} {r['steps']:>6} {r['train_seconds']:>8} {r['forget_rougeL_recall']:>11} "

@@ -67,6 +67,7 @@ def train_cmd(
     from core.config import load_config, save_config
     from core.models import load_llm
     from core.registry import UnknownNameError
+    from training.loop import is_main_process
     from training.methods import METHODS
     from training.unlearn import UnlearnConfig, effective_train, unlearn
 
@@ -92,11 +93,14 @@ def train_cmd(
     llm = load_llm(model_spec)
     typer.echo(f"{name}: {spec.summary}; model {model_spec} ({llm.num_layers} layers), task {t.name}, out {out_dir}")
     row: dict = {"method": name, "model": model_spec, "out_dir": str(out_dir)}
-    if split is not None:
+    main = is_main_process()  # under accelerate launch the main process alone evaluates and reports
+    if split is not None and main:
         row["split"] = split.counts()
         row["before"] = _rouge_sets(llm, split, eval_max_tokens)
     t0 = time.perf_counter()
     res = unlearn(llm.model, llm.tokenizer, t if split is None else split.request, cfg, out_dir)
+    if not main:
+        return
     row.update({"wall_seconds": round(time.perf_counter() - t0, 1), "steps": res.train.steps,
                 "train_seconds": round(res.train.seconds, 1), "final_terms": res.train.final_terms, "info": res.info})
     if split is not None:

@@ -268,3 +268,15 @@ def test_shipped_gpu_configs_parse_as_accelerate_configs(name):
 
 if __name__ == "__main__":
     run_scenarios(Path(sys.argv[1]))
+
+
+def test_only_the_main_process_evaluates_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train` / `finetune` under a launcher: RANK (set by accelerate launch and torchrun) names the one that reports."""
+    from training.loop import is_main_process
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()

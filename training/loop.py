@@ -305,6 +305,12 @@ _REPLICATED = ("MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", 
                "MULTI_HPU", "MULTI_NEURON")
 
 
+def is_main_process() -> bool:
+    """Whether this is the main process of an ``accelerate launch`` / ``torchrun`` run, or the only process: the one
+    that evaluates and prints, so N processes do not each run the evaluation and print the result."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def check_processes(cfg: TrainConfig, loss_fn: Any, optim: OptimConfig | None, world: int, kind: str) -> None:
     """Refuse, with what is accepted instead, the settings that would be wrong in ``world`` processes or sharded.
 
