@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -34,11 +34,10 @@ from core.io import atomic_dir, atomic_write_json
 log = logging.getLogger(__name__)
 
 EncoderBackend = Literal["torch", "onnx", "onnx-int8", "openvino"]
-ENCODER_BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8", "openvino")
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 EXPORT_VERSION = 1
 _FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx", "openvino": "openvino/model.xml"}
-_MODULES = ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
-            "sentence_transformers.models.Normalize")
+_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules the graph reproduces
 _INSTALL = {"onnx": "pip install onnxruntime", "onnx-int8": "pip install onnxruntime onnx",
             "openvino": "pip install 'unlearn-guard[openvino]'"}
 DEFAULT_ENCODER_BACKEND = "onnx"
@@ -96,11 +95,9 @@ def has_export(out: Path, backend: str) -> bool:
 
 def _check_pipeline(st: Any) -> None:
     """Refuse models whose modules the exported graph would not reproduce (only Transformer, Pooling, Normalize)."""
-    kinds = [f"{type(m).__module__.rsplit('.', 1)[0]}.{type(m).__name__}" for m in st]
-    short = [type(m).__name__ for m in st]
-    ok = {k.rsplit(".", 1)[1] for k in _MODULES}
-    if not short or short[0] != "Transformer" or any(s not in ok for s in short):
-        raise EncoderBackendError(f"cannot export this sentence-transformers pipeline ({', '.join(kinds)}); the fast "
+    names = [type(m).__name__ for m in st]
+    if not names or names[0] != "Transformer" or any(n not in _MODULES for n in names):
+        raise EncoderBackendError(f"cannot export this sentence-transformers pipeline ({', '.join(names)}); the fast "
                                   f"backends reproduce Transformer -> Pooling -> [Normalize] only; use 'torch'")
 
 

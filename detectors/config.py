@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.encoder_export import EncoderBackend
 from detectors.index import DEFAULT_ANN_THRESHOLD, DEFAULT_NPROBE
 
 
@@ -15,7 +16,7 @@ class DetectorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder: str = Field("minilm-l6", description="Sentence encoder: embedded name, local dir or hub id.")
-    encoder_backend: Literal["torch", "onnx", "onnx-int8", "openvino"] = Field(
+    encoder_backend: EncoderBackend = Field(
         "onnx", description="Encoder runtime: a local ONNX Runtime export of the encoder (fp32, the default: the same "
                             "decisions as torch at ~2x the speed), its int8 version, OpenVINO (the openvino extra) or "
                             "the torch model itself. Exports are made once and cached. 'onnx' and 'openvino' give "

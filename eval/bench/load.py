@@ -63,7 +63,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.encoder_export import DEFAULT_ENCODER_BACKEND
+from core.encoder_export import DEFAULT_ENCODER_BACKEND, ENCODER_BACKENDS, EncoderBackend
 
 log = logging.getLogger("load_bench")
 
@@ -106,7 +106,7 @@ class LoadConfig(BaseModel):
     startup_timeout_s: float = Field(600.0, gt=0)
     seed: int = 0
     encoder: str = "minilm-l6"
-    encoder_backend: str = Field(DEFAULT_ENCODER_BACKEND, description="DetectorConfig.encoder_backend of the "
+    encoder_backend: EncoderBackend = Field(DEFAULT_ENCODER_BACKEND, description="DetectorConfig.encoder_backend of the "
                                  "proxy's detector (torch, onnx, onnx-int8, openvino).")
     detector_dir: Path | None = Field(None, description="Saved detector; default: a cached build under run_dir.")
     rebuild_detector: bool = False
@@ -261,8 +261,7 @@ def detector_path(cfg: LoadConfig) -> Path:
         return cfg.detector_dir
     from core.models import run_dir
 
-    return run_dir(benchmark_task(cfg).name, f"load-bench-detector-{cfg.encoder}"
-                   + f"-{cfg.encoder_backend}")
+    return run_dir(benchmark_task(cfg).name, f"load-bench-detector-{cfg.encoder}-{cfg.encoder_backend}")
 
 
 def build_detector(cfg: LoadConfig) -> Path:
@@ -920,7 +919,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--encoder")
-    p.add_argument("--encoder-backend", choices=["torch", "onnx", "onnx-int8", "openvino"])
+    p.add_argument("--encoder-backend", choices=ENCODER_BACKENDS)
     p.add_argument("--detector-dir", type=Path)
     p.add_argument("--rebuild-detector", action="store_true", default=None)
     p.add_argument("--out-dir", type=Path, help="Results directory (default runs/bench/load).")
