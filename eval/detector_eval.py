@@ -22,7 +22,7 @@ on prompts like those the threshold was calibrated for.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.generation import Prompt
 from core.schema import ForgetTask, QAItem
@@ -102,11 +102,21 @@ def shaped_groups(split: TaskSplit) -> tuple[dict[str, list[Prompt]], dict[str, 
     return {k: v for k, v in pos.items() if v}, {k: v for k, v in neg.items() if v}
 
 
+class SplitEval(NamedTuple):
+    """A detector built from a task's forget request and the held-out groups it is scored on."""
+
+    detector: Detector
+    split: TaskSplit
+    groups: dict[str, dict[str, list[Any]]]
+    """``prompt_pos``, ``prompt_neg``, ``leak_pos``, ``leak_neg``: group name -> texts or prompts (shaped ones included)."""
+    shaped: frozenset[str]
+    """The positive groups of :func:`shaped_groups` (deployment shapes of (b), kept out of the plain (b) AUROC)."""
+
+
 def prepare_split_eval(task: ForgetTask, config: DetectorConfig | None = None,
                        split_config: SplitConfig | None = None, encoder: Encoder | None = None,
-                       general: Any = None) -> tuple[Detector, TaskSplit, dict[str, dict[str, list[Any]]]]:
-    """Build the detector from ``task``'s forget request; return it, the split and the held-out groups it is
-    scored on (``prompt_pos``, ``prompt_neg``, ``leak_pos``, ``leak_neg``; shaped prompts included)."""
+                       general: Any = None) -> SplitEval:
+    """Build the detector from ``task``'s forget request; return it with the split and the held-out groups."""
     from eval.general import general_items_for
 
     cfg = config or DetectorConfig()
@@ -117,19 +127,17 @@ def prepare_split_eval(task: ForgetTask, config: DetectorConfig | None = None,
     shaped_pos, shaped_neg = shaped_groups(split)
     g["prompt_pos"].update(shaped_pos)
     g["prompt_neg"].update(shaped_neg)
-    g["shaped"] = {k: [] for k in shaped_pos}
-    return det, split, g
+    return SplitEval(det, split, g, frozenset(shaped_pos))
 
 
 def split_detector_eval(task: ForgetTask, config: DetectorConfig | None = None,
                         split_config: SplitConfig | None = None, encoder: Encoder | None = None,
                         general: Any = None, save_to: str | Path | None = None) -> tuple[EvalReport, TaskSplit]:
     """Build the detector from ``task``'s forget request and score it on the held-out evaluation."""
-    det, split, g = prepare_split_eval(task, config, split_config, encoder, general)
+    det, split, g, shaped_pos = prepare_split_eval(task, config, split_config, encoder, general)
     if save_to is not None:
         det.meta["split"] = {"task": task.name, **split.config.model_dump()}
         det.save(save_to)
-    shaped_pos = g.pop("shaped")
     a = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("a:")]
     b = [k for k in [*g["prompt_pos"], *g["leak_pos"]] if k.startswith("b:") and k not in shaped_pos]
     c = [*g["prompt_neg"], *g["leak_neg"]]

@@ -254,8 +254,8 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
 
     cfg = DetectorConfig(encoder_backend=backend)
     task = load_task_spec("offline")
-    det, _split, groups = prepare_split_eval(task, cfg)
-    groups.pop("shaped", None)
+    ev = prepare_split_eval(task, cfg)
+    det, groups = ev.detector, ev.groups
     prompts = [p for g in (groups["prompt_pos"], groups["prompt_neg"]) for v in g.values() for p in v]
     det.add_target(ForgetTarget(id="filler", kind="privacy", names=["Filler Person"], policy="filler",
                                 qa=[{"question": "Where does Filler Person live?", "answer": "In Fillertown."}]))

@@ -120,9 +120,9 @@ def bench_decisions(models: dict[str, Any], task_spec: str, cfg: DetectorConfig)
     ref_flags: list[bool] | None = None
     for b, m in models.items():
         t = time.perf_counter()
-        det, split, groups = prepare_split_eval(task, cfg.model_copy(update={"encoder_backend": b}),
-                                                encoder=Encoder(m, name=cfg.encoder, batch_size=cfg.batch_size))
-        groups.pop("shaped", None)
+        ev = prepare_split_eval(task, cfg.model_copy(update={"encoder_backend": b}),
+                                encoder=Encoder(m, name=cfg.encoder, batch_size=cfg.batch_size))
+        det, groups = ev.detector, ev.groups
         flags, rates = _flags(det, groups)
         row: dict[str, Any] = {
             "seconds": round(time.perf_counter() - t, 1), "decisions": len(flags),
