@@ -435,10 +435,21 @@ def _trace_dropped(trace: dict[str, Any] | None, output_check: str) -> bool:
     return output_check != "off" and trace.get("output_checks", 0) < 1 and not trace.get("requires_refusal")
 
 
+def read_answer(raw: str, spec: Spec) -> tuple[str, str | None, dict[str, Any] | None]:
+    """(text, stream error, guard trace) of a 200 answer to ``spec``; a body that is not an OpenAI answer raises
+    ValueError, KeyError, IndexError or TypeError. Streamed answers carry no trace."""
+    chat = spec.endpoint == "chat"
+    if spec.stream:
+        text, err = _sse_text(raw, chat)
+        return text, err, None
+    data = json.loads(raw)
+    c = data["choices"][0]
+    return (c["message"]["content"] if chat else c["text"]), None, data.get("guard")
+
+
 async def one_request(client: Any, spec: Spec, cfg: LoadConfig, proxy: bool) -> Outcome:
     """Send one request, read the whole answer, and judge it."""
     path, body = spec.path_and_body(cfg.max_tokens)
-    chat = spec.endpoint == "chat"
     t0 = time.perf_counter()
     try:
         resp = await client.post(path, json=body)
@@ -451,14 +462,7 @@ async def one_request(client: Any, spec: Spec, cfg: LoadConfig, proxy: bool) -> 
         return Outcome(dt, resp.status_code, False, raw[:200],
                        retry_after_s=float(retry) if retry.replace(".", "", 1).isdigit() else None)
     try:
-        if spec.stream:
-            text, err = _sse_text(raw, chat)
-            trace = None
-        else:
-            data = json.loads(raw)
-            c = data["choices"][0]
-            text, err = (c["message"]["content"] if chat else c["text"]), None
-            trace = data.get("guard")
+        text, err, trace = read_answer(raw, spec)
     except (ValueError, KeyError, IndexError, TypeError) as e:
         return Outcome(dt, 200, False, f"bad body: {e.__class__.__name__}: {e}"[:200])
     if err is not None:

@@ -59,10 +59,10 @@ from eval.bench.load import (
     Child,
     LoadConfig,
     Spec,
-    _sse_text,
     _trace_dropped,
     environment,
     proxy_counters,
+    read_answer,
     start_child,
 )
 
@@ -228,15 +228,8 @@ async def ask(client: Any, spec: Spec, max_tokens: int = 16) -> Answer:
     if resp.status_code != 200:
         ans.error = raw[:200]
         return ans
-    chat = spec.endpoint == "chat"
     try:
-        if spec.stream:
-            text, err = _sse_text(raw, chat)
-            trace = None
-        else:
-            data = json.loads(raw)
-            c = data["choices"][0]
-            text, err, trace = (c["message"]["content"] if chat else c["text"]), None, data.get("guard")
+        text, err, trace = read_answer(raw, spec)
     except (ValueError, KeyError, IndexError, TypeError) as e:
         ans.error = f"bad body: {e.__class__.__name__}: {e}"[:200]
         return ans
