@@ -104,7 +104,7 @@ class VectorIndex:
         self.ann: AnnKind = "hnsw" if kind == "hnsw" else "ivf" if kind == "ivf" else ann
         self.hnsw_m, self.ef_search, self.ef_construction = hnsw_m, ef_search, ef_construction
         self._index: faiss.Index = self._new_flat()
-        self._trained_size = 0
+        self._trained_size = 0  # vectors IVF was trained on (it retrains after 4x growth)
         self._dead = np.zeros(0, dtype=np.int64)
         """Ids removed from an HNSW graph (which cannot delete): skipped by every search, dropped at the next rebuild."""
 
@@ -139,10 +139,7 @@ class VectorIndex:
 
     def _new_ann(self, train: np.ndarray) -> faiss.Index:
         """An empty approximate index of the configured kind (IVF is trained on ``train``)."""
-        if self.ann == "hnsw":
-            self._trained_size = len(train)
-            return self._new_hnsw()
-        return self._new_ivf(train)
+        return self._new_hnsw() if self.ann == "hnsw" else self._new_ivf(train)
 
     @property
     def _index(self) -> faiss.Index:
@@ -328,8 +325,6 @@ class VectorIndex:
                   ann="hnsw" if is_hnsw else ann, hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=ef_construction)
         if is_flat or is_hnsw:
             index.index = inner
-            if is_hnsw:
-                out._trained_size = int(index.ntotal)
         else:
             index.nprobe = min(nprobe, index.nlist)
             out._trained_size = int(index.ntotal)
