@@ -156,6 +156,16 @@ class VectorIndex:
             self._kind = "hnsw" if isinstance(faiss.downcast_index(inner), faiss.IndexHNSW) else "flat"
 
     @property
+    def _dead(self) -> np.ndarray:
+        return self._tombstones
+
+    @_dead.setter
+    def _dead(self, ids: np.ndarray) -> None:
+        """Replace the tombstones and the search filter built from them (once per change, not per search)."""
+        self._tombstones = ids
+        self._skip_dead = faiss.IDSelectorNot(faiss.IDSelectorBatch(ids)) if len(ids) else None
+
+    @property
     def kind(self) -> IndexKind:
         """Which structure is in use now: "flat" (exact), "ivf" or "hnsw" (approximate)."""
         return self._kind
@@ -253,8 +263,8 @@ class VectorIndex:
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW()
             params.efSearch = max(self.ef_search, kk)
-            if len(self._dead):
-                params.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(self._dead))
+            if self._skip_dead is not None:
+                params.sel = self._skip_dead
             scores, ids = self._index.search(q, kk, params=params)
         else:
             scores, ids = self._index.search(q, kk)
