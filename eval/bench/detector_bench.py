@@ -241,8 +241,8 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
     """The detector's decisions with a query bank of ``n_filler`` extra vectors: exact search vs IVF per nprobe.
 
     The detector is the offline benchmark's (``detector eval`` split); its query bank gets ``n_filler`` entries of
-    one extra stored target, vectors mixed from real embeddings of other texts (retain, neighbour, benign and
-    general questions) so that they crowd the region real prompts fall in. Every held-out prompt of the split is
+    one extra stored target, vectors mixed from real embeddings of another seed's benchmark (other people's
+    questions and answers, none of them evaluated) so that they crowd the region real prompts fall in. Every held-out prompt of the split is
     scored with the bank searched exactly (flat) and with IVF at each ``nprobe``; agreement is per prompt.
     """
     from dataclasses import replace
@@ -250,6 +250,7 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
     from core.schema import ForgetTarget
     from detectors.store import ENT_WIDTH, ROLE_CODE, Bank
     from eval.detector_eval import prepare_split_eval
+    from eval.tasks.offline import BenchmarkConfig
     from eval.tasks.spec import load_task_spec
 
     cfg = DetectorConfig(encoder_backend=backend)
@@ -259,8 +260,11 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
     prompts = [p for g in (groups["prompt_pos"], groups["prompt_neg"]) for v in g.values() for p in v]
     det.add_target(ForgetTarget(id="filler", kind="privacy", names=["Filler Person"], policy="filler",
                                 qa=[{"question": "Where does Filler Person live?", "answer": "In Fillertown."}]))
-    others = ([q.question for q in task.retain_qa] + [q.question for q in task.neighbour_qa]
-              + list(task.benign_questions) + [q.answer for q in task.retain_qa])
+    # Filler from another seed's benchmark: other people, so no evaluated prompt or negative is stored, not even
+    # mixed into a filler vector.
+    other = generate_benchmark(BenchmarkConfig(seed=seed + 1000))
+    others = ([q.question for q in other.forget_qa] + [q.question for q in other.retain_qa]
+              + [q.question for q in other.neighbour_qa] + [q.answer for q in other.retain_qa])
     pool = det.encoder.encode([normalize(t) for t in others])
     t0 = time.perf_counter()
     filler = _filler(pool, n_filler, seed)
