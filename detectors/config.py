@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.encoder_export import EncoderBackend
-from detectors.index import DEFAULT_ANN_THRESHOLD, DEFAULT_NPROBE
+from detectors.index import DEFAULT_ANN, DEFAULT_ANN_THRESHOLD, DEFAULT_NPROBE, AnnKind
 
 
 class DetectorConfig(BaseModel):
@@ -32,13 +32,14 @@ class DetectorConfig(BaseModel):
     top_k: int = Field(16, ge=2, le=256, description="Neighbours retrieved from the forget store per query.")
     ann_threshold: int = Field(DEFAULT_ANN_THRESHOLD, ge=1000,
                                description="Vectors above which a bank moves from exact flat search to IVF.")
-    ivf_nprobe: int = Field(DEFAULT_NPROBE, ge=1, description="IVF lists probed per query (recall vs latency; 256 "
-                            "of ~4 sqrt(n) lists: recall@1 0.985 at 5.2 ms on hard random queries at 1M, "
-                            "eval/bench/detector_bench.py).")
-    ann_index: Literal["ivf", "hnsw"] = Field(
-        "ivf", description="Approximate structure above ann_threshold: 'ivf' (inverted lists, native removal) or "
-                           "'hnsw' (graph; removals are tombstones, compacted when a quarter is dead). HNSW found the "
-                           "true neighbour of only 25% of hard queries at 1M (eval/bench/detector_bench.py).")
+    ivf_nprobe: int = Field(DEFAULT_NPROBE, ge=1, description="IVF lists probed per query, of ~4 sqrt(n) (recall vs "
+                            "latency; figures per setting in eval/bench/detector_bench.py --index-only).")
+    ann_index: AnnKind = Field(
+        DEFAULT_ANN, description="Approximate structure above ann_threshold: 'ivf-sq8' (inverted lists of 8-bit codes, "
+                                 "the best 64 candidates re-scored exactly; native removal), 'ivf' (lists of float "
+                                 "vectors: 25% less RAM, slower per probed vector) or 'hnsw' (graph; removals are "
+                                 "tombstones, compacted when a quarter is dead; found the true neighbour of only 25% of "
+                                 "hard queries at 1M).")
     hnsw_m: int = Field(32, ge=4, le=128, description="HNSW links per node (recall and RAM grow with it).")
     hnsw_ef_search: int = Field(64, ge=8, description="HNSW candidates kept per search (recall vs latency).")
     keep_raw_text: bool = Field(False, description="Keep forget questions/answers/texts; False keeps embeddings only.")

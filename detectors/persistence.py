@@ -12,6 +12,7 @@ Layout (``FORMAT_VERSION`` 2; version 1 had no description bank)::
     arrays.safetensors     bank metadata (ids, target, group, role, entity features) and the
                            calibration negatives' vectors
     index_<bank>.faiss     one faiss index per bank (faiss.write_index)
+    index_<bank>.exact.faiss  only for a bank on the 8-bit IVF: its float vectors, for exact re-ranking
     classifier.safetensors logistic-regression parameters per channel
     classifier.json        feature names and calibration report per channel
 
@@ -84,6 +85,8 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "unlearn-guard-detector"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+EXACT_SUFFIX = ".exact.faiss"
+"""``index_<bank>.exact.faiss``: an ivf-sq8 bank's float vectors (:attr:`VectorIndex.exact_index`), when it has one."""
 _BANK_FIELDS = ("ids", "target", "group", "role", "ent")
 _DTYPES = {"ids": np.int64, "target": np.int32, "group": np.int64, "role": np.int8, "ent": np.float32}
 
@@ -237,6 +240,8 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
             for f in _BANK_FIELDS:
                 arrays[f"{b}.{f}"] = np.ascontiguousarray(getattr(bank, f))
             faiss.write_index(bank.index.faiss_index, str(tmp / f"index_{b}.faiss"))
+            if bank.index.exact_index is not None:  # ivf-sq8: the float vectors its candidates are re-scored against
+                faiss.write_index(bank.index.exact_index, str(tmp / f"index_{b}{EXACT_SUFFIX}"))
         for c, cs in snap.calib.items():
             arrays[f"calib.{c}.vectors"] = np.ascontiguousarray(cs.vectors, dtype=np.float32)
         atomic_write_bytes(tmp / "arrays.safetensors", st_save(arrays))
@@ -343,7 +348,7 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
     """Read a detector directory (verified first); ``encoder`` defaults to the one named in the config."""
     path = Path(path)
     recover_dir(path, _loadable)
-    verify_directory(path)
+    manifest_files = set(verify_directory(path)["files"])
     try:
         cfg = DetectorConfig.model_validate(_json(path / "config.json"))
     except ValueError as e:
@@ -365,8 +370,10 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
     banks: dict[str, Bank] = {}
     for b in BANKS:
         fpath = path / f"index_{b}.faiss"
+        epath = path / f"index_{b}{EXACT_SUFFIX}"
         try:
-            index = VectorIndex.from_faiss(faiss.read_index(str(fpath)), **index_options(cfg))
+            exact = faiss.read_index(str(epath)) if epath.name in manifest_files else None
+            index = VectorIndex.from_faiss(faiss.read_index(str(fpath)), **index_options(cfg), exact=exact)
         except (RuntimeError, VectorIndexError) as e:
             raise DetectorFormatError(fpath, f"is not a usable faiss index ({e})", "an index written by faiss.write_index") from e
         try:

@@ -141,7 +141,7 @@ def test_index_switches_to_ivf_and_back_with_good_recall() -> None:
     rng = np.random.default_rng(5)
     x = _unit(rng, 3000)
     q = x[:200] * 0.8 + _unit(rng, 200) * 0.6
-    idx = VectorIndex(32, ann_threshold=2000, nprobe=16)
+    idx = VectorIndex(32, ann_threshold=2000, nprobe=16, ann="ivf")
     idx.add(x[:1500], np.arange(1500))
     assert idx.kind == "flat"
     idx.add(x[1500:], np.arange(1500, 3000))
@@ -167,6 +167,49 @@ def test_ivf_remove_and_clone_are_independent() -> None:
     assert not np.isin(ids, np.arange(10)).any()
     got_ids, got = idx.items()
     assert got_ids.tolist() == list(range(2000)) and np.allclose(got, x)
+
+
+def test_8bit_ivf_reranks_exactly_removes_clones_and_round_trips(tmp_path) -> None:
+    import faiss
+
+    rng = np.random.default_rng(9)
+    x = _unit(rng, 4000)
+    q = x[:300] * 0.8 + _unit(rng, 300) * 0.6
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    idx = VectorIndex(32, ann_threshold=2000, nprobe=16)  # the default structure
+    idx.add(x[:1500], np.arange(1500))
+    assert idx.kind == "flat" and idx.exact_index is None
+    idx.add(x[1500:], np.arange(1500, 4000))
+    assert idx.kind == "ivf-sq8" and idx.ntotal == 4000 and idx.exact_index.ntotal == 4000
+    exact = VectorIndex(32, kind="flat")
+    exact.add(x, np.arange(4000))
+    s, ids = idx.search(q, 5)
+    es, eids = exact.search(q, 5)
+    assert np.mean(ids[:, 0] == eids[:, 0]) >= 0.95
+    # Scores are exact cosines (re-scored on the float vectors), not 8-bit approximations, and sorted.
+    np.testing.assert_allclose(s, np.einsum("qkd,qd->qk", x[ids], q), atol=1e-5)
+    assert (np.diff(s, axis=1) <= 0).all()
+    twin = idx.clone()
+    assert twin.remove(np.arange(10)) == 10
+    assert (idx.ntotal, twin.ntotal, twin.exact_index.ntotal) == (4000, 3990, 3990)
+    assert not np.isin(twin.search(x[:10], 5)[1], np.arange(10)).any()
+    got_ids, got = idx.items()
+    assert got_ids.tolist() == list(range(4000)) and np.array_equal(got, x)  # the float vectors, not decoded codes
+    faiss.write_index(twin.faiss_index, str(tmp_path / "i.faiss"))
+    faiss.write_index(twin.exact_index, str(tmp_path / "e.faiss"))
+    back = VectorIndex.from_faiss(faiss.read_index(str(tmp_path / "i.faiss")), ann_threshold=2000, nprobe=16,
+                                  exact=faiss.read_index(str(tmp_path / "e.faiss")))
+    assert back.kind == "ivf-sq8" and back.ntotal == 3990
+    np.testing.assert_array_equal(back.search(q, 5)[1], twin.search(q, 5)[1])
+    with pytest.raises(VectorIndexError, match="exact vectors"):
+        VectorIndex.from_faiss(faiss.read_index(str(tmp_path / "i.faiss")))
+    forced = VectorIndex(32, kind="ivf-sq8")  # asked for by name: approximate from 1000 vectors, whatever the size
+    forced.add(x[:1500], np.arange(1500))
+    assert forced.kind == "ivf-sq8" and forced.exact_index.ntotal == 1500
+    with pytest.raises(ValueError, match="'ivf-sq8'"):
+        VectorIndex(32, ann="pq")  # type: ignore[arg-type]
+    twin.remove(np.arange(10, 3100))  # 900 left < threshold / 2: back to exact, without the float copy
+    assert twin.kind == "flat" and twin.exact_index is None and twin.items()[0].tolist() == list(range(3100, 4000))
 
 
 def test_hnsw_tombstones_search_items_clone_and_compaction() -> None:

@@ -314,3 +314,36 @@ def test_question_keys_and_longest_full_name() -> None:
     assert m.match(normalize("Vosberg wrote to Elara Vosberg."))["t"].full_tokens == 2
     assert m.match(normalize("Mr Vosberg wrote."))["t"].full_tokens == 1
     assert "t" not in m.match(normalize("Elara Smith wrote.")) or m.match(normalize("Elara Smith wrote."))["t"].full == 0
+
+
+def test_a_bank_on_the_8bit_index_saves_its_exact_vectors_and_reloads_with_the_same_scores(task, encoder,  # type: ignore[no-untyped-def]
+                                                                                            tmp_path: Path) -> None:
+    det = Detector.build(task, DetectorConfig(ann_threshold=1000), encoder)
+    facts = [QAItem(question=f"Which town did Zorvath Quenby visit in trip {i}?",
+                    answer=f"On trip {i} Zorvath Quenby visited Town{i}.") for i in range(300)]
+    det.add_target(ForgetTarget(id="person-big", kind="privacy", names=["Zorvath Quenby"],
+                                policy="Do not reveal anything about Zorvath Quenby.", qa=facts))
+    bank = det.store.snapshot().banks["query"]
+    assert bank.index.kind == "ivf-sq8" and bank.index.exact_index is not None and len(bank) > 1000
+    saved = det.save(tmp_path / "d")
+    assert (saved / "index_query.exact.faiss").is_file() and not (saved / "index_content.exact.faiss").exists()
+    files = json.loads((saved / MANIFEST).read_text())["files"]
+    assert "index_query.exact.faiss" in files
+    loaded = Detector.load(saved, encoder=encoder)
+    assert loaded.store.snapshot().banks["query"].index.kind == "ivf-sq8"
+    prompts = ["Which town did Zorvath Quenby visit in trip 7?", "Which town did he visit on his 12th trip?",
+               *[q.question for q in task.neighbour_qa[:10]], *task.benign_questions[:5]]
+    assert [d.model_dump() for d in loaded.detect_batch(prompts)] == [d.model_dump() for d in det.detect_batch(prompts)]
+    # The exact vectors are checked like every other file, and an 8-bit index without them is refused.
+    p = saved / "index_query.exact.faiss"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(DetectorFormatError, match="sha256"):
+        Detector.load(saved, encoder=encoder)
+    p.unlink()
+    m = json.loads((saved / MANIFEST).read_text())
+    del m["files"]["index_query.exact.faiss"]
+    (saved / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DetectorFormatError, match="exact vectors"):
+        Detector.load(saved, encoder=encoder)

@@ -11,8 +11,9 @@ Part 2 adds a new person with 10 facts at run time and times the first flagged r
 checking that the existing targets' held-out flags (TPR) and the negatives' (FPR) did not change.
 
 Part 3 times :class:`detectors.index.VectorIndex` search with random unit vectors (dim 384) at
-several sizes, exact (flat) and approximate (IVF), one query at a time, with recall@1 of IVF
-against the exact answer. Queries are noisy copies (cosine ~0.8) of stored vectors, as a
+several sizes, exact (flat) and approximate (IVF with float lists, and IVF with 8-bit codes whose best
+candidates are re-scored exactly, the default), one query at a time, with recall@1 against the exact
+answer. Queries are noisy copies (cosine ~0.8) of stored vectors, as a
 paraphrase is of a stored question. It also reports where flat search reaches 10% of one encoder
 call, which is what ``DetectorConfig.ann_threshold`` is chosen from.
 
@@ -199,17 +200,18 @@ def bench_index(sizes: list[int], n_queries: int, nprobes: list[int], dim: int =
         rows.append({**_pct(f_times), "n": n, "index": "flat (exact)", "build_s": round(flat_build, 2), "recall@1": 1.0,
                      "ram_mb": round(index_bytes(flat) / 2**20, 1)})
         del flat
-        ivf = VectorIndex(dim, kind="ivf")
-        t = time.perf_counter()
-        ivf.add(data[:n], ids)
-        ivf_build = time.perf_counter() - t
-        for nprobe in nprobes:
-            ivf.faiss_index.nprobe = nprobe
-            i_times, i_top = _time_queries(ivf, queries, k)
-            rows.append({**_pct(i_times), "n": n, "index": f"ivf nlist={ivf.faiss_index.nlist} nprobe={nprobe}",
-                         "build_s": round(ivf_build, 2), "recall@1": round(float(np.mean(i_top == f_top)), 4),
-                         "ram_mb": round(index_bytes(ivf) / 2**20, 1)})
-        del ivf
+        for ann in ("ivf", "ivf-sq8"):
+            ivf = VectorIndex(dim, kind=ann)  # type: ignore[arg-type]
+            t = time.perf_counter()
+            ivf.add(data[:n], ids)
+            ivf_build = time.perf_counter() - t
+            for nprobe in nprobes:
+                ivf.faiss_index.nprobe = nprobe
+                i_times, i_top = _time_queries(ivf, queries, k)
+                rows.append({**_pct(i_times), "n": n, "index": f"{ann} nlist={ivf.faiss_index.nlist} nprobe={nprobe}",
+                             "build_s": round(ivf_build, 2), "recall@1": round(float(np.mean(i_top == f_top)), 4),
+                             "ram_mb": round(index_bytes(ivf) / 2**20, 1)})
+            del ivf
         for ef in hnsw_efs or []:
             if ef == hnsw_efs[0]:
                 hnsw = VectorIndex(dim, kind="hnsw")
@@ -284,7 +286,7 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
     ref: list[bool] | None = None
     ref_top: np.ndarray | None = None
     E = det.encoder.encode([normalize(p) for p in prompts if isinstance(p, str)][:300])
-    for kind in ("flat", "ivf"):
+    for kind in ("flat", "ivf", "ivf-sq8"):
         index = VectorIndex(snap.dim, kind=kind)  # type: ignore[arg-type]
         t = time.perf_counter()
         index.add(all_vecs, all_ids)
@@ -297,7 +299,7 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
             times, top = _time_queries(index, E, 16)
             if ref is None:
                 ref, ref_top = flags, top
-            label = "flat (exact)" if kind == "flat" else f"ivf nlist={index.faiss_index.nlist} nprobe={nprobe}"
+            label = "flat (exact)" if kind == "flat" else f"{kind} nlist={index.faiss_index.nlist} nprobe={nprobe}"
             rows.append({"index": label, "n": len(all_ids), "build_s": round(build_s, 1), **_pct(times),
                          "recall@1_prompts": round(float(np.mean(top == ref_top)), 4),
                          "decisions": len(flags), "flagged": int(sum(flags)),
@@ -310,10 +312,12 @@ def bench_index_decisions(n_filler: int, nprobes: list[int], backend: str = "onn
 
 
 def index_bytes(index: VectorIndex) -> int:
-    """Bytes the faiss index takes in memory (its serialised size: vectors, lists, graph and ids)."""
+    """Bytes the faiss index takes in memory (its serialised size: vectors, lists, graph, ids, and the float copy an
+    8-bit IVF re-ranks against)."""
     import faiss
 
-    return int(faiss.serialize_index(index.faiss_index).nbytes)
+    parts = [index.faiss_index] + ([index.exact_index] if index.exact_index is not None else [])
+    return sum(int(faiss.serialize_index(p).nbytes) for p in parts)
 
 
 def crossover(small_sizes: list[int], encoder_single_ms: float, dim: int = 384, seed: int = 1) -> dict[str, Any]:
@@ -338,18 +342,18 @@ def render_index(res: dict[str, Any]) -> str:
     """The vector-search tables as plain text."""
     lines = ["Vector search (random unit vectors, dim 384, one query per call, k=16, 1 faiss thread; queries are "
              "noisy copies, cosine 0.8, of stored vectors)",
-             f"{'n':>9} {'index':28} {'build s':>8} {'p50 ms':>9} {'p99 ms':>9} {'recall@1':>9} {'RAM MB':>8}"]
+             f"{'n':>9} {'index':32} {'build s':>8} {'p50 ms':>9} {'p99 ms':>9} {'recall@1':>9} {'RAM MB':>8}"]
     for r in res["index"]:
-        lines.append(f"{r['n']:9d} {r['index']:28} {r['build_s']:8.2f} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} "
+        lines.append(f"{r['n']:9d} {r['index']:32} {r['build_s']:8.2f} {r['p50_ms']:9.3f} {r['p99_ms']:9.3f} "
                      f"{r['recall@1']:9.4f} {r.get('ram_mb', 0):8.1f}")
     d = res.get("index_decisions")
     if d:
         lines += ["", f"Detector decisions with {d['filler']} extra stored vectors in the query bank (offline task, "
                       f"{d['prompts']} held-out prompts of the detector-eval split; recall@1 on 300 real prompts)",
-                  f"{'index':28} {'build s':>8} {'p50 ms':>9} {'recall@1':>9} {'flagged':>8} {'agreement':>10} "
+                  f"{'index':32} {'build s':>8} {'p50 ms':>9} {'recall@1':>9} {'flagged':>8} {'agreement':>10} "
                   f"{'RAM MB':>8}"]
         for r in d["rows"]:
-            lines.append(f"{r['index']:28} {r['build_s']:8.1f} {r['p50_ms']:9.3f} {r['recall@1_prompts']:9.4f} "
+            lines.append(f"{r['index']:32} {r['build_s']:8.1f} {r['p50_ms']:9.3f} {r['recall@1_prompts']:9.4f} "
                          f"{r['flagged']:8d} {r['agreement']:10.5f} {r['ram_mb']:8.1f}")
     return "\n".join(lines)
 
