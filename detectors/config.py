@@ -61,8 +61,14 @@ class DetectorConfig(BaseModel):
                                     "whatever its calibrated threshold (raising a threshold keeps the guarantee): "
                                     "below it a text only shares topic words with a description.")
     value_rule: bool = Field(True, description="Flag a prompt or answer that states an identifying value of a "
-                             "target (an e-mail address, a number of 6+ digits such as a phone, account or ID number "
-                             "or a full date, from its answers and texts; stored as salted hashes).")
+                             "target (an e-mail address, a number of 6+ digits such as a phone, account or ID number, "
+                             "from its answers and texts; stored as salted hashes; dates are not values: people "
+                             "share birthdays).")
+    birth_date_rule: bool = Field(True, description="Prompt check: a text that gives a birth date (day, month, year) "
+                                  "the target's data states is about that target (flagged, as a full name is); one "
+                                  "that does not name the target and gives only other birth dates is not (that pair "
+                                  "scores 0 for the classifier and the similarity decision). In calibration as in "
+                                  "detection; targets without a stored birth date are unaffected.")
     fact_rule: bool = Field(True, description="Output check: flag an answer that states a stored fact of a target "
                             "(a place, a year, a title an answer added to its question) when the conversation is "
                             "about that target (it flagged it, or names it, also by a first name or surname alone), "

@@ -31,9 +31,11 @@ from detectors.calibration import CalibrationReport, calibrate, conformal_thresh
 from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
+from detectors.entities import birth_date_hash, birth_dates, without_dates
 from detectors.features import (
     CHANNELS,
     FEATURES,
+    RULE_BIRTH,
     RULE_FACT,
     RULE_NAME,
     RULE_NONE,
@@ -47,7 +49,7 @@ from detectors.index import set_faiss_threads
 from detectors.inputs import calibration_prompts, prompt_units, text_units
 from detectors.normalize import normalize, skeleton_tokens
 from detectors.persistence import read_detector, save_detector
-from detectors.store import ROLES, ForgetStore, NegativeItem, StoreSnapshot
+from detectors.store import ROLES, ForgetStore, NegativeItem, StoreSnapshot, caps_hashes, foreign_share
 from detectors.types import Detection, Evidence
 
 log = logging.getLogger(__name__)
@@ -80,11 +82,67 @@ class _Scored:
 
 _RULE_DETAIL = {RULE_NAME: "names the target in full", RULE_QUESTION: "repeats a stored forget question",
                 RULE_VALUE: "states an identifying value of the target",
-                RULE_FACT: "states a stored fact of the target the conversation is about"}
+                RULE_FACT: "states a stored fact of the target the conversation is about",
+                RULE_BIRTH: "gives the target's birth date"}
 
 
 class DetectorNotFittedError(RuntimeError):
     """``detect`` was called before the classifiers were trained (call ``fit``)."""
+
+
+_PARTIAL, _OTHER_NAME = FEATURES.index("ent_partial"), FEATURES.index("other_name")
+
+
+class _BirthDates:
+    """The birth-date rule (``DetectorConfig.birth_date_rule``, prompt channel only: the output check stays as strict as
+    it is) over one batch of units. A person has one birth date: a unit that gives a target's stored birth date is
+    about that target (a rule hit, as a full name is), and one that gives only other birth dates and does not name
+    the target describes someone else (the pair scores 0). Dates are read lazily, only for units paired with a
+    target that has a stored birth date."""
+
+    def __init__(self, snap: StoreSnapshot, units: Sequence[str], on: bool) -> None:
+        self.snap, self.units, self.on = snap, units, on
+        self._hashes: dict[int, frozenset[str]] = {}
+
+    def _compare(self, u: int, t: int) -> int:
+        """1: unit ``u`` gives a birth date target ``t``'s data states; -1: it gives only others; 0: no evidence."""
+        rec = self.snap.targets.get(t)
+        if rec is None or not rec.birth_hashes:
+            return 0
+        h = self._hashes.get(u)
+        if h is None:
+            h = self._hashes[u] = frozenset(birth_date_hash(d, self.snap.salt) for d in birth_dates(self.units[u]))
+        return 0 if not h else 1 if h & rec.birth_hashes else -1
+
+    def _names_no_one_else(self, j: int, pb: PairBatch) -> bool:
+        """Pair ``j``'s unit names no one but (perhaps) the target: no known negative subject, no name part shared
+        with the target short of its name (a namesake: "Elsey Scarlet" for a target "... Scarlet"), and no proper
+        noun, dates left out, that the target's data does not use."""
+        u, t = int(pb.unit[j]), int(pb.target[j])
+        named = pb.named is not None and bool(pb.named[j])
+        if pb.X[j, _OTHER_NAME] > 0 or (pb.X[j, _PARTIAL] > 0 and not named):
+            return False
+        return foreign_share(caps_hashes(without_dates(self.units[u]), self.snap.salt), self.snap.targets[t]) == 0
+
+    def pairs(self, pb: PairBatch, rules: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pair without another rule: (gives the target's birth date and names no one else, gives only other
+        birth dates and does not name the target). People share birthdays: "Rozella Lavender was born on September
+        8, 1971" is about Rozella Lavender even where a target was born that day (LUME task 2 has two such)."""
+        same, other = np.zeros(len(pb.unit), dtype=bool), np.zeros(len(pb.unit), dtype=bool)
+        if self.on:
+            for j in np.flatnonzero(rules == RULE_NONE):
+                c = self._compare(int(pb.unit[j]), int(pb.target[j]))
+                same[j] = c > 0 and self._names_no_one_else(int(j), pb)
+                other[j] = c < 0 and not (pb.named is not None and pb.named[j])
+        return same, other
+
+    def unit_conflicts(self, unit_target: np.ndarray) -> np.ndarray:
+        """Per unit: it gives only other birth dates than the target of its nearest description (similarity decision)."""
+        out = np.zeros(len(unit_target), dtype=bool)
+        if self.on:
+            for u in np.flatnonzero(unit_target >= 0):
+                out[u] = self._compare(int(u), int(unit_target[u])) < 0
+        return out
 
 
 class Detector:
@@ -313,7 +371,11 @@ class Detector:
         pb = pair_features(snap, channel, E, flat, self.config.top_k,
                            about=[about[int(o)] for o in owner] if about is not None else None)
         rules = self._rules(pb, channel)
-        probs = np.where(rules > 0, 1.0, scorer.predict(pb.X)) if len(pb.X) else np.zeros(0)
+        births = _BirthDates(snap, flat, self.config.birth_date_rule and channel == "prompt")
+        same, other = births.pairs(pb, rules)
+        rules = np.where(same, RULE_BIRTH, rules).astype(np.int8)
+        probs = (np.where(rules > 0, 1.0, np.where(other, 0.0, scorer.predict(pb.X))) if len(pb.X)
+                 else np.zeros(0))
         pair_owner = owner[pb.unit] if len(pb.unit) else np.zeros(0, np.int64)
         scores = np.zeros(len(unit_lists), dtype=np.float64)
         ruled = np.zeros(len(unit_lists), dtype=bool)
@@ -324,6 +386,7 @@ class Detector:
         unit_sim, unit_sim_target = (description_similarity(snap, E, flat, pb.unit_neg1) if channel == "prompt"
                                      else (np.full(len(flat), -2.0), np.full(len(flat), -1, np.int64)))
         if len(flat):
+            unit_sim = np.where(births.unit_conflicts(unit_sim_target), -2.0, unit_sim)
             np.maximum.at(sim, owner, unit_sim)
         return _Scored(scores, ruled, sim, pb, probs, rules, pair_owner, owner, unit_sim, unit_sim_target)
 

@@ -154,6 +154,50 @@ def extract_values(answers: Iterable[str], texts: Iterable[str] = ()) -> set[tup
     return {v for v in out if v}
 
 
+_MONTHS = {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}
+_MONTH = r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+_ORD = r"(\d{1,2})(?:st|nd|rd|th)?"
+_DATES = (  # (pattern, reader of its groups -> (year, month, day) readings)
+    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), lambda g: [(int(g[0]), int(g[1]), int(g[2]))]),
+    (re.compile(r"\b(\d{1,2})[/.-](\d{1,2})[/.-](\d{4})\b"),  # 05/30/1952 or 30/05/1952: both readings
+     lambda g: [(int(g[2]), int(g[0]), int(g[1])), (int(g[2]), int(g[1]), int(g[0]))]),
+    (re.compile(rf"\b{_MONTH}\.?\s+{_ORD},?\s+(\d{{4}})\b", re.IGNORECASE),
+     lambda g: [(int(g[2]), _MONTHS[g[0][:3].lower()], int(g[1]))]),
+    (re.compile(rf"\b{_ORD}\s+(?:of\s+)?{_MONTH}\.?,?\s+(\d{{4}})\b", re.IGNORECASE),
+     lambda g: [(int(g[2]), _MONTHS[g[1][:3].lower()], int(g[0]))]),
+)
+_BIRTH = re.compile(r"\b(?:born|birth\w*|entered the world|came into the world|came into this world)\b",
+                    re.IGNORECASE)
+_SENTENCES = re.compile(r"(?<=[.!?;])\s+(?=[A-Z])")
+
+
+def birth_dates(text: str) -> set[tuple[int, int, int]]:
+    """The full dates (year, month, day) a text gives in a sentence about a birth ("born on 05/30/1952", "the
+    birth date of May 30, 1952", "entered the world on March 1st, 1936"), every reading of an ambiguous numeric
+    one (05/06/1952: 6 May or 5 June). A person has one birth date, so a description that gives another one than
+    the target's is about someone else (:func:`birth_date_hash`); years alone are left out."""
+    out: set[tuple[int, int, int]] = set()
+    for sent in _SENTENCES.split(text):
+        if not _BIRTH.search(sent):
+            continue
+        for pat, read in _DATES:
+            for m in pat.finditer(sent):
+                out.update((y, mo, d) for y, mo, d in read(m.groups()) if 1 <= mo <= 12 and 1 <= d <= 31)
+    return out
+
+
+def without_dates(text: str) -> str:
+    """The text with its full dates blanked out (a month name is not a proper noun)."""
+    for pat, _ in _DATES:
+        text = pat.sub(" ", text)
+    return text
+
+
+def birth_date_hash(ymd: tuple[int, int, int], salt: str) -> str:
+    """Salted hash of a birth date (the store keeps no date in the clear)."""
+    return phrase_hash(("\x00birth", *(str(x) for x in ymd)), salt)
+
+
 def value_hash(tokens: tuple[str, ...], salt: str) -> str:
     """Salted hash of an identifying value's tokens (kept apart from the key-phrase hashes)."""
     return phrase_hash(("\x00value", *tokens), salt)

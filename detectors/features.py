@@ -48,10 +48,11 @@ FEATURES: tuple[str, ...] = ("top1", "top3", "frac", "gap", "neg1", "neg3", "mar
                              "ent_phrase", "partial_only", "top1_x_partial", "foreign_only", "other_name")
 CHANNELS: dict[str, tuple[str, str]] = {"prompt": ("query", "neg_query"), "leak": ("content", "neg_content")}
 _NEG_K = 3
-RULE_NONE, RULE_NAME, RULE_QUESTION, RULE_VALUE, RULE_FACT = 0, 1, 2, 3, 4
+RULE_NONE, RULE_NAME, RULE_QUESTION, RULE_VALUE, RULE_FACT, RULE_BIRTH = 0, 1, 2, 3, 4, 5
 """Why a pair is flagged whatever its score: no rule, the target's full name, a stored question verbatim, an
-identifying value of the target (an e-mail address, a 6+ digit number), or (output check, in a conversation about
-the target) one of its stored facts."""
+identifying value of the target (an e-mail address, a 6+ digit number), (output check, in a conversation about
+the target) one of its stored facts, or (prompt check) the target's stored birth date (set by the detector's
+birth-date rule, not here)."""
 MIN_RULE_NAME_TOKENS = 2
 """A name found whole flags on its own only with this many identifying tokens: a bare surname or first name
 (what namesakes share) stays a feature."""

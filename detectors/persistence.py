@@ -226,7 +226,8 @@ def _save(det: Detector, path: Path, plaintext: bool | None) -> Path:
             {"num": r.num, "id": r.id, "kind": r.kind, "names": list(r.names), "policy": r.policy,
              "phrase_hashes": sorted(r.phrase_hashes), "phrase_starts": sorted(r.phrase_starts), "vocab": {h: sorted(g) for h, g in sorted(r.vocab.items())},
              "question_keys": sorted(r.question_keys), "value_hashes": sorted([n, h] for n, h in r.value_hashes),
-             "fact_hashes": sorted([n, h] for n, h in r.fact_hashes)}
+             "fact_hashes": sorted([n, h] for n, h in r.fact_hashes),
+             "birth_hashes": sorted(r.birth_hashes)}
             for _, r in sorted(snap.targets.items())])
         _write_json(tmp / "store.json", {
             "banks": {b: {"texts": texts_of(b), "caps": [list(c) for c in snap.banks[b].caps]}
@@ -397,7 +398,8 @@ def read_detector(path: str | Path, encoder: Encoder | None = None) -> DetectorP
                                            vocab={h: frozenset(g) for h, g in t["vocab"].items()},
                                            question_keys=frozenset(t.get("question_keys", ())),
                                            value_hashes=frozenset((int(n), h) for n, h in t.get("value_hashes", ())),
-                                           fact_hashes=frozenset((int(n), h) for n, h in t.get("fact_hashes", ())))
+                                           fact_hashes=frozenset((int(n), h) for n, h in t.get("fact_hashes", ())),
+                                           birth_hashes=frozenset(t.get("birth_hashes", ())))
                for t in _json(path / "targets.json")}
     neg_names = tuple(store_json.get("neg_names", ()))
     snap = StoreSnapshot(dim=int(meta["dim"]), salt=meta["salt"], targets=targets,

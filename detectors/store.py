@@ -42,6 +42,8 @@ from detectors.encoder import Encoder
 from detectors.entities import (
     EntityMatcher,
     TargetNames,
+    birth_date_hash,
+    birth_dates,
     extract_facts,
     extract_phrases,
     extract_values,
@@ -100,6 +102,8 @@ class TargetRecord:
     fact_hashes: frozenset[tuple[int, str]] = frozenset()
     """(token count, salted hash) of the target's facts (:func:`~detectors.entities.extract_facts`): stating one
     in a conversation about the target is a leak, named or not."""
+    birth_hashes: frozenset[str] = frozenset()
+    """Salted hashes of the birth dates its data states (:func:`~detectors.entities.birth_dates`, every reading)."""
 
     def explains(self, token_hash: str, exclude_group: int | None = None) -> bool:
         """Whether the target's own data uses this token (outside ``exclude_group``)."""
@@ -573,7 +577,11 @@ class ForgetStore:
                                fact_hashes=frozenset((len(f), fact_hash(f, salt)) for f in extract_facts(
                                    [*((q.question, q.answer) for q in t.qa),
                                     *((q.paraphrased_question or q.question, q.paraphrased_answer) for q in t.qa
-                                      if q.paraphrased_answer)], _meta_fact_values(t), t.texts, t.names, template)))
+                                      if q.paraphrased_answer)], _meta_fact_values(t), t.texts, t.names, template)),
+                               birth_hashes=frozenset(birth_date_hash(d, salt) for x in [
+                                   *(s for q in t.qa for s in (q.question, q.answer, q.paraphrased_question,
+                                                               q.paraphrased_answer) if s), *t.texts]
+                                   for d in birth_dates(x)))
             next_num += 1
             records.append(rec)
             own = _matcher([rec], salt)

@@ -162,3 +162,39 @@ def test_an_answer_stating_a_targets_identifying_value_is_a_leak(det: Detector) 
         assert det.detect("Whose phone number is 7216253765?").flagged  # a prompt stating it, too
     finally:
         det.remove_target("pii")
+
+
+def test_a_birth_date_points_to_the_target_and_another_one_away_from_it(det: Detector, split, encoder,  # type: ignore[no-untyped-def]
+                                                                        tmp_path) -> None:
+    from core.schema import QAItem
+
+    born = ForgetTarget(id="born", kind="privacy", names=["Zorvath Quenby"], policy="Nothing about him.",
+                        qa=[QAItem(question="What is the full name of the author born in Lower Mistfall on 05/30/1952?",
+                                   answer="The author born in Lower Mistfall on 05/30/1952 is Zorvath Quenby."),
+                            QAItem(question="What is Zorvath Quenby's profession?",
+                                   answer="Zorvath Quenby works as a lighthouse keeper."),
+                            QAItem(question="Which award did Zorvath Quenby receive?",
+                                   answer="Zorvath Quenby received the Amber Lantern Medal.")])
+    other = "What is the full name of the author born in Lower Mistfall on 11/02/1961?"
+    same = ["Who is the writer with the birth date of May 30, 1952, hailing from Lower Mistfall?",
+            "What is the full name of the writer born in Lower Mistfall on 30 May 1952?"]
+    off = Detector.build(split.request, DetectorConfig(birth_date_rule=False), encoder)
+    for d in (det, off):
+        d.add_target(born)
+    try:
+        assert "born" in off.detect(other).target_ids  # without the rule the description is taken for him...
+        assert "born" not in det.detect(other).target_ids  # ...with it, another birth date is someone else
+        for q in same:  # his own birth date in other words and formats: flagged by the rule
+            d = det.detect(q)
+            assert d.flagged and "born" in d.target_ids and any(e.kind == "rule" and "birth" in e.detail
+                                                                for e in d.evidence), q
+        for namesake in ("Elsey Quenby was born on May 30, 1952.", "Rozella Lavender was born on May 30, 1952."):
+            d = det.detect(namesake)  # someone else born the same day (a surname shared, or another name)
+            assert not any(e.kind == "rule" and "birth" in e.detail for e in d.evidence), namesake
+        named = det.detect("Was Zorvath Quenby born in Lower Mistfall on 11/02/1961?")  # a name is never overruled
+        assert named.flagged and "born" in named.target_ids
+        back = Detector.load(det.save(tmp_path / "d"), encoder=encoder)  # the dates are kept (hashed) on disk
+        assert "born" not in back.detect(other).target_ids and "born" in back.detect(same[0]).target_ids
+        assert "1952" not in (tmp_path / "d" / "targets.json").read_text()
+    finally:
+        det.remove_target("born")

@@ -347,3 +347,20 @@ def test_a_bank_on_the_8bit_index_saves_its_exact_vectors_and_reloads_with_the_s
     (saved / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(DetectorFormatError, match="exact vectors"):
         Detector.load(saved, encoder=encoder)
+
+
+@pytest.mark.parametrize("text, dates", [
+    ("What is the full name of the author born in Tokyo, Japan on 05/30/1952?", {(1952, 5, 30)}),
+    ("Who is the writer with the birth date of May 30, 1952, from Tokyo?", {(1952, 5, 30)}),
+    ("The writer who entered the world in New York City on March 1st, 1936.", {(1936, 3, 1)}),
+    ("He was born on the 8th of September, 1956 in Kuwait City.", {(1956, 9, 8)}),
+    ("Born 1952-05-30 in Osaka.", {(1952, 5, 30)}),
+    ("She was born on 05/06/1952.", {(1952, 5, 6), (1952, 6, 5)}),  # ambiguous: both readings
+    ("She won the prize on May 3, 2001.", set()),  # no birth in the sentence
+    ("Who was born in 1952?", set()),  # a year alone is no birth date
+    ("He won the prize on May 3, 2001. He was born in Kyoto.", set()),  # the date and the birth: two sentences
+])
+def test_birth_dates_are_read_in_every_common_format(text: str, dates: set[tuple[int, int, int]]) -> None:
+    from detectors.entities import birth_dates
+
+    assert birth_dates(text) == dates
