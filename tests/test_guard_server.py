@@ -164,16 +164,18 @@ libc.free.argtypes = [ctypes.c_void_p]
 applied = set_malloc_mmap_threshold(int(sys.argv[1])) if sys.argv[1] != "none" else False
 big = libc.malloc(4 << 20)  # mapped separately under any threshold; freeing it raises glibc's adaptive one
 libc.free(big)
-p = libc.malloc(512 << 10)
-is_mmapped = bool(ctypes.c_size_t.from_address(p - ctypes.sizeof(ctypes.c_size_t)).value & 2)  # chunk flag
-print(applied, is_mmapped)
+# Many blocks, not one: a single 512 KiB block could be served from free heap space left by the imports above
+# (a run of the full suite saw that), whatever the threshold.
+blocks = [libc.malloc(512 << 10) for _ in range(64)]
+mapped = [bool(ctypes.c_size_t.from_address(p - ctypes.sizeof(ctypes.c_size_t)).value & 2) for p in blocks]  # chunk flag
+print(applied, sum(mapped) > len(mapped) // 2)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_malloc_mmap_threshold_keeps_large_blocks_out_of_the_heap() -> None:
-    """With the threshold set, a 512 KiB block is mapped on its own (returned to the OS when freed); with
-    glibc's default, freeing a 4 MiB block raises the threshold and the same block stays in the heap."""
+    """With the threshold set, 512 KiB blocks are mapped on their own (returned to the OS when freed); with
+    glibc's default, freeing a 4 MiB block raises the threshold and the same blocks stay in the heap."""
     def probe(arg: str) -> str:
         return subprocess.run([sys.executable, "-c", _MMAP_PROBE, arg], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).resolve().parents[1]).stdout.split()
