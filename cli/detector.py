@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from core.io import WriterLockTimeout, writer_lock
 from eval.tasks.spec import load_task_spec
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ def _config(config: Path | None, overrides: list[str] | None, target_fpr: float 
 
     extra = [f"target_fpr={target_fpr}"] if target_fpr is not None else []
     return load_config(DetectorConfig, config, [*(overrides or []), *extra])
+
+
+STORE_LOCK_TIMEOUT_S = 60.0
+"""How long a command that writes a detector directory waits for another writer (a proxy replica's admin save, another
+command) before giving up; the lock is the proxy's (``.<dir>.lock`` beside the directory)."""
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -93,9 +99,10 @@ def build(
             det = Detector.build(t, cfg, enc)
         bar.update()
         bar.set_postfix_str("save")
-        det.save(out)
+        with writer_lock(out, STORE_LOCK_TIMEOUT_S):
+            det.save(out)
         bar.update()
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, WriterLockTimeout) as e:
         raise _fail(e) from e
     finally:
         bar.close()
@@ -167,15 +174,18 @@ def add_target(
 
     try:
         new = load_targets(targets)
-        det = Detector.load(detector)
-        t0 = time.perf_counter()
-        for tg in new:
-            (det.update_target if tg.id in det.target_ids else det.add_target)(tg)
-        if refit:
-            det.fit()
-        seconds = time.perf_counter() - t0
-        det.save(out or detector)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Read, change and save under the store's writer lock: a replica's admin save or another command in between
+        # would otherwise be overwritten by a detector loaded before it.
+        with writer_lock(out or detector, STORE_LOCK_TIMEOUT_S):
+            det = Detector.load(detector)
+            t0 = time.perf_counter()
+            for tg in new:
+                (det.update_target if tg.id in det.target_ids else det.add_target)(tg)
+            if refit:
+                det.fit()
+            seconds = time.perf_counter() - t0
+            det.save(out or detector)
+    except (ValueError, FileNotFoundError, KeyError, WriterLockTimeout) as e:
         raise _fail(e) from e
     typer.echo(f"{len(new)} target(s) added in {seconds:.2f}s ({'refit' if refit else 'no refit'}); "
                f"now {len(det.target_ids)}: {', '.join(det.target_ids)} -> {out or detector}")
@@ -191,9 +201,10 @@ def remove_target(
     from detectors.detector import Detector
 
     try:
-        det = Detector.load(detector)
-        det.remove_target(target_id)
-        det.save(out or detector)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        with writer_lock(out or detector, STORE_LOCK_TIMEOUT_S):  # read, change and save as one writer (add-target)
+            det = Detector.load(detector)
+            det.remove_target(target_id)
+            det.save(out or detector)
+    except (ValueError, FileNotFoundError, KeyError, WriterLockTimeout) as e:
         raise _fail(e) from e
     typer.echo(f"removed {target_id}; now {len(det.target_ids)} target(s) -> {out or detector}")

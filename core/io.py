@@ -162,3 +162,44 @@ def recover_dir(path: str | Path, is_valid: Callable[[Path], bool] | None = None
         log.warning("%s was missing after an interrupted write; restored the previous version from %s", path, old.name)
         return True
     return False
+
+
+class WriterLockTimeout(TimeoutError):
+    """Another process held a directory's writer lock for longer than the caller would wait."""
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | Path, timeout_s: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<name>.lock`` beside the directory ``path`` while its owner reads, changes
+    and saves it, so processes sharing it (proxy replicas, the CLI) write one at a time and none saves over a change
+    it has not read. Without ``fcntl`` (not POSIX) or where the lock file cannot be created, nothing is locked (a
+    warning says so). Raises :class:`WriterLockTimeout` after ``timeout_s``; the lock ends with the block or the
+    process."""
+    import time
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        log.warning("cannot open the writer lock beside %s (%s); saving without it", path, e.__class__.__name__)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WriterLockTimeout(f"another process has been writing {path} for over {timeout_s:g} s") from None
+                time.sleep(0.01)
+        yield  # closing the descriptor releases the lock, also when the process dies
+    finally:
+        os.close(fd)

@@ -78,3 +78,48 @@ def test_split_eval_reports_request_heldout_and_negatives(tmp_path: Path) -> Non
     assert "prompt (b) vs (c)" in rep["auroc"] and "split:" in res.output
     res = runner.invoke(app, ["eval", "--task", "offline", "--mode", "nope", *FAST])
     assert res.exit_code == 2 and "cross-fit" in res.output
+
+
+def _target_file(tmp_path: Path, tid: str, name: str) -> Path:
+    t = ForgetTarget(id=tid, kind="privacy", names=[name], policy="Nothing about them.",
+                     qa=[QAItem(question=f"Where was {name} born?", answer="In Lower Mistfall.")])
+    tf = tmp_path / f"{tid}.jsonl"
+    tf.write_text(json.dumps({"record": "target", **t.model_dump(mode="json")}) + "\n")
+    return tf
+
+
+def test_store_commands_take_the_writer_lock_and_lose_no_concurrent_change(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import cli.detector as cli_detector
+    from core.io import writer_lock
+
+    out = tmp_path / "det"
+    assert runner.invoke(app, ["build", "--task", "offline", "--out", str(out), *FAST]).exit_code == 0
+    # Held by another writer (a replica's admin save): the command waits for it, then reads what it saved.
+    done: list[int] = []
+    with writer_lock(out, 5.0):
+        th = threading.Thread(target=lambda: done.append(runner.invoke(app, [
+            "add-target", "--detector", str(out), "--targets", str(_target_file(tmp_path, "t-a", "Ilse Marrow"))]).exit_code))
+        th.start()
+        time.sleep(1.0)
+        assert th.is_alive() and not done  # waiting, nothing written
+    th.join(60)
+    assert done == [0] and "t-a" in Detector.load(out, encoder=hashing_encoder()).target_ids
+    # Held too long: a clear error, exit 2, the store unchanged.
+    monkeypatch.setattr(cli_detector, "STORE_LOCK_TIMEOUT_S", 0.2)
+    with writer_lock(out, 5.0):
+        res = runner.invoke(app, ["remove-target", "--detector", str(out), "--id", "t-a"])
+    assert res.exit_code == 2 and "another process has been writing" in res.output
+    assert "t-a" in Detector.load(out, encoder=hashing_encoder()).target_ids
+    # Two commands at once, in two processes: both changes are kept (each reads the other's save).
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "detector", "add-target", "--detector", str(out),
+                               "--targets", str(_target_file(tmp_path, tid, name))],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for tid, name in (("t-b", "Kasimir Thornova"), ("t-c", "Philippa Lindqvist"))]
+    for p in procs:
+        assert p.wait(120) == 0, p.stdout.read().decode()[-2000:] if p.stdout else ""
+    assert {"t-a", "t-b", "t-c"} <= set(Detector.load(out, encoder=hashing_encoder()).target_ids)

@@ -21,8 +21,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.io import WriterLockTimeout
+from core.io import writer_lock as _dir_writer_lock
 from core.schema import ForgetTarget
 from guard.server.errors import ApiError
 from guard.server.schemas import _diagnose_body, _inline_schema, _lone_surrogate
@@ -47,33 +47,14 @@ WRITER_LOCK_TIMEOUT_S = 30.0  # how long a save waits for another replica's save
 
 @contextlib.contextmanager
 def writer_lock(path: Path, timeout_s: float = WRITER_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``.<store>.lock`` beside ``path``, so that processes sharing the store save one
-    at a time (none where the lock file cannot be opened or flock is missing: the save reports its own error)."""
+    """:func:`core.io.writer_lock` on the store (the lock the CLI's store commands take too), answering 409 when
+    another process holds it for over ``timeout_s``."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: only the in-process admin lock
-        yield
-        return
-    try:
-        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        log.warning("cannot open the writer lock beside %s (%s); saving without it", path, e.__class__.__name__)
-        yield
-        return
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ApiError(409, f"not saved: another process has been saving {path} for over {timeout_s:g} s; "
-                                   "repeat the change later", "conflict_error", None, "store_locked") from None
-                time.sleep(0.01)
-        yield  # closing the descriptor releases the lock, also when the process dies
-    finally:
-        os.close(fd)
+        with _dir_writer_lock(path, timeout_s):
+            yield
+    except WriterLockTimeout:
+        raise ApiError(409, f"not saved: another process has been saving {path} for over {timeout_s:g} s; "
+                       "repeat the change later", "conflict_error", None, "store_locked") from None
 
 
 def disk_conflict(st: ServerState) -> str | None:
