@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,6 @@ def writer_lock(path: str | Path, timeout_s: float) -> Iterator[None]:
     it has not read. Without ``fcntl`` (not POSIX) or where the lock file cannot be created, nothing is locked (a
     warning says so). Raises :class:`WriterLockTimeout` after ``timeout_s``; the lock ends with the block or the
     process."""
-    import time
-
     try:
         import fcntl
     except ImportError:  # not POSIX
