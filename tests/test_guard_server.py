@@ -78,6 +78,9 @@ def test_completions_and_models() -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "echo: The sky is"
     s = c.post("/v1/completions", headers=H, json={"prompt": "The sky is", "stream": True})
     assert s.text.endswith("data: [DONE]\n\n") and '"text_completion"' in s.text
+    assert s.headers["x-guard-flagged"] == "false"  # streamed completions carry the guard's headers, as chat does
+    f = c.post("/v1/completions", headers=H, json={"prompt": "Where was Elara Voswick born?", "stream": True})
+    assert f.headers["x-guard-flagged"] == "true" and f.headers["x-guard-blocked"] == "true"
     m = c.get("/v1/models", headers=H).json()
     assert m["object"] == "list" and m["data"][0]["id"] == "unlearn-guard"
 

@@ -394,7 +394,7 @@ async def completions(req: CompletionRequest, st: State) -> Any:
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
 
-        return stream_response(st, stream, first, chunk, "completions", t0, {})
+        return stream_response(st, stream, first, chunk, "completions", t0, headers_of(stream.trace))
     res = await run_guarded(st, lambda: guarded.acomplete(prompt, params), "completions")
     metrics.observe(res.trace)
     metrics.requests.labels("completions", "200").inc()
