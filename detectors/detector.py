@@ -114,12 +114,11 @@ class _BirthDates:
             h = self._hashes[u] = frozenset(birth_date_hash(d, self.snap.salt) for d in birth_dates(self.units[u]))
         return 0 if not h else 1 if h & rec.birth_hashes else -1
 
-    def _names_no_one_else(self, j: int, pb: PairBatch) -> bool:
-        """Pair ``j``'s unit names no one but (perhaps) the target: no known negative subject, no name part shared
-        with the target short of its name (a namesake: "Elsey Scarlet" for a target "... Scarlet"), and no proper
-        noun, dates left out, that the target's data does not use."""
+    def _names_no_one_else(self, j: int, pb: PairBatch, named: bool) -> bool:
+        """Pair ``j``'s unit names no one but (perhaps) the target (``named``: it names the target): no known negative
+        subject, no name part shared with the target short of its name (a namesake: "Elsey Scarlet" for a target
+        "... Scarlet"), and no proper noun, dates left out, that the target's data does not use."""
         u, t = int(pb.unit[j]), int(pb.target[j])
-        named = pb.named is not None and bool(pb.named[j])
         if pb.X[j, _OTHER_NAME] > 0 or (pb.X[j, _PARTIAL] > 0 and not named):
             return False
         return foreign_share(caps_hashes(without_dates(self.units[u]), self.snap.salt), self.snap.targets[t]) == 0
@@ -132,8 +131,9 @@ class _BirthDates:
         if self.on:
             for j in np.flatnonzero(rules == RULE_NONE):
                 c = self._compare(int(pb.unit[j]), int(pb.target[j]))
-                same[j] = c > 0 and self._names_no_one_else(int(j), pb)
-                other[j] = c < 0 and not (pb.named is not None and pb.named[j])
+                named = pb.named is not None and bool(pb.named[j])
+                same[j] = c > 0 and self._names_no_one_else(int(j), pb, named)
+                other[j] = c < 0 and not named
         return same, other
 
     def unit_conflicts(self, unit_target: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import faiss
 import numpy as np
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "ivf-sq8", "hnsw"]
 AnnKind = Literal["ivf", "ivf-sq8", "hnsw"]
-ANN_KINDS: tuple[str, ...] = ("ivf", "ivf-sq8", "hnsw")
+ANN_KINDS: tuple[str, ...] = get_args(AnnKind)
 DEFAULT_ANN: AnnKind = "ivf-sq8"
 DEFAULT_ANN_THRESHOLD = 100_000
 _TRAIN_PER_LIST = 64
@@ -323,12 +323,10 @@ class VectorIndex:
         n = self.ntotal
         if n == 0:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self.dim), dtype=np.float32)
-        if self._exact is not None:
-            ids = faiss.vector_to_array(self._exact.id_map).astype(np.int64)
-            vecs = self._exact.index.reconstruct_n(0, self._exact.ntotal)
-        elif self.kind in ("flat", "hnsw"):
-            ids = self._stored_ids()
-            vecs = self._index.index.reconstruct_n(0, self._index.ntotal)
+        if self._exact is not None or self.kind in ("flat", "hnsw"):  # an IndexIDMap2 holds the float vectors
+            idmap = self._exact if self._exact is not None else self._index
+            ids = faiss.vector_to_array(idmap.id_map).astype(np.int64)
+            vecs = idmap.index.reconstruct_n(0, idmap.ntotal)
             if len(self._dead):
                 live = ~np.isin(ids, self._dead)
                 ids, vecs = ids[live], vecs[live]
