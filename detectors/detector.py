@@ -31,7 +31,7 @@ from detectors.calibration import CalibrationReport, calibrate, conformal_thresh
 from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
-from detectors.entities import birth_date_hash, birth_dates, without_dates
+from detectors.entities import birth_date_hash, birth_dates, name_tokens, without_dates
 from detectors.features import (
     CHANNELS,
     FEATURES,
@@ -486,10 +486,15 @@ class Detector:
 
     def stated_facts(self, text: str, about: Sequence[str]) -> list[str]:
         """The targets among ``about`` whose stored facts or identifying values ``text`` states (entity match only,
-        no encoder): how the guard checks its own instruction, which names the target on purpose."""
+        no encoder): how the guard checks its own instruction, which names the target on purpose. The targets'
+        own name parts are masked first: a target's full name is also stored as one of its facts (the answer to
+        a nameless question about it), and an instruction that names the target it guards states no fact."""
         snap = self.store.snapshot()
-        hits = snap.matcher.match_tokens(skeleton_tokens(normalize(text)), facts=set(about))
-        return [tid for tid in about if tid in hits and (hits[tid].fact or hits[tid].value)]
+        own = {tok for tid in about if (num := snap.num_of.get(tid)) is not None
+               for n in snap.targets[num].names for tok in name_tokens(n)}
+        toks = ["\x00" if tok in own else tok for tok in skeleton_tokens(normalize(text))]
+        hits = snap.matcher.match_tokens(toks, facts=set(about))
+        return [tid for tid in dict.fromkeys(about) if tid in hits and (hits[tid].fact or hits[tid].value)]
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -142,6 +142,33 @@ def test_the_guard_replaces_an_instruction_that_states_a_fact(request_detector) 
 
 
 @pytest.mark.slow
+def test_an_instruction_that_only_names_its_target_is_sent(request_detector) -> None:  # type: ignore[no-untyped-def]
+    """A target's full name is also one of its stored facts (the answer to a nameless question about it), so the
+    instruction check used to take the template, which names the target on purpose, for a leak: every flagged
+    question about a person was refused in ``guard_mode="template"``. The name is masked now; a fact is not."""
+    from guard.api import GuardedLLM
+    from guard.backends.scripted import ScriptedBackend
+    from guard.config import GuardConfig
+
+    task, _, det = request_detector
+    people = [t for t in task.targets if t.kind == "privacy"]
+    t = people[0]
+    place = t.meta["facts"]["birth_place"]
+    assert det.stated_facts(f"Do not say that {t.names[0]} was born in {place}.", [t.id, t.id]) == [t.id]
+    target = ScriptedBackend(lambda m: "I would rather not go into that.")
+    g = GuardedLLM(target, det, config=GuardConfig(guard_mode="template"), targets=task)
+    for t in people:  # the full name is a stored fact of some (person-001 of the default benchmark), not of all
+        assert det.stated_facts(f"The request may concern {t.names[0]}.", [t.id]) == [], t.id
+        res = g.generate(f"Where was {t.names[0]} educated?")
+        assert res.trace.flagged and res.trace.requires_refusal is False, (t.id, res.trace.fallback_reason)
+        assert res.trace.instruction_source == "template" and res.trace.fallback_reason == "guard_mode=template"
+        assert res.text == "I would rather not go into that."
+        sent = " ".join(m["content"] for m in target.calls[-1][0])
+        assert f'"{t.names[0]}"' in sent and "Policy:" in sent  # the per-target template instruction reached it
+    assert len(target.calls) == len(people)
+
+
+@pytest.mark.slow
 def test_proxy_blocks_a_nameless_answer_after_a_first_name_mention(request_detector) -> None:  # type: ignore[no-untyped-def]
     """The attack of the issue: the conversation names the target by first name only and an upstream that
     ignores its instructions answers with the fact and no name; nothing of it reaches the client."""
