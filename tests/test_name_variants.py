@@ -146,18 +146,19 @@ def test_an_instruction_that_only_names_its_target_is_sent(request_detector) -> 
     """A target's full name is also one of its stored facts (the answer to a nameless question about it), so the
     instruction check used to take the template, which names the target on purpose, for a leak: every flagged
     question about a person was refused in ``guard_mode="template"``. The name is masked now; a fact is not."""
+    from detectors.detector import Detector
     from guard.api import GuardedLLM
     from guard.backends.scripted import ScriptedBackend
     from guard.config import GuardConfig
 
-    task, _, det = request_detector
+    task, _, request_det = request_detector
+    # Built from the whole task (as a deployment stores all its forget QA): its questions without the full name
+    # ("In which town was M. Pellridge born?") store each person's name as a fact; the request half has none such.
+    det = Detector.build(task, encoder=request_det.encoder)
     people = [t for t in task.targets if t.kind == "privacy"]
-    t = people[0]
-    place = t.meta["facts"]["birth_place"]
-    assert det.stated_facts(f"Do not say that {t.names[0]} was born in {place}.", [t.id, t.id]) == [t.id]
     target = ScriptedBackend(lambda m: "I would rather not go into that.")
     g = GuardedLLM(target, det, config=GuardConfig(guard_mode="template"), targets=task)
-    for t in people:  # the full name is a stored fact of some (person-001 of the default benchmark), not of all
+    for t in people:
         assert det.stated_facts(f"The request may concern {t.names[0]}.", [t.id]) == [], t.id
         res = g.generate(f"Where was {t.names[0]} educated?")
         assert res.trace.flagged and res.trace.requires_refusal is False, (t.id, res.trace.fallback_reason)
@@ -166,6 +167,9 @@ def test_an_instruction_that_only_names_its_target_is_sent(request_detector) -> 
         sent = " ".join(m["content"] for m in target.calls[-1][0])
         assert f'"{t.names[0]}"' in sent and "Policy:" in sent  # the per-target template instruction reached it
     assert len(target.calls) == len(people)
+    t = people[0]
+    place = t.meta["facts"]["birth_place"]
+    assert det.stated_facts(f"Do not say that {t.names[0]} was born in {place}.", [t.id, t.id]) == [t.id]
 
 
 @pytest.mark.slow
