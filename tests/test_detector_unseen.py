@@ -6,6 +6,7 @@ is calibrated per prompt on clusters the classifier never saw."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -195,6 +196,7 @@ def test_a_birth_date_points_to_the_target_and_another_one_away_from_it(det: Det
         assert named.flagged and "born" in named.target_ids
         back = Detector.load(det.save(tmp_path / "d"), encoder=encoder)  # the dates are kept (hashed) on disk
         assert "born" not in back.detect(other).target_ids and "born" in back.detect(same[0]).target_ids
-        assert "1952" not in (tmp_path / "d" / "targets.json").read_text()
+        stored = (tmp_path / "d" / "targets.json").read_text()
+        assert not re.search(r"(?<![0-9a-f])1952(?![0-9a-f])", stored)  # no date in the clear (a hex hash may hold "1952")
     finally:
         det.remove_target("born")
