@@ -31,7 +31,7 @@ from detectors.calibration import CalibrationReport, calibrate, conformal_thresh
 from detectors.classifier import ChannelModel, ClassifierError, LogisticScorer
 from detectors.config import DetectorConfig
 from detectors.encoder import Encoder
-from detectors.entities import birth_date_hash, birth_dates, name_tokens, without_dates
+from detectors.entities import birth_date_hash, birth_dates, without_dates
 from detectors.features import (
     CHANNELS,
     FEATURES,
@@ -491,7 +491,7 @@ class Detector:
         a nameless question about it), and an instruction that names the target it guards states no fact."""
         snap = self.store.snapshot()
         own = {tok for tid in about if (num := snap.num_of.get(tid)) is not None
-               for n in snap.targets[num].names for tok in name_tokens(n)}
+               for tok in snap.targets[num].name_token_set()}
         toks = ["\x00" if tok in own else tok for tok in skeleton_tokens(normalize(text))]
         hits = snap.matcher.match_tokens(toks, facts=set(about))
         return [tid for tid in dict.fromkeys(about) if tid in hits and (hits[tid].fact or hits[tid].value)]

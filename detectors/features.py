@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from detectors.entities import name_tokens, phrase_hash
+from detectors.entities import phrase_hash
 from detectors.normalize import normalize, skeleton_tokens
 from detectors.store import (
     StoreSnapshot,
@@ -117,7 +117,7 @@ def beside_other_name(cased: str, target: TargetRecord, salt: str) -> bool:
     """Whether a name part of ``target`` stands next to a capitalised word that its data never uses ("Wesley Yang"
     for target "Yang Bi"): then the text names someone else who shares that part, wherever it stands (a
     sentence-initial word is no proper noun to :func:`~detectors.store.foreign_share`)."""
-    own = {t for n in target.names for t in name_tokens(n)}
+    own = target.name_token_set()
     words = [m.group(0) for m in _WORD.finditer(cased)]
     lows = [w.casefold() for w in words]
     for i, low in enumerate(lows):

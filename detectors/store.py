@@ -105,6 +105,10 @@ class TargetRecord:
     birth_hashes: frozenset[str] = frozenset()
     """Salted hashes of the birth dates its data states (:func:`~detectors.entities.birth_dates`, every reading)."""
 
+    def name_token_set(self) -> frozenset[str]:
+        """The matching tokens of all its names (what a namesake shares, what an instruction may name)."""
+        return frozenset(t for n in self.names for t in name_tokens(n))
+
     def explains(self, token_hash: str, exclude_group: int | None = None) -> bool:
         """Whether the target's own data uses this token (outside ``exclude_group``)."""
         groups = self.vocab.get(token_hash)
