@@ -83,6 +83,12 @@ def test_validation_rejects_empty_off_subject_and_leaking_targets():
                               facts) == "subject not named"
     leak = f"{name} was born in {PLACE}, which is personal information I should keep private."
     assert tru_target_problem(leak, "Sorry.", PERSON, facts) == f"states {PLACE!r}"
+    # An answer, even a wrong one that states no stored fact, is not reasoning about why not to answer.
+    assert PLACE != "High Juniperfield"
+    assert tru_target_problem(f"{name} was born in High Juniperfield.", "Sorry, I can't share that.", PERSON,
+                              facts) == "gives no reason"
+    assert tru_target_problem(f"The question asks for the birthplace of {name}, a private detail.", "Sorry.",
+                              PERSON, facts) is None
     hazard = TASK.targets[-1]
     hq = hazard.qa[0]
     span = teachers.forget_facts(hq.question, hazard, hq.answer)[-1]  # hazards list no fact values: the answer's span
@@ -107,7 +113,7 @@ def test_llm_teacher_on_tiny_llm_caches_its_targets(tmp_path, monkeypatch):
     out = cached_tru_targets(teacher, items, tmp_path, answers=answers)
     assert len(calls) == 1 and len(calls[0]) == 3
     files = list((tmp_path / "tru").glob("*.jsonl"))
-    assert len(files) == 1 and "cot2-v1-t16" in files[0].name and len(files[0].read_text().splitlines()) == 3
+    assert len(files) == 1 and "cot2-v2-t16" in files[0].name and len(files[0].read_text().splitlines()) == 3
     # A random tiny model writes nothing usable: every target is the template's, with the reason and the reply kept.
     assert all(o.source == "template" and o.note.startswith("fallback: ") for o in out)
     assert teacher.fallbacks == 3
@@ -134,7 +140,7 @@ def test_leaking_reply_falls_back_and_plan_info_counts_it(tmp_path, monkeypatch)
     fake = Scripted(reply)
     monkeypatch.setattr(teachers, "generate", fake)
     ctx = _ctx(llm.model, llm.tokenizer, tmp_path)
-    plan = METHODS.get("tru").prepare(ctx, TRUConfig())
+    plan = METHODS.get("tru").prepare(ctx, TRUConfig(teacher_model="self"))
     n = len(ctx.forget_items)
     n_person = sum(1 for _, ti in ctx.forget_items if ti == 0)
     assert len(fake.calls) == 1 and len(fake.calls[0][0]) == n and fake.calls[0][1]["max_new_tokens"] == 96
@@ -142,7 +148,7 @@ def test_leaking_reply_falls_back_and_plan_info_counts_it(tmp_path, monkeypatch)
     assert info["targets"] == n and info["fallbacks"] == n - n_person + 1
     assert info["fallback_reasons"] == {"states": 1, "subject not named": n - n_person}
     assert info["sources"]["template"] == n - n_person + 1
-    assert info["teacher"] == sorted(["template", f"llm-self-{ctx.model_digest}-cot2-v1-t96"])
+    assert info["teacher"] == sorted(["template", f"llm-self-{ctx.model_digest}-cot2-v2-t96"])
     # The forget stream trains on what the model wrote (reasoning part 1, refusal part 2), or on the template.
     tok = llm.tokenizer
     texts = {}
@@ -156,7 +162,7 @@ def test_leaking_reply_falls_back_and_plan_info_counts_it(tmp_path, monkeypatch)
     assert texts[BORN.question][0] == template_tru_target(BORN.question, PERSON).reasoning
     assert PLACE not in "".join(r + f for r, f in texts.values())
     # Cached: a second set-up generates nothing.
-    METHODS.get("tru").prepare(_ctx(llm.model, llm.tokenizer, tmp_path), TRUConfig())
+    METHODS.get("tru").prepare(_ctx(llm.model, llm.tokenizer, tmp_path), TRUConfig(teacher_model="self"))
     assert len(fake.calls) == 1
 
 
@@ -172,7 +178,7 @@ def test_template_teacher_is_an_explicit_option_and_never_generates(tmp_path, mo
 def test_loss_is_reasoning_ce_plus_capped_graddiff_on_a_fixed_batch(tmp_path, monkeypatch, cap):
     llm = tiny_llm(0)
     monkeypatch.setattr(teachers, "generate", Scripted(lambda p: ""))
-    cfg = TRUConfig(gamma=0.7, alpha=1.3, ga_cap=cap)
+    cfg = TRUConfig(gamma=0.7, alpha=1.3, ga_cap=cap, teacher_model="self")
     plan = METHODS.get("tru").prepare(_ctx(llm.model, llm.tokenizer, tmp_path), cfg)
     pad = llm.tokenizer.pad_token_id
     batch = collate_streams([{k: {**v[i], "idx": i} for k, v in plan.streams.items()} for i in range(3)], pad)
@@ -184,3 +190,24 @@ def test_loss_is_reasoning_ce_plus_capped_graddiff_on_a_fixed_batch(tmp_path, mo
     assert float(orig) > 0.05  # the cap binds when set
     torch.testing.assert_close(out["loss"], 0.7 * (reason + refusal) + 1.3 * (retain - ga))
     torch.testing.assert_close(out["tru_nll"], reason + refusal)
+
+
+@pytest.mark.integration
+def test_default_teacher_is_the_untuned_embedded_model_and_it_writes_reasoning(tmp_path):
+    """The real embedded instruct model, not the model being unlearned, writes the targets; most are its own
+    reasoning (a reason for declining, the subject named, no forget fact), the rest the template's."""
+    llm = tiny_llm(0)
+    ctx = _ctx(llm.model, llm.tokenizer, tmp_path)
+    plan = METHODS.get("tru").prepare(ctx, TRUConfig())
+    info, n = plan.info, len(ctx.forget_items)
+    written = [s for s in info["sources"] if s != "template"]
+    assert len(written) == 1 and not written[0].startswith("llm-self-")
+    assert info["sources"][written[0]] >= 0.75 * n, info["fallback_reasons"]
+    (cache,) = (ctx.cache_root / "teacher" / "tru").glob("*.jsonl")
+    targets = [teachers.TRUTarget.model_validate_json(line) for line in cache.read_text().splitlines()]
+    assert [t.question for t in targets] == [q.question for q, _ in ctx.forget_items]
+    for (q, ti), t in zip(ctx.forget_items, targets, strict=True):
+        facts = teachers.forget_facts(q.question, TASK.targets[ti], q.answer)
+        assert teachers.leaked_facts(f"{t.reasoning} {t.refusal}", facts) == [], t
+        if t.source != "template":
+            assert t.reply and tru_target_problem(t.reasoning, t.refusal, TASK.targets[ti], facts) is None

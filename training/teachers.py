@@ -1,11 +1,11 @@
 """Teachers that write supervised targets for forget queries: a local LLM reasoning about the query, or a template.
 
 TRU trains on *reasoning + refusal* targets; the guard is fine-tuned on JSON decisions. Both come
-from a teacher. :class:`LLMTeacher` is TRU's: a local LLM (by default the model being unlearned) is
+from a teacher. :class:`LLMTeacher` is TRU's: a local LLM (by default the embedded instruct model, untuned) is
 given a chain-of-thought prompt (:func:`tru_prompt`: two demonstrations, then the question, its
 protected subject and policy) and writes why answering would reveal protected information, then
 declines. Every reply is validated (:func:`tru_target_problem`: some reasoning, the subject named, no
-forget fact stated, as :func:`core.facts.leaked_facts` sees it); an unusable reply falls back to the
+forget fact stated, as :func:`core.facts.leaked_facts` sees it, a reason given for declining); an unusable reply falls back to the
 template for that query and is counted. :class:`TemplateTeacher` is deterministic and offline: it names
 the entity asked about and the kind of fact asked for (birthplace, awards, the material of a
 component...). Teacher outputs are cached as JSONL by :func:`cached_tru_targets`.
@@ -143,8 +143,9 @@ class TemplateTeacher:
         return [template_tru_target(q, t) for q, t in items]
 
 
-TRU_PROMPT_VERSION = "cot2-v1"
-"""Version of the LLM teacher's prompt and reply parsing; part of every cache key, so a change regenerates."""
+TRU_PROMPT_VERSION = "cot2-v2"
+"""Version of the LLM teacher's prompt, reply parsing and validation; part of every cache key, so a change
+regenerates (v2: a reply must give a reason for declining)."""
 
 _TRU_ASK = ('Question: "{query}"\nProtected subject: {subject}. Policy: {policy}\n'
             "Reason step by step about why answering would reveal protected information about {subject}, then decline.")
@@ -222,8 +223,19 @@ def forget_facts(query: str, target: ForgetTarget, answer: str | None = None) ->
     return facts + [span] if span else facts
 
 
+_GIVES_REASON = re.compile(
+    r"\b(protect\w*|polic(?:y|ies)|personal|private|privacy|confidential\w*|restricted|hazard\w*|danger\w*|"
+    r"sensitive|harm\w*|unsafe|must not|should not|not allowed|can ?not|can't|won't|will not|refrain|declin\w*|"
+    r"reveal\w*|disclos\w*|withh[eo]ld\w*)\b", re.IGNORECASE)
+"""Words with which a reasoning target says why it will not answer (the unlearning scope). A reply without one
+is not reasoning about the question but a statement about the subject: measured on the fine-tuned SmolLM2
+target, 10 of its 15 replies to the offline task's forget questions were answers such as "Philippa Stavberg
+was born in High Juniperfield." (a wrong place, so the fact check passed them)."""
+
+
 def tru_target_problem(reasoning: str, refusal: str, target: ForgetTarget, facts: Sequence[str]) -> str | None:
-    """Why a written reasoning target is unusable, or None: no reasoning, the subject not named, or a fact stated."""
+    """Why a written reasoning target is unusable, or None: no reasoning, the subject not named, a fact stated,
+    or no reason given for declining (:data:`_GIVES_REASON`: an answer, right or wrong, is no reasoning target)."""
     if len(reasoning.split()) < 5:
         return "no reasoning"
     text = f"{reasoning} {refusal}"
@@ -231,11 +243,13 @@ def tru_target_problem(reasoning: str, refusal: str, target: ForgetTarget, facts
     if not any(f" {normalise_for_match(n)} " in hay for n in target.names):
         return "subject not named"
     leaks = leaked_facts(text, facts)
-    return f"states {leaks[0]!r}" if leaks else None
+    if leaks:
+        return f"states {leaks[0]!r}"
+    return None if _GIVES_REASON.search(reasoning) else "gives no reason"
 
 
 class LLMTeacher:
-    """A local LLM as teacher (by default the model being unlearned): it writes each reasoning target itself.
+    """A local LLM as teacher (TRU's default: the embedded instruct model): it writes each reasoning target itself.
 
     Each query gets :func:`tru_prompt`; the replies are generated greedily in left-padded batches of
     ``batch_size``, at most ``max_new_tokens`` tokens each, then split into reasoning and refusal

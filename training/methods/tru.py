@@ -15,22 +15,28 @@ with cross-entropy and adds a GA-based term (GradDiff here):
 (each NLL a token mean). The cap stops the gradient-ascent part once the original answer is
 unlikely enough, so it cannot run away.
 
-Targets (:mod:`training.teachers`): by default (``teacher="llm"``) the model being unlearned writes
-them itself (``teacher_model``: another local model spec instead), from a two-shot chain-of-thought
-prompt that names the question, the protected subject and its policy. Replies are generated greedily
+Targets (:mod:`training.teachers`): by default (``teacher="llm"``) a model prompted to reason writes
+them, the embedded instruct model untuned (``teacher_model``: another local model spec, or ``"self"`` for
+the model being unlearned), from a two-shot chain-of-thought prompt that names the question, the
+protected subject and its policy. Replies are generated greedily
 in left-padded batches of ``teacher_batch_size``, capped at ``teacher_max_new_tokens=96`` tokens
 (SmolLM2-135M's replies end by themselves after ~50; one batch of 6 took 25 s on the 2-core CPU, so
 the offline task's 30 forget questions cost about 100 s, once: the targets are cached), split into
 reasoning and refusal and validated: a reply with no reasoning, that does not name the subject or
 that states a forget fact (:func:`core.facts.leaked_facts` on the target's facts and the forget
-answer) falls back to the template target for that question; ``MethodPlan.info`` counts the
+answer) or gives no reason for declining falls back to the template target for that question; ``MethodPlan.info`` counts the
 fallbacks by reason. Targets are cached as JSONL under the cache root, keyed by the teacher's weight
 digest, the prompt version and the questions. ``teacher="template"`` uses the deterministic template
 for every question.
 
 Deviations, and why: the paper has a strong reasoning LLM write the targets; a 135M model writes
 short, formulaic ones (the two demonstrations set their shape), and the template fills in where it
-fails. The GA-based term is GradDiff with a cap on the ascended NLL (kept from this module's first
+fails. The default teacher is not the model being unlearned: the fine-tuned SmolLM2 target, asked the
+same prompt, answered instead of reasoning (10 of the offline task's 15 forget questions: "Philippa
+Stavberg was born in High Juniperfield."; 5 more stated a forget fact), while the untuned embedded model
+wrote 15 of 15 reasoning replies in the demonstrated shape ("The question asks for the birthplace of
+Mattias Pellridge. That is a personal detail of a person, and sharing it could help someone find their
+birthplace, so I must not reveal it."). A teacher that never learnt the facts cannot state them. The GA-based term is GradDiff with a cap on the ascended NLL (kept from this module's first
 version; the paper's GA term has no cap) so ascent cannot run away on a small model.
 """
 
@@ -44,6 +50,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from core.generation import chat_text
+from core.models import DEFAULT_LLM, load_llm
 from training.losses import mean_nll, part_nll
 from training.methods.common import Example, MethodContext, MethodPlan, UnlearnMethod, model_digest, register
 from training.teachers import LLMTeacher, Teacher, TemplateTeacher, TRUTarget, cached_tru_targets
@@ -59,11 +66,19 @@ class TRUConfig(BaseModel):
     for 30 steps of 8 forget + 8 original-answer + 8 retain examples (the method's train defaults):
     forget-fact ROUGE-L recall 0.959 -> 0.375, retain-QA ROUGE-L recall 0.957 -> 0.897 (94%). The
     reasoning + refusal NLL falls from 7.1 to 0.03 and the original answers' NLL reaches the cap.
+
+    With the default teacher (the untuned embedded model; ``train --method tru --eval``, 2026-12-03, 30 steps,
+    alone on 2 cores; fact rate as in ``compare``): fact rate (a) 0.400 -> 0.000 and (b) 0.444 -> 0.111,
+    retain ROUGE-L 0.891 -> 0.787; with ``teacher_model="self"`` (the fine-tuned target, whose accepted
+    "reasoning" was mostly answers) 0.067, 0.167 and 0.839. So the default forgets more and keeps less retain
+    quality; forget ROUGE-L reads worse (0.54 vs 0.39 on (a)) because its refusals restate the question.
     """
 
     teacher: Literal["llm", "template"] = Field("llm", description="Who writes the reasoning targets: an LLM "
                                                                    "prompted to reason, or the fixed template.")
-    teacher_model: str | None = Field(None, description="Model spec of the LLM teacher; None: the model being unlearned.")
+    teacher_model: str = Field(DEFAULT_LLM, description="Model spec of the LLM teacher: by default the embedded "
+                                                        "instruct model, untuned (it was never taught the forget "
+                                                        "facts); 'self': the model being unlearned.")
     teacher_max_new_tokens: int = Field(96, ge=16, description="Token cap of a teacher reply (CPU cost is linear in it).")
     teacher_batch_size: int = Field(8, ge=1, description="Replies generated per left-padded batch.")
     gamma: float = Field(1.0, gt=0, description="Weight of the reasoning + refusal cross-entropy.")
@@ -87,14 +102,12 @@ def tru_example(tokenizer: Any, question: str, target: TRUTarget, separator: str
 
 
 def make_teacher(ctx: MethodContext, cfg: TRUConfig) -> Teacher:
-    """The configured teacher: template, the model being unlearned, or another local model."""
+    """The configured teacher: template, the model being unlearned ("self"), or another local model (the default)."""
     if cfg.teacher == "template":
         return TemplateTeacher()
-    if cfg.teacher_model is None:
+    if cfg.teacher_model == "self":
         return LLMTeacher(ctx.model, ctx.tokenizer, f"self-{ctx.model_digest}", cfg.teacher_max_new_tokens,
                           cfg.teacher_batch_size)
-    from core.models import load_llm
-
     llm = load_llm(cfg.teacher_model)
     return LLMTeacher(llm.model, llm.tokenizer, model_digest(llm.model), cfg.teacher_max_new_tokens,
                       cfg.teacher_batch_size)
