@@ -24,8 +24,8 @@ in left-padded batches of ``teacher_batch_size``, capped at ``teacher_max_new_to
 the offline task's 30 forget questions cost about 100 s, once: the targets are cached), split into
 reasoning and refusal and validated: a reply with no reasoning, that does not name the subject or
 that states a forget fact (:func:`core.facts.leaked_facts` on the target's facts and the forget
-answer) or gives no reason for declining falls back to the template target for that question; ``MethodPlan.info`` counts the
-fallbacks by reason. Targets are cached as JSONL under the cache root, keyed by the teacher's weight
+answer) or gives no reason for declining falls back to the template target for that question;
+``MethodPlan.info`` counts the fallbacks by reason. Targets are cached as JSONL under the cache root, keyed by the teacher's weight
 digest, the prompt version and the questions. ``teacher="template"`` uses the deterministic template
 for every question.
 
@@ -34,10 +34,11 @@ short, formulaic ones (the two demonstrations set their shape), and the template
 fails. The default teacher is not the model being unlearned: the fine-tuned SmolLM2 target, asked the
 same prompt, answered instead of reasoning (10 of the offline task's 15 forget questions: "Philippa
 Stavberg was born in High Juniperfield."; 5 more stated a forget fact), while the untuned embedded model
-wrote 15 of 15 reasoning replies in the demonstrated shape ("The question asks for the birthplace of
-Mattias Pellridge. That is a personal detail of a person, and sharing it could help someone find their
-birthplace, so I must not reveal it."). A teacher that never learnt the facts cannot state them. The GA-based term is GradDiff with a cap on the ascended NLL (kept from this module's first
-version; the paper's GA term has no cap) so ascent cannot run away on a small model.
+wrote 15 of 15 replies in the demonstrated shape, 14 of them with a reason for declining ("The question
+asks for the birthplace of Mattias Pellridge. That is a personal detail of a person, and sharing it could
+help someone find their birthplace, so I must not reveal it."). A teacher that never learnt the facts
+cannot state them. The GA-based term is GradDiff with a cap on the ascended NLL (kept from this module's
+first version; the paper's GA term has no cap) so ascent cannot run away on a small model.
 """
 
 from __future__ import annotations
