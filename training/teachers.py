@@ -1,14 +1,14 @@
 """Teachers that write supervised targets for forget queries: a local LLM reasoning about the query, or a template.
 
 TRU trains on *reasoning + refusal* targets; the guard is fine-tuned on JSON decisions. Both come
-from a teacher. :class:`LLMTeacher` is TRU's: a local LLM (by default the embedded instruct model, untuned) is
-given a chain-of-thought prompt (:func:`tru_prompt`: two demonstrations, then the question, its
-protected subject and policy) and writes why answering would reveal protected information, then
+from a teacher. :class:`LLMTeacher` is TRU's: a local LLM (by default the embedded instruct model,
+untuned) is given a chain-of-thought prompt (:func:`tru_prompt`: two demonstrations, then the question,
+its protected subject and policy) and writes why answering would reveal protected information, then
 declines. Every reply is validated (:func:`tru_target_problem`: some reasoning, the subject named, no
-forget fact stated, as :func:`core.facts.leaked_facts` sees it, a reason given for declining); an unusable
-reply falls back to the template for that query and is counted. :class:`TemplateTeacher` is deterministic and offline: it names
-the entity asked about and the kind of fact asked for (birthplace, awards, the material of a
-component...). Teacher outputs are cached as JSONL by :func:`cached_tru_targets`.
+forget fact stated, as :func:`core.facts.leaked_facts` sees it, a reason given for declining); an
+unusable reply falls back to the template for that query and is counted. :class:`TemplateTeacher` is
+deterministic and offline: it names the entity asked about and the kind of fact asked for (birthplace,
+awards, the material of a component...). Teacher outputs are cached as JSONL by :func:`cached_tru_targets`.
 """
 
 from __future__ import annotations

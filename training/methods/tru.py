@@ -18,14 +18,14 @@ unlikely enough, so it cannot run away.
 Targets (:mod:`training.teachers`): by default (``teacher="llm"``) a model prompted to reason writes
 them, the embedded instruct model untuned (``teacher_model``: another local model spec, or ``"self"`` for
 the model being unlearned), from a two-shot chain-of-thought prompt that names the question, the
-protected subject and its policy. Replies are generated greedily
-in left-padded batches of ``teacher_batch_size``, capped at ``teacher_max_new_tokens=96`` tokens
-(SmolLM2-135M's replies end by themselves after ~50; one batch of 6 took 25 s on the 2-core CPU, so
-the offline task's 30 forget questions cost about 100 s, once: the targets are cached), split into
-reasoning and refusal and validated: a reply with no reasoning, that does not name the subject or
-that states a forget fact (:func:`core.facts.leaked_facts` on the target's facts and the forget
-answer) or gives no reason for declining falls back to the template target for that question;
-``MethodPlan.info`` counts the fallbacks by reason. Targets are cached as JSONL under the cache root, keyed by the teacher's weight
+protected subject and its policy. Replies are generated greedily in left-padded batches of
+``teacher_batch_size``, capped at ``teacher_max_new_tokens=96`` tokens (SmolLM2-135M's replies end by
+themselves after ~50; one batch of 6 took 25 s on the 2-core CPU, so the offline task's 30 forget
+questions cost about 100 s, once: the targets are cached), split into reasoning and refusal and
+validated: a reply with no reasoning, that does not name the subject, that states a forget fact
+(:func:`core.facts.leaked_facts` on the target's facts and the forget answer) or that gives no reason
+for declining falls back to the template target for that question; ``MethodPlan.info`` counts the
+fallbacks by reason. Targets are cached as JSONL under the cache root, keyed by the teacher's weight
 digest, the prompt version and the questions. ``teacher="template"`` uses the deterministic template
 for every question.
 
