@@ -129,11 +129,19 @@ def chat_text(tokenizer: Any, prompt: Prompt, system: str | None = None, add_gen
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_tokens: int = 64,
              batch_size: int = 16, system: str | None = None, temperature: float = 0.0,
-             progress: bool = False, desc: str = "generate") -> list[str]:
-    """Answer chat prompts in length-sorted, left-padded batches (greedy unless ``temperature`` > 0)."""
+             progress: bool = False, desc: str = "generate", prefixes: Sequence[str] | None = None,
+             stop_at_newline: bool = False) -> list[str]:
+    """Answer chat prompts in length-sorted, left-padded batches (greedy unless ``temperature`` > 0).
+
+    ``prefixes`` (one per prompt) start each answer, so the model continues them (returned without the prefix);
+    ``stop_at_newline`` ends an answer at its first line break (and cuts it there).
+    """
     import torch
 
-    texts = [chat_text(tokenizer, p, system) for p in prompts]
+    if prefixes is not None and len(prefixes) != len(prompts):
+        raise ValueError(f"prefixes: got {len(prefixes)} for {len(prompts)} prompts; give one per prompt or none")
+    texts = [chat_text(tokenizer, p, system) + (prefixes[i] if prefixes is not None else "")
+             for i, p in enumerate(prompts)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str] = [""] * len(texts)
     tokenizer.padding_side = "left"
@@ -149,11 +157,14 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], max_new_toke
             kw.update(do_sample=True, temperature=temperature)
         else:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop_at_newline:
+            kw.update(stop_strings=["\n"], tokenizer=tokenizer)
         with torch.no_grad():
             gen = model.generate(**enc, **kw)
         new = gen[:, enc["input_ids"].shape[1]:]
         for i, row in zip(idx, new, strict=True):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            text = tokenizer.decode(row, skip_special_tokens=True)
+            out[i] = (text.lstrip("\n").split("\n")[0] if stop_at_newline else text).strip()
         bar.update(len(idx))
     bar.close()
     return out

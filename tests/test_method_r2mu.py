@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from core.models import tiny_llm
@@ -31,14 +32,24 @@ def _ctx(model, tok, tmp_path: Path) -> MethodContext:
 
 
 class FakeCoT:
-    """Stands in for generation: a numbered step-by-step trace naming the question it was asked."""
+    """Stands in for generation: the line each prompt's step gets ("weigh item <prompt index>."), or a free trace."""
 
     def __init__(self):
         self.calls = []
+        self.prefixes = []
 
     def __call__(self, model, tokenizer, prompts, **kw):
         self.calls.append(list(prompts))
-        return [f"Step {i}: weigh item {i}." for i, _ in enumerate(prompts)]
+        self.prefixes.append(kw.get("prefixes"))
+        if kw.get("prefixes") is None:
+            return [f"Step {i}: weigh item {i}." for i, _ in enumerate(prompts)]
+        assert kw.get("stop_at_newline") is True
+        return [f"weigh item {i}." for i, _ in enumerate(prompts)]
+
+
+def _scaffold(i: int) -> str:
+    """The trace :class:`FakeCoT` yields for prompt ``i``: every step header followed by its line."""
+    return "\n".join(f"{h} weigh item {i}." for h in traces.SCAFFOLD_STEPS)
 
 
 def _answer_text(tok, ex) -> str:
@@ -54,8 +65,14 @@ def test_streams_hold_cot_generations_and_reasoning_task_not_forget_answers(tmp_
     cfg = R2MUConfig(**SMALL)
     plan = METHODS.get("r2mu").prepare(ctx, cfg)
     tok = llm.tokenizer
-    # One generation call, for the forget questions only, each asked with the chain-of-thought trigger.
-    assert len(fake.calls) == 1 and len(fake.calls[0]) == 4
+    # One generation call per scaffold step, for the forget questions only, each asked with the chain-of-thought
+    # trigger; each step continues its header after the steps written so far.
+    steps = traces.SCAFFOLD_STEPS
+    assert len(fake.calls) == len(steps) and all(c == fake.calls[0] for c in fake.calls) and len(fake.calls[0]) == 4
+    for n, heads in enumerate(fake.prefixes):
+        for i, head in enumerate(heads):
+            done = "\n".join(f"{h} weigh item {i}." for h in steps[:n])
+            assert head == (f"{done}\n{steps[n]}" if n else steps[0])
     general = reasoning_problems(5, seed=0)
     questions = {q.question: (q, ti) for q, ti in ctx.forget_items}
     for prompt in fake.calls[0]:
@@ -64,7 +81,7 @@ def test_streams_hold_cot_generations_and_reasoning_task_not_forget_answers(tmp_
     forget = plan.streams["forget_trace"]
     answers = [q.answer for q, _ in ctx.forget_items]
     assert len(forget) == 4
-    written = {p.removesuffix(f" {REASONING_TRIGGER}"): f"Step {i}: weigh item {i}." for i, p in enumerate(fake.calls[0])}
+    written = {p.removesuffix(f" {REASONING_TRIGGER}"): _scaffold(i) for i, p in enumerate(fake.calls[0])}
     for ex in forget:
         text = _answer_text(tok, ex)
         asked = max((q for q in written if q in tok.decode(ex["input_ids"])), key=len)
@@ -88,14 +105,14 @@ def test_streams_hold_cot_generations_and_reasoning_task_not_forget_answers(tmp_
     body = files[0].read_text()
     assert body.count('"source":"generated"') == 4 and body.count('"source":"worked"') == 5
     METHODS.get("r2mu").prepare(_ctx(llm.model, tok, tmp_path), cfg)
-    assert len(fake.calls) == 1
+    assert len(fake.calls) == len(steps)
 
 
 def test_old_self_trace_behaviour_stays_reachable(tmp_path, monkeypatch):
     llm = tiny_llm(0, num_layers=4)
     fake = FakeCoT()
     monkeypatch.setattr(traces, "generate", fake)
-    cfg = R2MUConfig(**SMALL, general_traces="self")
+    cfg = R2MUConfig(**SMALL, general_traces="self", trace_style="free")
     plan = METHODS.get("r2mu").prepare(_ctx(llm.model, llm.tokenizer, tmp_path), cfg)
     prompts = fake.calls[0]
     assert len(prompts) == 4 + 5
@@ -119,3 +136,25 @@ def test_trace_terms_train_the_right_way_and_only_down_projections(tmp_path):
         if not any(c.search(n) for c in pats):
             assert torch.equal(p, before[n]), n
     assert any(not torch.equal(p, before[n]) for n, p in llm.model.named_parameters())
+
+
+@pytest.mark.integration
+def test_scaffolded_traces_of_the_embedded_model_are_written_step_by_step_about_the_subject():
+    """On the real embedded model, the forced steps get the model's own lines: the headers in order, the first two
+    lines about the question's subject, and the first three written on nearly every question."""
+    from core.models import DEFAULT_LLM, load_llm
+
+    llm = load_llm(DEFAULT_LLM)
+    items = forget_items(TASK, ["fact"])[:6]
+    prompts = [traces.trace_prompt(q.question) for q, _ in items]
+    out = traces.scaffold_traces(llm.model, llm.tokenizer, prompts)
+    full = 0
+    for (_q, ti), trace in zip(items, out, strict=True):
+        lines = trace.split("\n")
+        assert [ln[:len(h)] for ln, h in zip(lines, traces.SCAFFOLD_STEPS, strict=True)] == list(traces.SCAFFOLD_STEPS)
+        written = [ln[len(h):].strip() for ln, h in zip(lines, traces.SCAFFOLD_STEPS, strict=True)]
+        assert written[0], trace  # step 1 restates the question in the model's words
+        subject = TASK.targets[ti].names[0].split()[-1]
+        assert subject.lower() in " ".join(written[:2]).lower(), trace
+        full += all(written[:3])
+    assert full >= 5, out

@@ -1,8 +1,14 @@
 """Reasoning traces for R²MU: the model's own chain of thought on forget questions, and worked reasoning solutions.
 
 *Forget traces* are generated: each forget question is asked with the reference code's reasoning
-trigger appended ("Let's reason this step by step.", zero-shot chain-of-thought prompting); the model
-answers greedily in left-padded batches and each trace is cut to ``max_tokens`` tokens. *General
+trigger appended ("Let's reason this step by step.", zero-shot chain-of-thought prompting). A small
+chat model fine-tuned on one-line answers ends its reply after one sentence (on the default task all
+forget "traces" read "Philippa Stavberg was born in Saint Alder."), so by default the trace is
+*scaffolded*: the step headers of :data:`SCAFFOLD_STEPS` are forced one at a time and the model
+writes each step's line greedily, with its earlier steps in context ("Step 1: The question asks about
+Philippa Stavberg's birthplace. / Step 2: What I know that is relevant: Philippa Stavberg was born in
+Saint Alder. / ..."). Every word after a header is the model's own; ``style="free"`` keeps the single
+free continuation. Each trace is cut to ``max_tokens`` tokens. *General
 traces* are given: a :class:`TraceSpec` that carries a worked solution (R²MU's preservation data,
 from :mod:`training.reasoning_data`) takes that solution, cut the same way, and is never generated.
 
@@ -18,7 +24,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -28,8 +34,14 @@ from core.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 REASONING_TRIGGER = "Let's reason this step by step."
-TRACE_PROMPT_VERSION = "cot-v1"
-"""Version of the trace prompt and cut; part of the cache key."""
+TRACE_PROMPT_VERSION = "cot-v2"
+"""Version of the trace prompt, scaffold and cut; part of the cache key."""
+
+SCAFFOLD_STEPS = ("Step 1: The question asks", "Step 2: What I know that is relevant:", "Step 3: Putting it together,",
+                  "Answer:")
+"""Step headers of a scaffolded trace: the model writes each step's line after its header (see
+:func:`scaffold_traces`)."""
+TraceStyle = Literal["scaffold", "free"]
 
 
 class TraceSpec(NamedTuple):
@@ -57,6 +69,20 @@ def trace_prompt(question: str, trigger: str = REASONING_TRIGGER) -> str:
     return f"{question.rstrip()} {trigger}".strip()
 
 
+def scaffold_traces(model: Any, tokenizer: Any, prompts: Sequence[str], steps: Sequence[str] = SCAFFOLD_STEPS,
+                    step_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Step-by-step traces for models that answer in one line: each step header is forced and the model writes
+    that step's line (greedy, up to ``step_tokens`` tokens, stopped at a line break), with the earlier steps in
+    context."""
+    done = [""] * len(prompts)
+    for n, header in enumerate(steps):
+        heads = [f"{d}\n{header}" if d else header for d in done]
+        lines = generate(model, tokenizer, list(prompts), max_new_tokens=step_tokens, batch_size=batch_size,
+                         prefixes=heads, stop_at_newline=True, progress=True, desc=f"traces (step {n + 1})")
+        done = [f"{h} {line}".rstrip() for h, line in zip(heads, lines, strict=True)]
+    return done
+
+
 def cut_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
     """``text`` cut to its first ``max_tokens`` tokens (decoded back to text)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -64,9 +90,9 @@ def cut_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
 
 
 def trace_cache_path(root: Path, model_digest: str, questions: Sequence[tuple[Any, ...]], trigger: str,
-                     max_tokens: int) -> Path:
+                     max_tokens: int, style: TraceStyle = "scaffold") -> Path:
     """Cache file for these trace specs under ``root/traces``."""
-    key = [model_digest, TRACE_PROMPT_VERSION, trigger, max_tokens, [list(TraceSpec(*q)) for q in questions]]
+    key = [model_digest, TRACE_PROMPT_VERSION, trigger, max_tokens, style, [list(TraceSpec(*q)) for q in questions]]
     h = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     return root / "traces" / f"traces-{model_digest}-{h}.jsonl"
 
@@ -90,13 +116,15 @@ def write_traces(path: Path, records: Sequence[TraceRecord]) -> Path:
 
 def load_or_generate_traces(model: Any, tokenizer: Any, questions: Sequence[tuple[Any, ...]], root: Path,
                             model_digest: str, trigger: str = REASONING_TRIGGER, max_tokens: int = 48,
-                            batch_size: int = 16, path: Path | None = None) -> list[TraceRecord]:
+                            batch_size: int = 16, path: Path | None = None,
+                            style: TraceStyle = "scaffold") -> list[TraceRecord]:
     """Traces for ``questions`` (:class:`TraceSpec` fields): read from the cache, else generated or taken, then cached.
 
-    Specs without a solution are generated by ``model`` from :func:`trace_prompt`; specs with one take it.
+    Specs without a solution are generated by ``model`` from :func:`trace_prompt`, step by step
+    (:func:`scaffold_traces`) or, for ``style="free"``, as one free continuation; specs with one take it.
     """
     specs = [TraceSpec(*q) for q in questions]
-    path = path or trace_cache_path(root, model_digest, specs, trigger, max_tokens)
+    path = path or trace_cache_path(root, model_digest, specs, trigger, max_tokens, style)
     if path.exists():
         records = read_traces(path)
         if [(r.question, r.kind, r.group) for r in records] == [(s.question, s.kind, s.group) for s in specs]:
@@ -107,8 +135,12 @@ def load_or_generate_traces(model: Any, tokenizer: Any, questions: Sequence[tupl
     texts = {i: s.solution or "" for i, s in enumerate(specs) if s.solution is not None}
     if todo:
         log.info("generating %d reasoning traces (%d tokens each)", len(todo), max_tokens)
-        out = generate(model, tokenizer, [trace_prompt(specs[i].question, trigger) for i in todo],
-                       max_new_tokens=max_tokens, batch_size=batch_size, progress=True, desc="traces")
+        prompts = [trace_prompt(specs[i].question, trigger) for i in todo]
+        if style == "scaffold":
+            out = scaffold_traces(model, tokenizer, prompts, batch_size=batch_size)
+        else:
+            out = generate(model, tokenizer, prompts, max_new_tokens=max_tokens, batch_size=batch_size, progress=True,
+                           desc="traces")
         texts.update(zip(todo, out, strict=True))
     records = [TraceRecord(question=s.question, prompt=trace_prompt(s.question, trigger),
                            trace=cut_tokens(tokenizer, texts[i], max_tokens) or "...", kind=s.kind, group=s.group,

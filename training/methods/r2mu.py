@@ -12,8 +12,8 @@ RMU (:mod:`training.methods.rmu`) plus two terms on reasoning traces:
 
 * *unthinking* ``t_f``: reasoning traces *about the forget data*, written by the model being
   unlearned itself: each forget question is asked with the reference's chain-of-thought trigger
-  ("Let's reason this step by step.") and the greedy continuation is cut to ``trace_tokens`` tokens
-  (:mod:`training.traces`; generated once and cached). Their layer-l
+  ("Let's reason this step by step.") and the model writes a step-by-step trace, cut to
+  ``trace_tokens`` tokens (:mod:`training.traces`; generated once and cached). Their layer-l
   activations are sent to the same ``c u`` as their target's, on the trace tokens only.
 * *reasoning preservation* ``t_r``: *general reasoning traces*, the worked step-by-step solutions
   of the reasoning task this project ships (:mod:`training.reasoning_data`: arithmetic stories,
@@ -28,6 +28,11 @@ Deviations, and why:
   ``"\\nLet's reason this step by step.\\n<think>"``. Our forget data are questions and the embedded
   model is a 135M chat model without a thinking mode, so the question and the trigger form the user
   turn (a worked demonstration before it made SmolLM2-135M answer in one line instead of reasoning).
+  Asked so, the fine-tuned 135M target still answers in one sentence and stops, so its "trace" was
+  the bare answer; by default (``trace_style="scaffold"``) the step headers of
+  :data:`training.traces.SCAFFOLD_STEPS` are forced one by one and the model writes each step, which
+  gives traces that reason *and* recall the forget facts, as a reasoning model's do.
+  ``trace_style="free"`` keeps the single free continuation.
   The reference cuts traces to 100 tokens (preservation solutions to 150); ``trace_tokens=96`` caps
   both (5 traces of 96 tokens took 26 s on the 2-core CPU; generated once, then cached).
 * Weights: the reference weighs its preservation term 1 against retain alpha 1.7 on 8B models; here
@@ -48,7 +53,7 @@ from core.generation import encode_qa
 from training.methods.common import Example, MethodContext, MethodPlan, UnlearnMethod, register
 from training.methods.rmu import RMU_TRAIN, RMUConfig, RMUCore
 from training.reasoning_data import reasoning_problems
-from training.traces import REASONING_TRIGGER, TraceRecord, TraceSpec, load_or_generate_traces
+from training.traces import REASONING_TRIGGER, TraceRecord, TraceSpec, TraceStyle, load_or_generate_traces
 
 
 class R2MUConfig(RMUConfig):
@@ -58,6 +63,8 @@ class R2MUConfig(RMUConfig):
     trace_gamma: float = Field(1.0, ge=0, description="Weight of the unthinking term (forget traces to c u).")
     trace_alpha: float = Field(100.0, ge=0, description="Weight of the general-reasoning preservation term.")
     trigger: str = Field(REASONING_TRIGGER, min_length=1, description="Appended to questions to elicit reasoning.")
+    trace_style: TraceStyle = Field("scaffold", description="'scaffold': forced step headers, the model writes each "
+                                                            "step; 'free': one free continuation.")
     trace_tokens: int = Field(96, ge=4, le=1024, description="Forget traces and worked solutions are cut to this many "
                                                              "tokens (the reference: 100 and 150).")
     max_forget_traces: int = Field(32, ge=1, description="At most this many forget questions get a trace (seeded).")
@@ -103,7 +110,8 @@ def prepare_r2mu(ctx: MethodContext, cfg: R2MUConfig) -> MethodPlan:
     """Generate (or reuse) the forget traces with the original model, then set up RMU plus the two trace terms."""
     specs = trace_questions(ctx, cfg)
     records = load_or_generate_traces(ctx.model, ctx.tokenizer, specs, ctx.cache_root, ctx.model_digest, cfg.trigger,
-                                      cfg.trace_tokens, path=Path(cfg.trace_path) if cfg.trace_path else None)
+                                      cfg.trace_tokens, path=Path(cfg.trace_path) if cfg.trace_path else None,
+                                      style=cfg.trace_style)
     core = RMUCore(ctx, cfg)
     streams = dict(ctx.streams)
     streams["forget_trace"] = [trace_example(ctx, r, cfg.trace_max_length) for r in records if r.kind == "forget"]
