@@ -46,6 +46,7 @@ from eval.report import MetricSpec, Report, ReportTable, Sample, write_report
 from eval.robustness import RobustnessConfig
 from eval.split import HELDOUT_GROUPS, SplitConfig, TaskSplit
 from eval.systems import (
+    RESPONSE_SOURCES,
     GeneratorName,
     Response,
     System,
@@ -415,7 +416,7 @@ class _Eval:
         if flagged is not None:
             detail["guard_fpr_c_by_group"] = {k[2:]: mean_or_none(flagged[k]) for k in C_SETS}
             detail["guard_sources_by_set"] = {k: {s: [r.source for r in v].count(s)
-                                                  for s in ("unflagged", "cot", "template", "refused")}
+                                                  for s in RESPONSE_SOURCES}
                                               for k, v in ans.items()}
         self.details[sys.name] = detail
         return m

@@ -32,7 +32,7 @@ from core.generation import Prompt
 from core.io import atomic_write_json, atomic_write_text
 from core.schema import QAItem
 from eval.attacks.injection import INJECTION_STRINGS, INJECTION_STYLES, InjectionPosition, place_injection
-from eval.systems import System
+from eval.systems import RESPONSE_SOURCES, System
 
 log = logging.getLogger("injection_eval")
 
@@ -91,8 +91,7 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         rs = [r for r in rows if style in ("all", r["style"])]
         bare = [r for r in rs if r["bare_leaked"] is not None]
         out[style] = {"prompts": len(rs), "flagged": sum(r["flagged"] for r in rs),
-                      "sources": {s: sum(r["source"] == s for r in rs) for s in ("unflagged", "cot", "template",
-                                                                                 "refused")},
+                      "sources": {s: sum(r["source"] == s for r in rs) for s in RESPONSE_SOURCES},
                       "output_check_fired": sum(r["output_check_fired"] for r in rs),
                       "guard_leaked": sum(bool(r["leaked"]) for r in rs),
                       "bare_leaked": sum(bool(r["bare_leaked"]) for r in bare) if bare else None}

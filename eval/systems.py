@@ -224,6 +224,10 @@ class PooledVLLMBackend(Backend):
         yield from deltas
 
 
+RESPONSE_SOURCES = ("unflagged", "split", "cot", "template", "refused")
+"""Where a guarded answer came from (:attr:`Response.source`), in report order."""
+
+
 @dataclass(frozen=True)
 class Response:
     """One answer of a system: the text, and for a guarded system the guard's trace and finish reason."""
@@ -241,14 +245,17 @@ class Response:
 
     @property
     def source(self) -> str:
-        """Where a guarded answer came from: 'unflagged', 'cot' (the guard model's instruction), 'template' or
-        'refused' (a refusal, or an answer the output check blocked); 'model' for an unguarded system."""
+        """Where a guarded answer came from: 'unflagged', 'split' (the flagged part removed, the rest answered),
+        'cot' (the guard model's instruction), 'template' or 'refused' (a refusal, or an answer the output check
+        blocked); 'model' for an unguarded system."""
         if self.trace is None:
             return "model"
         if self.finish_reason == "content_filter" or self.trace.requires_refusal:
             return "refused"
         if not self.trace.flagged:
             return "unflagged"
+        if getattr(self.trace, "parts_removed", 0):
+            return "split"
         return "cot" if self.trace.instruction_source == "llm" else "template"
 
 

@@ -2,7 +2,9 @@
 
 Unflagged prompts go to the target exactly as the client sent them (after neutralising role markers,
 a no-op on ordinary text), so their answers are the unguarded model's. Flagged prompts get the guard's
-instruction in the system turn, or the policy's refusal when the guard says so. The prompt check also says
+instruction in the system turn, or the policy's refusal when the guard says so. A flagged prompt that asks
+several things first loses the parts the detector flags on their own; when the rest passes the detector, the
+target answers only the rest, after a partial refusal (``GuardConfig.split_mixed``, :meth:`GuardedLLM._split`). The prompt check also says
 which targets the conversation is about (``Detection.about``, flagged or merely named); the output check of
 the answer takes them (their name variants read as names, their stored facts are leaks without a name), and
 a guard-model instruction that states such a fact is replaced by the template instruction.
@@ -52,10 +54,12 @@ from guard.config import GuardConfig
 from guard.cot import CoTGuard, refusal_text
 from guard.output_check import LeakCheckError, StreamChecker, check_text
 from guard.prompt import (
+    asks_something,
     assemble,
     detector_input,
     neutralise,
     neutralise_strings,
+    question_parts,
     sanitise_messages,
     special_tokens_of,
     user_text,
@@ -90,6 +94,8 @@ class _Plan:
     about: tuple[str, ...] = ()
     """Targets the conversation is about (the prompt check's :attr:`Detection.about`): the output check treats their
     name variants as names and their facts as leaks."""
+    prefix: str = ""
+    """Opens the answer: the partial refusal of a split prompt (:meth:`GuardedLLM._split`), else nothing."""
 
 
 class GuardStream:
@@ -297,6 +303,8 @@ class GuardedLLM:
             judged = [[tool_turn, *([{"role": "user", "content": j}] if isinstance(j, str) else j)] for j in judged]
         dets = await self._detect(judged, [pl.trace for pl in plans], shared)
         flagged = self._apply(plans, dets, texts, msgs_list, prompts, raw)
+        if flagged and self.config.split_mixed and not raw and not params.tools and not params.response_format:
+            flagged = await self._split(plans, flagged, shared)
         if flagged:
             args = (plans, flagged, [texts[i] for i in flagged])
             if getattr(self.cot, "backend", True) is None:  # template-only guard: cheap, no model call
@@ -325,6 +333,73 @@ class GuardedLLM:
             else:
                 pl.messages = msgs
         return flagged
+
+    async def _detect_or_none(self, texts: list[Prompt], shared: bool) -> list[Detection] | None:
+        """Prompt checks for an optional step (the split of a mixed prompt): None when the detector fails, since
+        the step is then skipped and the request goes the guarded way it would have gone anyway."""
+        try:
+            if shared:
+                dets = list(await asyncio.gather(*(self._prompt_batcher.submit(t) for t in texts)))
+            else:
+                dets = list(await self._timed(self.detector.detect_batch, texts, timeout=self._batch_timeout(len(texts))))
+        except Exception as e:  # noqa: BLE001 - the split is skipped, the whole prompt is guarded instead
+            log.warning("split of a flagged prompt skipped: the detector failed (%s: %s)", type(e).__name__, redact(str(e)))
+            return None
+        return dets if len(dets) == len(texts) else None
+
+    async def _split(self, plans: list[_Plan], idx: list[int], shared: bool) -> list[int]:
+        """Keep the benign part of flagged mixed prompts (``GuardConfig.split_mixed``); return the indices still to
+        guard whole.
+
+        The last user turn is cut into the parts it asks (:func:`guard.prompt.question_parts`) and each part is
+        judged alone; the parts flagged alone are removed. The rest is sent to the target only if the conversation
+        with it passes the detector as a whole (so the target reads nothing an unflagged prompt could not carry)
+        and still asks something; the answer opens with the partial refusal, and its output check keeps the
+        flagged targets as what the conversation is about. Otherwise the prompt is guarded whole, as before.
+        """
+        t0 = time.perf_counter()
+        cands: list[tuple[int, int, list[str]]] = []
+        for i in idx:
+            msgs = plans[i].messages or []
+            last = max((j for j, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+            if last is None or not isinstance(msgs[last].get("content"), str):
+                continue
+            parts = question_parts(msgs[last]["content"])
+            if len(parts) > 1:
+                cands.append((i, last, parts))
+        if not cands:
+            return idx
+        dets = await self._detect_or_none([p for _, _, ps in cands for p in ps], shared)
+        if dets is None:
+            return idx
+        reduced: list[tuple[int, list[Message], int]] = []
+        k = 0
+        for i, last, parts in cands:
+            alone = dets[k:k + len(parts)]
+            k += len(parts)
+            keep = [p for p, d in zip(parts, alone, strict=True) if not d.flagged]
+            if not keep or len(keep) == len(parts) or not asks_something(" ".join(keep)):
+                continue
+            msgs = [dict(m) for m in plans[i].messages or []]
+            msgs[last]["content"] = " ".join(keep)
+            reduced.append((i, msgs, len(parts) - len(keep)))
+        whole = await self._detect_or_none([detector_input(m) for _, m, _ in reduced], shared) if reduced else None
+        done: set[int] = set()
+        for (i, msgs, removed), d in zip(reduced, whole or [], strict=True):
+            if d.flagged:
+                continue
+            pl = plans[i]
+            pl.messages = msgs
+            pl.about = tuple(dict.fromkeys([*pl.about, *d.target_ids, *d.about]))
+            pl.prefix = refusal_text([t for t in pl.targets if not t.meta.get("unresolved")], self.config,
+                                     self.config.partial_refusal_message) + "\n\n"
+            pl.trace.parts_removed = removed
+            done.add(i)
+            log.info("flagged prompt split: %d part(s) removed, the rest answered", removed)
+        dt = time.perf_counter() - t0
+        for i, _, _ in cands:
+            plans[i].trace.add_time("split", dt)
+        return [i for i in idx if i not in done]
 
     def _guard(self, plans: list[_Plan], idx: list[int], texts: list[str]) -> None:
         """Run the CoT guard on the flagged plans and apply each decision."""
@@ -432,7 +507,7 @@ class GuardedLLM:
                 continue
             fr = c.finish_reason if c.finish_reason in {"stop", "length", "tool_calls"} else "stop"
             lp = await self._logprobs_checked(pl, c.text, c.logprobs, shared) if c.logprobs is not None else None
-            out.append(GuardResult(text=c.text, finish_reason=fr, trace=pl.trace, tool_calls=c.tool_calls,  # type: ignore[arg-type]
+            out.append(GuardResult(text=pl.prefix + c.text, finish_reason=fr, trace=pl.trace, tool_calls=c.tool_calls,  # type: ignore[arg-type]
                                    logprobs=lp, reasoning=c.reasoning))
         return out[0].model_copy(update={"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
                                          "others": out[1:]})
@@ -518,7 +593,9 @@ class GuardedLLM:
                 yield pl.refusal
                 return
             checker = StreamChecker(self._leak_fn(shared, pl.about), self.config, pl.trace)
-            released_any = False
+            released_any = bool(pl.prefix)
+            if pl.prefix:  # the partial refusal of a split prompt: names no target
+                yield pl.prefix
             blocked: str | None = None  # the part the output check blocked, once it has
             n = 0
             calls: list[dict[str, Any]] = []

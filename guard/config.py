@@ -55,6 +55,16 @@ class GuardConfig(_Cfg):
         "copyright": "I can't reproduce or reveal details of this protected work.",
         "hazard": "I can't provide technical details on this topic.",
     })
+    split_mixed: bool = Field(True, description="A flagged prompt whose last user turn asks several things "
+                              "(sentences, lines, '..., and what ...?' clauses): the parts the detector flags on their "
+                              "own are removed and, if the rest of the conversation then passes the detector as a "
+                              "whole and still asks something, the target answers the rest after "
+                              "partial_refusal_message (in every guard_mode; the output check still reads the answer "
+                              "as about the flagged targets). Off, or when it does not apply: the whole prompt goes "
+                              "the guard_mode's way. Not applied to raw completions, tools or JSON output.")
+    partial_refusal_message: str = Field("I can't help with part of your message, so I have answered only the rest.",
+                                         description="Opens an answer whose flagged part was removed (split_mixed), "
+                                         "followed by the policies' refusal reasons.")
     fallback_requires_refusal: bool = Field(True, description="requires_refusal used when the guard LLM's output "
                                                               "is invalid and the template instruction is used.")
     system_prompt: str | None = Field(None, description="Default system prompt of the target when a flagged "

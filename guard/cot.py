@@ -44,14 +44,15 @@ def template_instruction(targets: Sequence[ForgetTarget]) -> str:
             "briefly decline; otherwise answer only the parts unrelated to it.")
 
 
-def refusal_text(targets: Sequence[ForgetTarget], config: GuardConfig) -> str:
-    """The refusal that replaces a refused or blocked answer (names no target, so it cannot leak)."""
+def refusal_text(targets: Sequence[ForgetTarget], config: GuardConfig, message: str | None = None) -> str:
+    """The refusal that replaces a refused or blocked answer (names no target, so it cannot leak); ``message``
+    replaces ``config.refusal_message`` (the partial refusal of a split prompt)."""
     reasons: list[str] = []
     for t in targets:
         r = config.refusal_reasons.get(t.kind)
         if r and r not in reasons:
             reasons.append(r)
-    return " ".join([config.refusal_message, *reasons]).strip()
+    return " ".join([config.refusal_message if message is None else message, *reasons]).strip()
 
 
 # Stop strings that end the guard's generation at a refusal decision: with the whole JSON generated (constrained

@@ -144,6 +144,49 @@ def user_text(messages: Sequence[Message]) -> str:
     return "\n".join(content_text(m.get("content")) for m in messages if m.get("role") == "user")
 
 
+# Where a user turn asking several things divides: after a sentence's end, at a line break, and before a clause
+# that starts a new question with "and" / "also" / "plus" ("Where was X born, and what is ...?").
+_PART_BREAK = re.compile(r"(?<=[.?!])\s+|\s*\n\s*")
+_CLAUSE_BREAK = re.compile(
+    r"(?:,|;)?\s+(?=(?:and|also|plus)\s+(?:also\s+)?(?:what|where|who|whom|whose|when|which|why|how|is|are|was|were|"
+    r"do|does|did|can|could|would|will|tell|give|name|list|describe|explain)\b)", re.IGNORECASE)
+# A "sentence" that ends in an abbreviation or an initial ("Dr.", "St.", "J.") goes on with the next one.
+_ABBREV_END = re.compile(r"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Gen|Col|Capt|Rev|No|vs|etc|e\.g|i\.e)|\b[A-Z])\.$")
+
+
+def question_parts(text: str, min_words: int = 2) -> list[str]:
+    """The parts a user turn asks, in order (its sentences and lines, and "..., and what ...?" clauses), so a mixed
+    prompt's benign part can be answered without its flagged part; a part shorter than ``min_words`` words joins
+    the next one (so "Dr." or "Hi." does not stand alone)."""
+    pieces = [c.strip() for s in _PART_BREAK.split(text) for c in _CLAUSE_BREAK.split(s)]
+    parts: list[str] = []
+    carry = ""
+    for piece in pieces:
+        if not piece:
+            continue
+        piece = f"{carry} {piece}".strip()
+        if len(piece.split()) < min_words or _ABBREV_END.search(piece):
+            carry = piece
+            continue
+        parts.append(piece)
+        carry = ""
+    if carry:
+        if parts:
+            parts[-1] = f"{parts[-1]} {carry}"
+        else:
+            parts.append(carry)
+    return parts
+
+
+_ASKS = re.compile(r"\?|\b(?:what|where|who|when|which|why|how|tell|give|name|list|describe|explain|write|suggest|"
+                   r"compose|translate|summari[sz]e|calculate|compute|solve|define|compare|recommend)\b", re.IGNORECASE)
+
+
+def asks_something(text: str) -> bool:
+    """Whether a text asks a question or a task ("?", a question word, an imperative), i.e. has something to answer."""
+    return bool(_ASKS.search(text))
+
+
 def guard_system_text(instruction: str, targets: Sequence[ForgetTarget]) -> str:
     """The guard block of the target's system turn: the policies and the CoT instruction."""
     policies = "\n".join(f"- {t.policy}" for t in targets) or "- Do not reveal information that must be forgotten."

@@ -150,6 +150,8 @@ class GuardTrace(BaseModel):
     cot_instruction: str | None = None
     instruction_source: Literal["none", "llm", "template"] = "none"
     fallback_reason: str | None = None
+    parts_removed: int = Field(0, description="Parts of the last user turn that the detector flagged on their own "
+                               "and that were removed before the target answered the rest (GuardConfig.split_mixed).")
     output_check_fired: bool = False
     output_check_mode: str = "off"
     output_checks: int = 0

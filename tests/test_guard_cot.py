@@ -116,7 +116,8 @@ def test_template_mode_lets_the_target_answer_with_the_instruction() -> None:
     from guard.api import GuardedLLM
 
     target = ScriptedBackend(lambda m: "I can only help with the general part.")
-    g = GuardedLLM(target, OracleDetector([T]), config=GuardConfig(guard_mode="template"))
+    # split_mixed off: the whole mixed prompt takes the template path (tests/test_guard_split.py covers the split).
+    g = GuardedLLM(target, OracleDetector([T]), config=GuardConfig(guard_mode="template", split_mixed=False))
     res = g.generate(f"Where was {T.names[0]} born, and what is the boiling point of water?")
     assert res.trace.flagged and not res.trace.requires_refusal and res.finish_reason == "stop"
     assert res.text == "I can only help with the general part."

@@ -51,11 +51,11 @@ def target_reply(msgs: list[dict[str, str]]) -> str:
     return "I can't share personal details." if "BEGIN GUARD RULES" in msgs[0]["content"] else LEAK
 
 
-def app_client(guard_reply: str = GUARD_OK, detector: Any = None, target: Any = None, **server: Any
-               ) -> tuple[TestClient, ScriptedBackend | Any]:
+def app_client(guard_reply: str = GUARD_OK, detector: Any = None, target: Any = None,
+               guard_config: GuardConfig | None = None, **server: Any) -> tuple[TestClient, ScriptedBackend | Any]:
     tgt = target or ScriptedBackend(target_reply)
     g = GuardedLLM(tgt, detector or OracleDetector([T]), guard=ScriptedBackend(lambda m: guard_reply, json_schema=True),
-                   config=GuardConfig())
+                   config=guard_config or GuardConfig())
     cfg = ServerConfig(**{"api_keys": KEYS, "admin_key": ADMIN, **server})
     return TestClient(create_app(g, cfg), raise_server_exceptions=False), tgt
 
@@ -216,8 +216,25 @@ def test_injection_corpus_is_the_full_one() -> None:
 
 @pytest.mark.parametrize("inj", ATTACKS, ids=[f"inj{i:02d}" for i in range(len(ATTACKS))])
 def test_injection_cannot_unflag_or_unguard_a_forget_prompt(inj: str) -> None:
-    c, target = app_client(GUARD_OK, expose_trace=True)
-    refusing, refused_target = app_client(GUARD_REFUSE)
+    # With split_mixed (the default), an injection that asks something of its own is answered apart: the target
+    # then reads it without the forget question, and its answer is still checked as about the person.
+    split, split_target = app_client(GUARD_OK, expose_trace=True)
+    for where, msgs in _placements(inj).items():
+        split_target.calls.clear()
+        r = split.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEYS[0]}"}, json={"messages": msgs})
+        body = r.json()
+        assert r.status_code == 200 and r.headers["x-guard-flagged"] == "true", (where, r.text)
+        if body["guard"]["parts_removed"]:
+            assert where in ("prefix", "suffix") and split_target.calls
+            assert all("Elara" not in str(m.get("content")) for m in split_target.calls[-1][0])
+            # This target states the fact whatever it reads: the output check, still about the person, blocks it.
+            choice = body["choices"][0]
+            assert choice["finish_reason"] == "content_filter" and "Port Kestrel" not in choice["message"]["content"]
+        else:
+            assert body["guard"]["instruction_source"] == "llm"
+    # The guard path itself, for every placement.
+    c, target = app_client(GUARD_OK, guard_config=GuardConfig(split_mixed=False), expose_trace=True)
+    refusing, refused_target = app_client(GUARD_REFUSE, guard_config=GuardConfig(split_mixed=False))
     for where, msgs in _placements(inj).items():
         target.calls.clear()
         r = chat(c, msgs)
