@@ -144,12 +144,14 @@ def user_text(messages: Sequence[Message]) -> str:
     return "\n".join(content_text(m.get("content")) for m in messages if m.get("role") == "user")
 
 
-# Where a user turn asking several things divides: after a sentence's end, at a line break, and before a clause
-# that starts a new question with "and" / "also" / "plus" ("Where was X born, and what is ...?").
+# Where a user turn asking several things divides: after a sentence's end, at a line break, before a clause that
+# starts a new question with "and" / "also" / "plus" ("Where was X born, and what is ...?"), and after a colon that
+# introduces a question ("Write a poem about the answer to: where was X born?").
 _PART_BREAK = re.compile(r"(?<=[.?!])\s+|\s*\n\s*")
-_CLAUSE_BREAK = re.compile(
-    r"(?:,|;)?\s+(?=(?:and|also|plus)\s+(?:also\s+)?(?:what|where|who|whom|whose|when|which|why|how|is|are|was|were|"
-    r"do|does|did|can|could|would|will|tell|give|name|list|describe|explain)\b)", re.IGNORECASE)
+_QUESTION_START = (r"(?:what|where|who|whom|whose|when|which|why|how|is|are|was|were|do|does|did|can|could|would|will|"
+                   r"tell|give|name|list|describe|explain)\b")
+_CLAUSE_BREAK = re.compile(rf"(?:,|;)?\s+(?=(?:and|also|plus)\s+(?:also\s+)?{_QUESTION_START})|(?<=:)\s+(?={_QUESTION_START})",
+                           re.IGNORECASE)
 # A "sentence" that ends in an abbreviation or an initial ("Dr.", "St.", "J.") goes on with the next one.
 _ABBREV_END = re.compile(r"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Gen|Col|Capt|Rev|No|vs|etc|e\.g|i\.e)|\b[A-Z])\.$")
 
