@@ -100,10 +100,11 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def table(result: dict[str, Any]) -> str:
     """A markdown table of the leaks by style."""
-    lines = ["| style | prompts | flagged | guard model's instruction | refused | output check fired | facts leaked "
-             "(guard) | facts leaked (bare target) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| style | prompts | flagged | guard model's instruction | split (rest answered) | refused | output check "
+             "fired | facts leaked (guard) | facts leaked (bare target) |", "|---|---|---|---|---|---|---|---|---|"]
     for style, s in result["by_style"].items():
-        lines.append(f"| {style} | {s['prompts']} | {s['flagged']} | {s['sources']['cot']} | {s['sources']['refused']} "
+        lines.append(f"| {style} | {s['prompts']} | {s['flagged']} | {s['sources']['cot']} | "
+                     f"{s['sources'].get('split', 0)} | {s['sources']['refused']} "
                      f"| {s['output_check_fired']} | {s['guard_leaked']} | "
                      f"{'–' if s['bare_leaked'] is None else s['bare_leaked']} |")
     return "\n".join(lines)

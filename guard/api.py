@@ -383,9 +383,11 @@ class GuardedLLM:
             msgs = [dict(m) for m in plans[i].messages or []]
             msgs[last]["content"] = " ".join(keep)
             reduced.append((i, msgs, len(parts) - len(keep)))
-        whole = await self._detect_or_none([detector_input(m) for _, m, _ in reduced], shared) if reduced else None
+        whole = await self._detect_or_none([detector_input(m) for _, m, _ in reduced], shared) if reduced else []
+        if whole is None:
+            return idx
         done: set[int] = set()
-        for (i, msgs, removed), d in zip(reduced, whole or [], strict=True):
+        for (i, msgs, removed), d in zip(reduced, whole, strict=True):
             if d.flagged:
                 continue
             pl = plans[i]

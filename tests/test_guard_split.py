@@ -102,27 +102,35 @@ def test_no_split_when_every_part_or_the_rest_is_about_the_person(built) -> None
     assert not target.calls
 
 
-class _FailingOnParts:
-    """The real detector, except that batches of more than one prompt fail (the split's part checks)."""
+class _FailingOnCall:
+    """The real detector, except that its ``fail_on``-th ``detect_batch`` call fails (1: the prompt check, 2: the
+    split's part checks, 3: its check of the rest)."""
 
-    def __init__(self, det) -> None:  # type: ignore[no-untyped-def]
-        self.det = det
+    def __init__(self, det, fail_on: int) -> None:  # type: ignore[no-untyped-def]
+        self.det, self.fail_on, self.calls = det, fail_on, 0
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.det, name)
 
+    def detect(self, prompt):  # type: ignore[no-untyped-def]
+        return self.detect_batch([prompt])[0]
+
     def detect_batch(self, prompts):  # type: ignore[no-untyped-def]
-        if len(prompts) > 1:
+        self.calls += 1
+        if self.calls == self.fail_on:
             raise RuntimeError("detector down")
         return self.det.detect_batch(prompts)
 
 
 @pytest.mark.slow
-def test_a_failed_split_check_guards_the_whole_prompt(built) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fail_on", [2, 3])
+def test_a_failed_split_check_guards_the_whole_prompt(built, fail_on: int) -> None:  # type: ignore[no-untyped-def]
     task, det = built
     target = ScriptedBackend(lambda m: "echo: " + m[-1]["content"])
-    g = GuardedLLM(target, _FailingOnParts(det), guard=ScriptedBackend(lambda m: REFUSE, json_schema=True))
+    flaky = _FailingOnCall(det, fail_on)
+    g = GuardedLLM(target, flaky, guard=ScriptedBackend(lambda m: REFUSE, json_schema=True))
     r = g.generate(f"{task.targets[0].qa[0].question} Also, {BENIGN}")
+    assert flaky.calls == fail_on  # the failing call was the split's
     assert r.trace.flagged and r.trace.parts_removed == 0 and r.finish_reason == "content_filter"
     assert not target.calls and not r.trace.faults
 
@@ -138,3 +146,32 @@ def test_split_stream_and_async_request(built) -> None:  # type: ignore[no-untyp
     assert "".join(deltas).endswith("Water boils at 100 degrees Celsius.") and s.finish_reason == "stop"
     r = asyncio.run(g.agenerate(prompt))  # shared path: the checks go through the micro-batcher
     assert r.trace.parts_removed == 1 and r.text.endswith("Water boils at 100 degrees Celsius.")
+
+
+@pytest.mark.slow
+def test_split_through_the_proxy_streamed_and_whole_and_counted(built) -> None:  # type: ignore[no-untyped-def]
+    """The OpenAI-compatible proxy: a mixed prompt's answer opens with the partial refusal, whole and streamed, the
+    target never reads the forget part, and /metrics counts the split."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from guard.config import ServerConfig
+    from guard.server import create_app
+
+    task, det = built
+    t = task.targets[0]
+    target = ScriptedBackend(lambda m: "Water boils at 100 degrees Celsius.")
+    c = TestClient(create_app(_guarded(det, target), ServerConfig()))
+    msgs = [{"role": "user", "content": f"{t.qa[0].question} Also, {BENIGN}"}]
+    whole = c.post("/v1/chat/completions", json={"messages": msgs})
+    text = whole.json()["choices"][0]["message"]["content"]
+    assert whole.status_code == 200 and whole.headers["x-guard-flagged"] == "true"
+    assert text.startswith(GuardConfig().partial_refusal_message) and text.endswith("100 degrees Celsius.")
+    streamed = c.post("/v1/chat/completions", json={"messages": msgs, "stream": True})
+    deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+              for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(deltas) == text
+    assert all(t.names[0].split()[-1] not in m["content"] for call in target.calls for m in call[0])
+    count = re.search(r"^guard_split_total (\S+)$", c.get("/metrics").text, re.M)
+    assert count is not None and float(count.group(1)) == 2.0

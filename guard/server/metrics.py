@@ -35,6 +35,8 @@ class Metrics:
         self.requests = Counter("guard_requests_total", "Requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.flagged = Counter("guard_flagged_total", "Prompts flagged by the detector", registry=r)
         self.refused = Counter("guard_refusals_total", "Answers replaced by a refusal", ["reason"], registry=r)
+        self.split = Counter("guard_split_total", "Flagged prompts whose flagged parts were removed and whose rest the "
+                             "target answered (GuardConfig.split_mixed)", registry=r)
         self.blocked_parts = Counter("guard_output_blocked_total", "Parts of answers the output check blocked, by "
                                      "part: content, json, reasoning, tool_call (each blocked choice counts its "
                                      "parts)", ["part"], registry=r)
@@ -74,6 +76,8 @@ class Metrics:
             self.flagged.inc()
         if trace.requires_refusal:
             self.refused.labels("guard").inc()
+        if trace.parts_removed:
+            self.split.inc()
         if trace.output_check_fired and trace.output_check_mode == "block":
             self.refused.labels("output_check").inc()
         if trace.output_check_mode == "block":
