@@ -157,7 +157,7 @@ _ABBREV_END = re.compile(r"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Gen|Col|Capt|Re
 
 
 def question_parts(text: str, min_words: int = 2) -> list[str]:
-    """The parts a user turn asks, in order (its sentences and lines, and "..., and what ...?" clauses), so a mixed
+    """The parts a user turn asks, in order (sentences, lines, "..., and what ...?" clauses, a question after a colon), so a mixed
     prompt's benign part can be answered without its flagged part; a part shorter than ``min_words`` words joins
     the next one (so "Dr." or "Hi." does not stand alone)."""
     pieces = [c.strip() for s in _PART_BREAK.split(text) for c in _CLAUSE_BREAK.split(s)]
