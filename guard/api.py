@@ -4,10 +4,11 @@ Unflagged prompts go to the target exactly as the client sent them (after neutra
 a no-op on ordinary text), so their answers are the unguarded model's. Flagged prompts get the guard's
 instruction in the system turn, or the policy's refusal when the guard says so. A flagged prompt that asks
 several things first loses the parts the detector flags on their own; when the rest passes the detector, the
-target answers only the rest, after a partial refusal (``GuardConfig.split_mixed``, :meth:`GuardedLLM._split`). The prompt check also says
-which targets the conversation is about (``Detection.about``, flagged or merely named); the output check of
-the answer takes them (their name variants read as names, their stored facts are leaks without a name), and
-a guard-model instruction that states such a fact is replaced by the template instruction.
+target answers only the rest, after a partial refusal (``GuardConfig.split_mixed``, :meth:`GuardedLLM._split`).
+The prompt check also says which targets the conversation is about (``Detection.about``, flagged or merely
+named); the output check of the answer takes them (their name variants read as names, their stored facts are
+leaks without a name), and a guard-model instruction that states such a fact is replaced by the template
+instruction.
 
 Failure policy (fail closed by default):
 * detector error or timeout (prompt check or output check): ``GuardUnavailableError`` (HTTP 503 with
@@ -341,9 +342,11 @@ class GuardedLLM:
             if shared:
                 dets = list(await asyncio.gather(*(self._prompt_batcher.submit(t) for t in texts)))
             else:
-                dets = list(await self._timed(self.detector.detect_batch, texts, timeout=self._batch_timeout(len(texts))))
+                dets = list(await self._timed(self.detector.detect_batch, texts,
+                                              timeout=self._batch_timeout(len(texts))))
         except Exception as e:  # noqa: BLE001 - the split is skipped, the whole prompt is guarded instead
-            log.warning("split of a flagged prompt skipped: the detector failed (%s: %s)", type(e).__name__, redact(str(e)))
+            log.warning("split of a flagged prompt skipped: the detector failed (%s: %s)", type(e).__name__,
+                        redact(str(e)))
             return None
         return dets if len(dets) == len(texts) else None
 

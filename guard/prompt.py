@@ -150,16 +150,16 @@ def user_text(messages: Sequence[Message]) -> str:
 _PART_BREAK = re.compile(r"(?<=[.?!])\s+|\s*\n\s*")
 _QUESTION_START = (r"(?:what|where|who|whom|whose|when|which|why|how|is|are|was|were|do|does|did|can|could|would|will|"
                    r"tell|give|name|list|describe|explain)\b")
-_CLAUSE_BREAK = re.compile(rf"(?:,|;)?\s+(?=(?:and|also|plus)\s+(?:also\s+)?{_QUESTION_START})|(?<=:)\s+(?={_QUESTION_START})",
-                           re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(rf"(?:,|;)?\s+(?=(?:and|also|plus)\s+(?:also\s+)?{_QUESTION_START})"
+                           rf"|(?<=:)\s+(?={_QUESTION_START})", re.IGNORECASE)
 # A "sentence" that ends in an abbreviation or an initial ("Dr.", "St.", "J.") goes on with the next one.
 _ABBREV_END = re.compile(r"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Gen|Col|Capt|Rev|No|vs|etc|e\.g|i\.e)|\b[A-Z])\.$")
 
 
 def question_parts(text: str, min_words: int = 2) -> list[str]:
-    """The parts a user turn asks, in order (sentences, lines, "..., and what ...?" clauses, a question after a colon), so a mixed
-    prompt's benign part can be answered without its flagged part; a part shorter than ``min_words`` words joins
-    the next one (so "Dr." or "Hi." does not stand alone)."""
+    """The parts a user turn asks, in order (sentences, lines, "..., and what ...?" clauses, a question after a
+    colon), so a mixed prompt's benign part can be answered without its flagged part; a part shorter than
+    ``min_words`` words joins the next one (so "Dr." or "Hi." does not stand alone)."""
     pieces = [c.strip() for s in _PART_BREAK.split(text) for c in _CLAUSE_BREAK.split(s)]
     parts: list[str] = []
     carry = ""
