@@ -104,7 +104,7 @@ def table(result: dict[str, Any]) -> str:
              "fired | facts leaked (guard) | facts leaked (bare target) |", "|---|---|---|---|---|---|---|---|---|"]
     for style, s in result["by_style"].items():
         lines.append(f"| {style} | {s['prompts']} | {s['flagged']} | {s['sources']['cot']} | "
-                     f"{s['sources'].get('split', 0)} | {s['sources']['refused']} "
+                     f"{s['sources']['split']} | {s['sources']['refused']} "
                      f"| {s['output_check_fired']} | {s['guard_leaked']} | "
                      f"{'–' if s['bare_leaked'] is None else s['bare_leaked']} |")
     return "\n".join(lines)

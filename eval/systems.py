@@ -254,7 +254,7 @@ class Response:
             return "refused"
         if not self.trace.flagged:
             return "unflagged"
-        if getattr(self.trace, "parts_removed", 0):
+        if self.trace.parts_removed:
             return "split"
         return "cot" if self.trace.instruction_source == "llm" else "template"
 

@@ -240,21 +240,25 @@ class GuardedLLM:
             return [one(t, about=list(a)) for t, a in items]
         return [one(t) for t in texts]
 
+    async def _judge(self, texts: list[Prompt], shared: bool) -> list[Detection]:
+        """One verdict per prompt, or an exception. ``shared``: each text joins the micro-batches of concurrent
+        requests (the async API); else one deadline-bound ``detect``/``detect_batch`` call."""
+        if shared:
+            dets = list(await asyncio.gather(*(self._prompt_batcher.submit(t) for t in texts)))
+        elif len(texts) == 1:
+            dets = [await self._timed(self.detector.detect, texts[0], timeout=self.config.detector_timeout_s)]
+        else:
+            dets = list(await self._timed(self.detector.detect_batch, texts, timeout=self._batch_timeout(len(texts))))
+        if len(dets) != len(texts):
+            raise RuntimeError(f"detect_batch returned {len(dets)} results for {len(texts)} prompts")
+        return dets
+
     async def _detect(self, texts: list[Prompt], traces: list[GuardTrace], shared: bool) -> list[Detection | None]:
-        """Judge prompts; None for each when failing open. ``shared``: each text joins the micro-batches of
-        concurrent requests (the async API); else one deadline-bound ``detect``/``detect_batch`` call."""
+        """Judge prompts (:meth:`_judge`); None for each when failing open."""
         t0 = time.perf_counter()
+        dets: list[Detection | None]
         try:
-            dets: list[Detection | None]
-            if shared:
-                dets = list(await asyncio.gather(*(self._prompt_batcher.submit(t) for t in texts)))
-            elif len(texts) == 1:
-                dets = [await self._timed(self.detector.detect, texts[0], timeout=self.config.detector_timeout_s)]
-            else:
-                dets = list(await self._timed(self.detector.detect_batch, texts,
-                                              timeout=self._batch_timeout(len(texts))))
-            if len(dets) != len(texts):
-                raise RuntimeError(f"detect_batch returned {len(dets)} results for {len(texts)} prompts")
+            dets = list(await self._judge(texts, shared))
         except Exception as e:  # noqa: BLE001 - any detector failure goes through the failure policy
             for tr in traces:
                 self._fail_open(tr, Stage.DETECTOR, e)
@@ -339,16 +343,11 @@ class GuardedLLM:
         """Prompt checks for an optional step (the split of a mixed prompt): None when the detector fails, since
         the step is then skipped and the request goes the guarded way it would have gone anyway."""
         try:
-            if shared:
-                dets = list(await asyncio.gather(*(self._prompt_batcher.submit(t) for t in texts)))
-            else:
-                dets = list(await self._timed(self.detector.detect_batch, texts,
-                                              timeout=self._batch_timeout(len(texts))))
+            return await self._judge(texts, shared)
         except Exception as e:  # noqa: BLE001 - the split is skipped, the whole prompt is guarded instead
             log.warning("split of a flagged prompt skipped: the detector failed (%s: %s)", type(e).__name__,
                         redact(str(e)))
             return None
-        return dets if len(dets) == len(texts) else None
 
     async def _split(self, plans: list[_Plan], idx: list[int], shared: bool) -> list[int]:
         """Keep the benign part of flagged mixed prompts (``GuardConfig.split_mixed``); return the indices still to
