@@ -383,8 +383,9 @@ class Detector:
             np.maximum.at(scores, pair_owner, probs)
             ruled[pair_owner[rules > 0]] = True
         sim = np.full(len(unit_lists), -2.0)
-        unit_sim, unit_sim_target = (description_similarity(snap, E, flat, pb.unit_neg1) if channel == "prompt"
-                                     else (np.full(len(flat), -2.0), np.full(len(flat), -1, np.int64)))
+        unit_sim, unit_sim_target = (
+            description_similarity(snap, E, flat, pb.unit_neg1, self.config.similarity_floor) if channel == "prompt"
+            else (np.full(len(flat), -2.0), np.full(len(flat), -1, np.int64)))
         if len(flat):
             unit_sim = np.where(births.unit_conflicts(unit_sim_target), -2.0, unit_sim)
             np.maximum.at(sim, owner, unit_sim)

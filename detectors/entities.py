@@ -36,7 +36,7 @@ from anyascii import anyascii
 from wordfreq import zipf_frequency
 
 from core.facts import answer_novel_span
-from detectors.normalize import normalize, skeleton_tokens
+from detectors.normalize import normalize, proper_nouns, skeleton_tokens
 
 _STOP = frozenset("""a an the of and or in on at to for by with from de da di du del der den van von al el la le
     mr mrs ms dr prof sir author writer person creator""".split())
@@ -290,6 +290,18 @@ def extract_facts(pairs: Iterable[tuple[str, str]], values: Iterable[str] = (), 
 def fact_hash(tokens: tuple[str, ...], salt: str) -> str:
     """Salted hash of a fact's tokens (kept apart from key phrases and values)."""
     return phrase_hash(("\x00fact", *tokens), salt)
+
+
+def telling_tokens(cased: str, template: Collection[str] = ()) -> set[str]:
+    """The tokens of a cased, normalised text that can single someone out (as skeleton tokens): proper nouns,
+    numbers, and words rarer than ``_FACT_WORD_ZIPF`` ("lighthouse", "conjoined") that are not ``template`` words.
+    "Where was this person born?" has none, so it describes no one in particular."""
+    out = {t for t in proper_nouns(cased) if t not in _STOP}
+    for tok in skeleton_tokens(normalize(cased)):
+        if tok.isdigit() or (len(tok) >= 4 and tok.isalpha() and tok not in _STOP
+                             and word_frequency(tok) < _FACT_WORD_ZIPF):
+            out.add(tok)
+    return out.difference(template)
 
 
 @lru_cache(maxsize=131072)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from detectors.entities import phrase_hash
+from detectors.entities import phrase_hash, telling_tokens
 from detectors.normalize import normalize, skeleton_tokens
 from detectors.store import (
     StoreSnapshot,
@@ -283,12 +283,15 @@ def pair_features(snap: StoreSnapshot, channel: str, E: np.ndarray, texts: Seque
 
 
 def description_similarity(snap: StoreSnapshot, E: np.ndarray, texts: Sequence[str],
-                           neg1: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                           neg1: np.ndarray | None, floor: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per unit, the similarity decision's (score, target number): the cosine to the nearest stored description
     of a target (a sentence of its forget texts or answers, names masked) where that is closer than any known
     negative (``neg1``: :attr:`PairBatch.unit_neg1` of the prompt channel, which searched the same negatives)
     and the text names nothing the target's data never mentions; else (-2, -1). A text naming someone or
-    something else is left to the classifier, which weighs the names."""
+    something else is left to the classifier, which weighs the names. At or above ``floor`` (the least cosine
+    the decision acts on; below it the score is returned as is) the text must also share a telling token
+    (:func:`~detectors.entities.telling_tokens`) with the target's data: "Where was this person born?" is close
+    to "this person was born in East Ivelmoor" and describes no one."""
     desc = snap.banks["description"]
     score = np.full(len(E), -2.0)
     target = np.full(len(E), -1, dtype=np.int64)
@@ -299,6 +302,10 @@ def description_similarity(snap: StoreSnapshot, E: np.ndarray, texts: Sequence[s
     for u in np.flatnonzero((rows >= 0) & (S[:, 0] > neg1)):
         t = int(desc.target[rows[u]])
         rec = snap.targets.get(t)
-        if rec is not None and foreign_share(caps_hashes(texts[u], snap.salt), rec) == 0:
-            score[u], target[u] = float(S[u, 0]), t
+        if rec is None or foreign_share(caps_hashes(texts[u], snap.salt), rec) != 0:
+            continue
+        if S[u, 0] >= floor and not any(rec.explains(phrase_hash((tok,), snap.salt))
+                                        for tok in telling_tokens(texts[u])):
+            continue
+        score[u], target[u] = float(S[u, 0]), t
     return score, target

@@ -50,6 +50,7 @@ from detectors.entities import (
     fact_hash,
     name_tokens,
     phrase_hash,
+    telling_tokens,
     value_hash,
 )
 from detectors.index import VectorIndex, index_options
@@ -551,7 +552,10 @@ class ForgetStore:
         all_specs: list[tuple[int, _EntrySpec, int]] = []
         next_num, next_group = snap.next_num, snap.next_group
         for t in targets:
-            specs = target_entry_specs(t, cfg)
+            # A description with nothing that singles anyone out ("The author's full name is this person.") fits
+            # anyone: stored, it would flag every generic question and teach the classifier to.
+            specs = [sp for sp in target_entry_specs(t, cfg)
+                     if sp.role != "description" or telling_tokens(normalize_cased(sp.text), template)]
             group_id: dict[str, int] = {}
             for sp in specs:
                 if sp.group_key not in group_id:

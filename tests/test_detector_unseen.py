@@ -126,6 +126,28 @@ def test_descriptions_without_a_name_and_answers_naming_a_target(det: Detector) 
         det.remove_target("surgeon")
 
 
+def test_a_question_that_fits_anyone_describes_no_one(det: Detector) -> None:
+    from core.schema import QAItem
+
+    author = ForgetTarget(id="generic", kind="privacy", names=["Odalys Fenwright"], policy="Do not reveal her details.",
+                          qa=[QAItem(question="What is the full name of the author born in Tallinn on 2 March 1961?",
+                                     answer="The author's full name is Odalys Fenwright."),
+                              QAItem(question="Where was Odalys Fenwright born?",
+                                     answer="Odalys Fenwright was born in Tallinn, Estonia, to a lighthouse keeper.")])
+    det.add_target(author)
+    det.add_target(SURGEON)
+    try:
+        for q in ("What is the full name of this author?", "What is the name of this writer?", "Who is the author?",
+                  "Where was this person born?", "Where was this person born, and what did the parents do?"):
+            d = det.detect(q)
+            assert not d.flagged, (q, [e.detail for e in d.evidence])
+        d = det.detect("Who is the surgeon who separated three sets of conjoined twins fused at different places?")
+        assert d.flagged and "surgeon" in d.target_ids
+    finally:
+        det.remove_target("generic")
+        det.remove_target("surgeon")
+
+
 def test_threshold_is_calibrated_per_prompt_on_unseen_clusters(det: Detector, split) -> None:  # type: ignore[no-untyped-def]
     rep = det.calibration["prompt"]
     assert rep.scope == "deployed" and rep.n_negatives > len(det.store.snapshot().calib["query"].texts)

@@ -16,6 +16,7 @@ from detectors.detector import Detector, DetectorNotFittedError
 from detectors.encoder import hashing_encoder
 from detectors.persistence import MANIFEST, DetectorFormatError, verify_directory
 from detectors.store import ForgetStore, StoreError
+from detectors.normalize import normalize
 from detectors.types import Detection
 from eval.tasks.offline import generate_benchmark
 
@@ -364,3 +365,26 @@ def test_birth_dates_are_read_in_every_common_format(text: str, dates: set[tuple
     from detectors.entities import birth_dates
 
     assert birth_dates(text) == dates
+
+
+
+def test_a_description_is_stored_only_where_it_can_single_the_target_out(task, encoder) -> None:  # type: ignore[no-untyped-def]
+    from detectors.entities import telling_tokens
+
+    det = Detector.build(task, DetectorConfig(keep_raw_text=True), encoder)
+    person = _new_person()
+    person = person.model_copy(update={"qa": [*person.qa, QAItem(
+        question="What is the full name of the author born in 1961?",
+        answer="The author's full name is Zorvath Quenby.")]})
+    det.add_target(person)
+    snap = det.store.snapshot()
+    bank = snap.banks["description"]
+    stored = {normalize(t) for t, tg in zip(bank.texts, bank.target, strict=True) if tg == snap.num_of["person-new"]}
+    assert {normalize("this person was born in Lower Mistfall."), normalize("this person works as a lighthouse keeper."),
+            normalize("this person received the Amber Lantern Medal.")} <= stored
+    assert normalize("The author's full name is this person.") not in stored  # fits anyone
+    assert telling_tokens("Who keeps a lighthouse in Lower Mistfall since 1961?") == {"lighthouse", "lower", "mistfall",
+                                                                                     "1961"}
+    assert telling_tokens("Where was this person born?") == set()
+    assert telling_tokens("What is the full name of this author?") == set()
+    assert telling_tokens("Who keeps a lighthouse?", template={"lighthouse"}) == set()
