@@ -259,6 +259,7 @@ def _robustness_section(cfg: CompareConfig, rcfg: RobustnessConfig, ev: _Eval, t
     """Train every (method, option) variant, mix each to the shared retain level and attack it (eval.robustness)."""
     from eval.robustness import (
         calibration_items,
+        request_items_outside_relearn,
         robustness_rows,
         robustness_table,
         variant_name,
@@ -281,17 +282,22 @@ def _robustness_section(cfg: CompareConfig, rcfg: RobustnessConfig, ev: _Eval, t
         atomic_write_json(Path(cfg.out) / "robustness.partial.json",
                           {"shared": shared, "rows": [r.model_dump(mode="json") for r in rows], "timings": timings})
 
+    left = request_items_outside_relearn(request, cfg.attack_params)
     with _Stage(timings, "robustness: total (training included)"):
         rows, shared = robustness_rows(rcfg, target, variant, request, weight_items, item_facts(ev.task, weight_items),
                                        calib, ev.sets["c:retain"], ev.rouge, cfg.attack_params, cfg.max_new_tokens,
-                                       cfg.batch_size, on_row=partial)
+                                       cfg.batch_size, on_row=partial, request_items=left,
+                                       request_facts=item_facts(ev.task, left))
     legend = (f"every variant mixed with the target, (1-a) target + a unlearned, a binary-searched so that its "
               f"ROUGE-L on {shared['calib_items']} calibration retain questions (held-out retain people, in no "
               f"evaluated set) reaches {rcfg.retain_ratio:g} x the target's {shared['target_calib_retain']:.3f} = "
               f"{shared['level']:.3f} (a=1: already at or above it); fact rate on {shared['attacked_items']} held-out "
               f"unseen facts (target: {shared['target_fact_rate']}), before and after each attack; recovery = "
               f"(attacked - plain) / (upper - plain) with upper the target under the same attack where it applies "
-              f"({shared['upper_fact_rate']}); retain_rouge_c on the evaluated (c) retain set")
+              f"({shared['upper_fact_rate']}); retain_rouge_c on the evaluated (c) retain set; the '(a)' columns: the same "
+              f"on the {shared['request_items']} request facts outside the relearn sample, which every method was "
+              f"asked to forget (target: {shared['target_request_fact_rate']}, upper "
+              f"{shared['upper_request_fact_rate']})")
     table = ReportTable(title="Calibrated robustness: methods x optimiser options, mixed to one retain score",
                         legend=legend, rows=robustness_table(rows, rcfg.attacks))
     return table, {"shared": shared, "rows": [r.model_dump(mode="json") for r in rows]}

@@ -106,6 +106,10 @@ class RobustnessRow(BaseModel):
     fact_rate: float | None = Field(description="Forget fact rate of the mixed model on the attacked items.")
     attacked: dict[str, float | None] = Field(default_factory=dict)
     recovery: dict[str, float | None] = Field(default_factory=dict)
+    request_fact_rate: float | None = Field(None, description="The same on the request's facts outside the relearn "
+                                                              "sample (what the method was asked to forget).")
+    request_attacked: dict[str, float | None] = Field(default_factory=dict)
+    request_recovery: dict[str, float | None] = Field(default_factory=dict)
     train_seconds: float | None = None
     seconds: float = 0.0
 
@@ -122,15 +126,29 @@ def _fact_rate_on(llm: LoadedLLM, items: Sequence[QAItem], facts: Sequence[list[
 VariantFn = Callable[[str, str], tuple[LoadedLLM, float | None]]  # (method, option) -> unlearned model, train s
 
 
+def request_items_outside_relearn(request: ForgetTask, attack_params: dict[str, dict[str, Any]]) -> list[QAItem]:
+    """The request's forget facts the relearning attack does not train on: scoring them too shows whether
+    relearning some facts brings back the others (the relearning protocol of Hu et al., arXiv 2406.13356, and
+    Fan et al., arXiv 2502.05374), on facts every method was asked to forget, not only on held-out ones."""
+    from eval.attacks import make_attack
+
+    relearn = make_attack("relearn", attack_params.get("relearn"))
+    used = {q.question for q in relearn.training_items(request)}
+    return [q for q in relearn.pool(request) if q.question not in used]
+
+
 def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variant: VariantFn,
                     request: ForgetTask, items: Sequence[QAItem], facts: Sequence[list[str]],
                     calib: Sequence[QAItem], retain_eval: Sequence[QAItem],
                     rouge: Callable[[list[str], list[str]], Any], attack_params: dict[str, dict[str, Any]],
                     max_new_tokens: int = 32, batch_size: int = 32,
-                    on_row: Callable[[list[RobustnessRow], dict], None] | None = None) -> tuple[list[RobustnessRow],
-                                                                                                 dict]:
+                    on_row: Callable[[list[RobustnessRow], dict], None] | None = None,
+                    request_items: Sequence[QAItem] = (), request_facts: Sequence[list[str]] = ()
+                    ) -> tuple[list[RobustnessRow], dict]:
     """Train (or reuse) each variant, mix it to the shared retain level and attack it, one row at a time
-    (``on_row`` sees the rows so far, so a long run leaves a partial table); returns the rows and shared figures."""
+    (``on_row`` sees the rows so far, so a long run leaves a partial table); returns the rows and shared figures.
+    ``items`` are held-out facts; ``request_items`` (optional) the request's facts outside the relearn sample,
+    scored the same way into the row's ``request_*`` fields."""
     from tqdm.auto import tqdm
 
     from eval.attacks import attack_recovery, make_attack
@@ -143,16 +161,24 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variant: VariantFn
         answers = model_system("mixed", llm).answer([q.question for q in calib], max_new_tokens, batch_size)
         return float(rouge(answers, [q.answer for q in calib]).value)
 
+    def rates(llm: LoadedLLM) -> tuple[float | None, float | None]:
+        """Fact rates on the held-out items and on the request items outside the relearn sample."""
+        return (_fact_rate_on(llm, items, facts, max_new_tokens, batch_size),
+                _fact_rate_on(llm, request_items, request_facts, max_new_tokens, batch_size) if request_items else None)
+
     target_calib = retain_score(target.model)
     level = cfg.retain_ratio * target_calib
     upper: dict[str, float | None] = {}
+    upper_request: dict[str, float | None] = {}
     for name in cfg.attacks:  # the original under the same attack where it applies, else its plain answers
         attack = make_attack(name, attack_params.get(name))
         llm = attack.apply(target, request) if "original" in attack.applies_to else target
-        upper[name] = _fact_rate_on(llm, items, facts, max_new_tokens, batch_size)
+        upper[name], upper_request[name] = rates(llm)
+    target_rates = rates(target)
     shared = {"target_calib_retain": target_calib, "level": level, "upper_fact_rate": upper,
-              "target_fact_rate": _fact_rate_on(target, items, facts, max_new_tokens, batch_size),
-              "calib_items": len(calib), "attacked_items": len(items)}
+              "target_fact_rate": target_rates[0], "calib_items": len(calib), "attacked_items": len(items),
+              "request_items": len(request_items), "upper_request_fact_rate": upper_request,
+              "target_request_fact_rate": target_rates[1]}
     rows: list[RobustnessRow] = []
     pairs = [(m, o) for m in cfg.methods for o in cfg.options]
     for method, option in tqdm(pairs, desc="robustness rows"):
@@ -162,18 +188,22 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variant: VariantFn
         mix = calibrate_mixing(target.model, llm.model, retain_score, level, tol=cfg.mix_tol, max_iter=cfg.mix_iter,
                                work=work)
         mixed = copy_llm(target, model=work, source=f"{variant_name(method, option)} mixed a={mix.a:.3f}")
-        plain = _fact_rate_on(mixed, items, facts, max_new_tokens, batch_size)
+        plain, plain_request = rates(mixed)
         answers = model_system("mixed", mixed).answer([q.question for q in retain_eval], max_new_tokens, batch_size)
         row = RobustnessRow(method=method, option=option, a=mix.a, reached=mix.reached, calib_retain=mix.score,
                             retain_rouge_c=float(rouge(answers, [q.answer for q in retain_eval]).value)
-                            if retain_eval else None, fact_rate=plain,
+                            if retain_eval else None, fact_rate=plain, request_fact_rate=plain_request,
                             train_seconds=train_s)
         for name in cfg.attacks:
             attack = make_attack(name, attack_params.get(name))
             attacked = attack.apply(mixed, request)  # an attacker relearns from the public request
-            row.attacked[name] = _fact_rate_on(attacked, items, facts, max_new_tokens, batch_size)
+            row.attacked[name], row.request_attacked[name] = rates(attacked)
             row.recovery[name] = (attack_recovery(upper[name], plain, row.attacked[name])
                                   if row.attacked[name] is not None else None)
+            if request_items:
+                row.request_recovery[name] = (attack_recovery(upper_request[name], plain_request,
+                                                              row.request_attacked[name])
+                                              if row.request_attacked[name] is not None else None)
             del attacked
         row.seconds = round(time.perf_counter() - t0, 1)
         log.info("robustness %s: a=%.3f fact %.3f -> %s", variant_name(method, option), mix.a, plain or 0,
@@ -186,13 +216,17 @@ def robustness_rows(cfg: RobustnessConfig, target: LoadedLLM, variant: VariantFn
 
 
 def robustness_table(rows: Sequence[RobustnessRow], attacks: Sequence[str]) -> list[list[str]]:
-    """The rows as a table of strings (header first): mixing weight, retain, fact rate, each attack and recovery."""
+    """The rows as a table of strings (header first): mixing weight, retain, fact rate, each attack and recovery;
+    then the same on the request facts outside the relearn sample ("(a)"), where the rows have them."""
     def f(v: float | None) -> str:
         return "–" if v is None else f"{v:.3f}"
 
+    request = any(r.request_fact_rate is not None for r in rows)
     head = ["method", "option", "a", "retain (calib)", "retain_rouge_c", "fact rate"]
     for a in attacks:
         head += [f"{a}", f"{a} recovery"]
+    if request:
+        head += ["fact rate (a)"] + [h for a in attacks for h in (f"{a} (a)", f"{a} (a) recovery")]
     head += ["train s"]
     out = [head]
     for r in rows:
@@ -200,6 +234,9 @@ def robustness_table(rows: Sequence[RobustnessRow], attacks: Sequence[str]) -> l
                 f(r.retain_rouge_c), f(r.fact_rate)]
         for a in attacks:
             line += [f(r.attacked.get(a)), f(r.recovery.get(a))]
+        if request:
+            line += [f(r.request_fact_rate)] + [v for a in attacks
+                                                for v in (f(r.request_attacked.get(a)), f(r.request_recovery.get(a)))]
         line += ["–" if r.train_seconds is None else f"{r.train_seconds:.0f}"]
         out.append(line)
     return out

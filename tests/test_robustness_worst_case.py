@@ -120,8 +120,10 @@ def test_comparison_with_robustness_and_worst_case_sections(tmp_path, monkeypatc
     report, paths = run_comparison(cfg)
     rob = report.details["robustness"]
     assert [(r["method"], r["option"]) for r in rob["rows"]] == [("ga", "plain"), ("ga", "gru")]
+    assert rob["shared"]["request_items"] > 0 and rob["shared"]["target_request_fact_rate"] is not None
     for r in rob["rows"]:
         assert 0.0 <= r["a"] <= 1.0 and set(r["attacked"]) == {"quantize-4bit", "relearn"}
+        assert set(r["request_attacked"]) == {"quantize-4bit", "relearn"} and r["request_fact_rate"] is not None
         if r["reached"]:
             assert r["calib_retain"] >= rob["shared"]["level"] - 1e-9
     runs = tmp_path / "cache" / "runs" / "offline-seed0"
@@ -137,6 +139,24 @@ def test_comparison_with_robustness_and_worst_case_sections(tmp_path, monkeypatc
     data = json.loads(paths["report.json"].read_text())
     assert data["parity"]["overlaps"] == {} and "robustness: total (training included)" in data["timings"]
     assert robustness_table([], ["relearn"])[0][-3:] == ["relearn", "relearn recovery", "train s"]
+    assert "relearn (a) recovery" in md  # the request facts outside the relearn sample have columns of their own
+
+
+def test_request_facts_outside_the_relearn_sample_are_exactly_the_ones_it_does_not_train_on() -> None:
+    from eval.attacks import make_attack
+    from eval.robustness import request_items_outside_relearn
+    from eval.split import split_task
+    from eval.tasks.offline import generate_benchmark
+
+    request = split_task(generate_benchmark()).request
+    params = {"relearn": {"num_examples": 5}}
+    left = request_items_outside_relearn(request, params)
+    trained = make_attack("relearn", params["relearn"]).training_items(request)
+    facts = [q for q in request.forget_qa if q.kind == "fact"]
+    assert len(trained) == 5 and len(left) == len(facts) - 5
+    assert {q.question for q in left}.isdisjoint(q.question for q in trained)
+    assert {q.question for q in left} | {q.question for q in trained} == {q.question for q in facts}
+    assert request_items_outside_relearn(request, {"relearn": {"num_examples": None}}) == []  # all relearned
 
 
 def test_mixing_calibration_questions_are_never_evaluated() -> None:
