@@ -14,9 +14,9 @@ from detectors import persistence
 from detectors.config import DetectorConfig
 from detectors.detector import Detector, DetectorNotFittedError
 from detectors.encoder import hashing_encoder
+from detectors.normalize import normalize
 from detectors.persistence import MANIFEST, DetectorFormatError, verify_directory
 from detectors.store import ForgetStore, StoreError
-from detectors.normalize import normalize
 from detectors.types import Detection
 from eval.tasks.offline import generate_benchmark
 
