@@ -367,7 +367,6 @@ def test_birth_dates_are_read_in_every_common_format(text: str, dates: set[tuple
     assert birth_dates(text) == dates
 
 
-
 def test_a_description_is_stored_only_where_it_can_single_the_target_out(task, encoder) -> None:  # type: ignore[no-untyped-def]
     from detectors.entities import telling_tokens
 
