@@ -260,6 +260,12 @@ _FACT_WORD_ZIPF = 4.0
 """A word of a target's texts at least this frequent in English ("teacher", "chess") is not a fact on its own."""
 
 
+def uncommon_word(tok: str) -> bool:
+    """Whether a skeleton token is a word rare enough in English to tell someone apart ("linguist", "ferrocite"):
+    alphabetic, 4+ letters, no stop word, below ``_FACT_WORD_ZIPF``."""
+    return len(tok) >= 4 and tok.isalpha() and tok not in _STOP and word_frequency(tok) < _FACT_WORD_ZIPF
+
+
 def extract_facts(pairs: Iterable[tuple[str, str]], values: Iterable[str] = (), texts: Iterable[str] = (),
                   names: Iterable[str] = (), template: Collection[str] = ()) -> set[tuple[str, ...]]:
     """The distinctive facts of a target as token tuples: for each (question, answer) the span the answer adds
@@ -274,8 +280,7 @@ def extract_facts(pairs: Iterable[tuple[str, str]], values: Iterable[str] = (), 
             if key_tokens(toks) - own:
                 out.add(toks)
         for tok in set(skeleton_tokens(normalize(text))):
-            if (len(tok) >= 4 and tok.isalpha() and tok not in own and tok not in _STOP and tok not in template
-                    and word_frequency(tok) < _FACT_WORD_ZIPF):
+            if tok not in own and tok not in template and uncommon_word(tok):
                 out.add((tok,))
     for question, answer in pairs:
         span = answer_novel_span(question, answer)
@@ -294,13 +299,10 @@ def fact_hash(tokens: tuple[str, ...], salt: str) -> str:
 
 def telling_tokens(cased: str, template: Collection[str] = ()) -> set[str]:
     """The tokens of a cased, normalised text that can single someone out (as skeleton tokens): proper nouns,
-    numbers, and words rarer than ``_FACT_WORD_ZIPF`` ("lighthouse", "conjoined") that are not ``template`` words.
+    numbers, and :func:`uncommon_word` words ("lighthouse", "conjoined") that are not ``template`` words.
     "Where was this person born?" has none, so it describes no one in particular."""
     out = {t for t in proper_nouns(cased) if t not in _STOP}
-    for tok in skeleton_tokens(normalize(cased)):
-        if tok.isdigit() or (len(tok) >= 4 and tok.isalpha() and tok not in _STOP
-                             and word_frequency(tok) < _FACT_WORD_ZIPF):
-            out.add(tok)
+    out.update(tok for tok in skeleton_tokens(normalize(cased)) if tok.isdigit() or uncommon_word(tok))
     return out.difference(template)
 
 
